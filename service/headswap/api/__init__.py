@@ -1,0 +1,1 @@
+"""gRPC transport: servicers translate protobuf <-> domain objects and errors <-> status codes."""

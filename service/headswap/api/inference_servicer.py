@@ -1,0 +1,81 @@
+"""headswap.v1 Inference and Models services: protobuf <-> domain, nothing more."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+
+from headswap.api.status import rpc
+from headswap.errors import NotFound
+from headswap.inference.classifier import Classifier
+from headswap.inference.manager import ModelManager
+from headswap.protocol import headswap_v1_pb2 as pb
+from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
+from headswap.registry.registry import Registry
+
+
+def deadline_of(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline on the monotonic clock, or None when the caller set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 1e8 else time.monotonic() + remaining
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, classifier: Classifier) -> None:
+        self.classifier = classifier
+
+    @rpc("Classify", lambda r: r.model)
+    def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
+        answer, results = self.classifier.classify(list(request.images), request.top_k, request.model,
+                                                   request.version, deadline_of(context))
+        return pb.ClassifyResponse(
+            model=answer.model, version=answer.version,
+            results=[pb.Classification(predictions=[pb.Prediction(label=p.label, index=p.index, score=p.score)
+                                                    for p in predictions])
+                     for predictions in results])
+
+
+class ModelsServicer(pb_grpc.ModelsServicer):
+    def __init__(self, registry: Registry, manager: ModelManager) -> None:
+        self.registry = registry
+        self.manager = manager
+
+    def describe(self, name: str, version: int = 0) -> pb.ModelInfo:
+        versions = self.registry.versions(name)
+        if not versions:
+            raise NotFound(f"unknown model {name!r}; models in the registry: "
+                           f"{', '.join(self.registry.models()) or 'none'}")
+        active = self.registry.active_version(name) or 0
+        version = self.registry.resolve(name, version)
+        manifest = self.registry.manifest(name, version)
+        size = manifest.get("input", {})
+        return pb.ModelInfo(
+            name=name, version=version, active_version=active, versions=versions,
+            source=str(manifest.get("source", "")), num_labels=len(manifest.get("labels") or []),
+            input_height=int(size.get("height", 0)), input_width=int(size.get("width", 0)),
+            ready=self.manager.is_ready(name, version), created=str(manifest.get("created", "")),
+            manifest_json=json.dumps(manifest))
+
+    @rpc("ListModels")
+    def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        infos = []
+        for name in self.registry.models():
+            if self.registry.versions(name):
+                infos.append(self.describe(name))
+        return pb.ListModelsResponse(models=infos)
+
+    @rpc("GetModel", lambda r: r.name)
+    def GetModel(self, request: pb.GetModelRequest, context) -> pb.ModelInfo:
+        return self.describe(request.name, request.version)
+
+    @rpc("ActivateModel", lambda r: r.name)
+    def ActivateModel(self, request: pb.ActivateModelRequest, context) -> pb.ModelInfo:
+        self.manager.activate(request.name, request.version)
+        return self.describe(request.name)
+
+    @rpc("RollbackModel", lambda r: r.name)
+    def RollbackModel(self, request: pb.RollbackModelRequest, context) -> pb.ModelInfo:
+        self.manager.rollback(request.name)
+        return self.describe(request.name)

@@ -1,0 +1,186 @@
+"""The `headswap` command line: run the server, and talk to one.
+
+Client commands print the server's error message and exit non-zero when a call fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import grpc
+
+from headswap.config import Settings, env_name, flag_name
+
+DEFAULT_TARGET = "localhost:50051"
+target_option = click.option("--target", default=DEFAULT_TARGET, envvar="HEADSWAP_TARGET", show_default=True,
+                             help="Server address HOST:PORT.")
+
+
+def _settings_options(command: Callable) -> Callable:
+    """One flag per Settings field; the environment fallback is applied by Settings.from_env."""
+    for f in reversed(dataclasses.fields(Settings)):
+        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[str(f.type)]
+        choices = f.metadata.get("choices")
+        command = click.option(flag_name(f.name), f.name, default=None,
+                               type=click.Choice(choices) if choices else kind,
+                               help=f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default!r}]")(command)
+    return command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main() -> None:
+    """headswap: image classification over gRPC (zero-shot ImageNet, fine-tuned heads)."""
+
+
+@main.command()
+@_settings_options
+def serve(**flags: Any) -> None:
+    """Run the gRPC server (zero-shot on the built-in model unless told otherwise)."""
+    from headswap import logs, server
+
+    try:
+        settings = Settings.from_env(**flags).validate()
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    logs.configure(settings.log_level, settings.log_format)
+    server.run(settings)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--weights", default=None, help="Local weights file (keras: .weights.h5; builtin: .pth).")
+@click.option("--name", default=None, help="Registry name (default: derived from SOURCE).")
+@click.option("--model-dir", default=None, envvar="HEADSWAP_MODEL_DIR", help="Registry location [default: models].")
+@click.option("--no-activate", is_flag=True, help="Store the version without making it active.")
+def export(source: str, weights: str | None, name: str | None, model_dir: str | None, no_activate: bool) -> None:
+    """Convert SOURCE (builtin:NAME, keras:APP, hub:HANDLE) to ONNX and store it in the registry."""
+    from headswap import logs
+    from headswap.errors import HeadswapError
+    from headswap.export.onnx_export import export_source
+    from headswap.registry.registry import Registry
+
+    logs.configure("INFO")
+    registry = Registry(model_dir or Settings().model_dir)
+    try:
+        model, version = export_source(source, registry, name=name, weights=weights, activate=not no_activate)
+    except HeadswapError as err:
+        raise click.ClickException(str(err)) from None
+    manifest = registry.manifest(model, version)
+    click.echo(f"stored {model} version {version} in {registry.url} "
+               f"(parity max abs diff {manifest['parity']['max_abs_diff']:.2e})")
+
+
+@main.command()
+@target_option
+@click.option("--model", default="", help="NAME or NAME:VERSION (default: the server's default model).")
+@click.option("--top-k", default=5, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line per image.")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def classify(target: str, model: str, top_k: int, as_json: bool, images: tuple[Path, ...]) -> None:
+    """Classify IMAGE files."""
+    from headswap.protocol import headswap_v1_pb2 as pb
+    from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
+
+    name, version = _model_ref(model)
+    request = pb.ClassifyRequest(images=[p.read_bytes() for p in images], top_k=top_k, model=name, version=version)
+    with _channel(target) as channel:
+        response = _call(pb_grpc.InferenceStub(channel).Classify, request)
+    for path, result in zip(images, response.results):
+        if as_json:
+            click.echo(json.dumps({"image": str(path), "model": response.model, "version": response.version,
+                                   "predictions": [{"label": p.label, "index": p.index, "score": round(p.score, 6)}
+                                                   for p in result.predictions]}))
+        else:
+            click.echo(f"{path}  ({response.model} v{response.version})")
+            for p in result.predictions:
+                click.echo(f"  {p.score:7.4f}  {p.label}  [{p.index}]")
+
+
+@main.command()
+@target_option
+@click.option("--service", default="", help="Service or model name to check ('' = the whole server).")
+@click.option("--timeout", default=3.0, show_default=True, help="Seconds to wait for an answer.")
+def health(target: str, service: str, timeout: float) -> None:
+    """Exit 0 when the server (or one model) reports SERVING: for container health checks."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with _channel(target) as channel:
+        response = _call(health_pb2_grpc.HealthStub(channel).Check,
+                         health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    click.echo(status)
+    sys.exit(0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
+@main.command()
+@target_option
+def models(target: str) -> None:
+    """List the models in the server's registry."""
+    from headswap.protocol import headswap_v1_pb2 as pb
+    from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
+
+    with _channel(target) as channel:
+        response = _call(pb_grpc.ModelsStub(channel).ListModels, pb.ListModelsRequest())
+    for m in response.models:
+        click.echo(f"{m.name}  active v{m.active_version}  versions {list(m.versions)}  "
+                   f"{m.num_labels} labels  {m.input_height}x{m.input_width}  {m.source}"
+                   f"{'  ready' if m.ready else ''}")
+
+
+@main.command()
+@target_option
+@click.argument("name")
+@click.argument("version", type=int)
+def activate(target: str, name: str, version: int) -> None:
+    """Make VERSION of model NAME the one that answers."""
+    from headswap.protocol import headswap_v1_pb2 as pb
+    from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
+
+    with _channel(target) as channel:
+        info = _call(pb_grpc.ModelsStub(channel).ActivateModel, pb.ActivateModelRequest(name=name, version=version))
+    click.echo(f"{info.name}: version {info.active_version} is active")
+
+
+@main.command()
+@target_option
+@click.argument("name")
+def rollback(target: str, name: str) -> None:
+    """Re-activate the version of NAME that was active before the current one."""
+    from headswap.protocol import headswap_v1_pb2 as pb
+    from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
+
+    with _channel(target) as channel:
+        info = _call(pb_grpc.ModelsStub(channel).RollbackModel, pb.RollbackModelRequest(name=name))
+    click.echo(f"{info.name}: version {info.active_version} is active")
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def _model_ref(text: str) -> tuple[str, int]:
+    name, _, version = text.partition(":")
+    if version and not version.isdigit():
+        raise click.BadParameter(f"version must be a number, got {version!r}", param_hint="--model")
+    return name, int(version or 0)
+
+
+def _channel(target: str) -> grpc.Channel:
+    limit = 256 * 1024 * 1024
+    return grpc.insecure_channel(target, options=[("grpc.max_send_message_length", limit),
+                                                  ("grpc.max_receive_message_length", limit)])
+
+
+def _call(method: Callable, request: Any, timeout: float | None = None) -> Any:
+    """Call and turn a gRPC error into a one-line message and a non-zero exit."""
+    try:
+        return method(request, timeout=timeout)
+    except grpc.RpcError as err:
+        raise click.ClickException(f"{err.code().name}: {err.details()}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The one place for configuration: every setting, its flag, its environment variable, its default.
+
+Each `Setting` becomes a `headswap serve` flag (`--port`) and an environment variable with the
+`HEADSWAP_` prefix (`HEADSWAP_PORT`); flags win over the environment. `Settings.validate()` runs
+once at start, and `Settings.describe()` is what the server logs once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "HEADSWAP_"
+ROLES = ("all", "inference", "trainer")
+DEFAULT_MODEL_SOURCE = "builtin:efficientnet-lite0"
+
+
+def _setting(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server settings. Field names map to `--flag-name` and `HEADSWAP_FIELD_NAME`."""
+
+    role: str = _setting("all", "Which part runs: all (one process), inference, or trainer.", choices=ROLES)
+    host: str = _setting("0.0.0.0", "Address the gRPC server binds to.")
+    port: int = _setting(50051, "gRPC port (headswap.v1, KServe V2, health, reflection). 0 picks a free port.")
+    metrics_port: int = _setting(9090, "Prometheus /metrics HTTP port; -1 disables it, 0 picks a free port.")
+    model_dir: str = _setting("models", "Model registry: a local directory, file://PATH, or s3://BUCKET/PREFIX.")
+    model: str = _setting(DEFAULT_MODEL_SOURCE, "Default model source: builtin:NAME, keras:APP, or hub:HANDLE.")
+    model_name: str = _setting("", "Registry name of the default model (default: derived from --model).")
+    weights: str = _setting("", "Local weights file for a keras: default model (default: Keras' download).")
+    work_dir: str = _setting(".headswap", "Local scratch directory: job database, uploaded training data.")
+    threads: int = _setting(0, "ONNX Runtime intra-op threads per model (0 = number of CPUs).")
+    max_message_bytes: int = _setting(64 * 1024 * 1024, "Largest gRPC message accepted, in bytes.")
+    max_image_pixels: int = _setting(40_000_000, "Largest decoded image (width*height) accepted.")
+    max_images_per_request: int = _setting(256, "Most images in one Classify request.")
+    max_batch_size: int = _setting(8, "Dynamic batching: most images in one ONNX Runtime call.")
+    batch_timeout_ms: float = _setting(1.0, "Dynamic batching: longest a request waits for others to join.")
+    max_queue: int = _setting(512, "Dynamic batching: most queued images per model before RESOURCE_EXHAUSTED.")
+    decode_workers: int = _setting(0, "Threads decoding images in parallel with inference (0 = number of CPUs).")
+    poll_interval_s: float = _setting(2.0, "How often the registry is polled for changed active versions.")
+    max_loaded_models: int = _setting(4, "Most model versions kept resident; least recently used unloaded first.")
+    memory_budget_mb: int = _setting(0, "Resident size budget for loaded models in MiB (0 = no budget).")
+    grace_period_s: float = _setting(10.0, "On SIGTERM: how long in-flight requests may take to finish.")
+    max_train_images: int = _setting(50_000, "FineTune: most images in one job.")
+    max_train_bytes: int = _setting(2 * 1024**3, "FineTune: most encoded image bytes in one job.")
+    max_label_length: int = _setting(64, "FineTune: longest class label, in characters.")
+    log_format: str = _setting("text", "Log format: text or json (one JSON object per line).", choices=("text", "json"))
+    log_level: str = _setting("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def validate(self) -> "Settings":
+        """Refuse impossible values at start, with a message naming the setting."""
+        problems: list[str] = []
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                problems.append(f"{flag_name(f.name)} must be one of {', '.join(choices)}")
+        if not 0 <= self.port <= 65535:
+            problems.append("--port must be between 0 and 65535")
+        if not -1 <= self.metrics_port <= 65535:
+            problems.append("--metrics-port must be between -1 and 65535")
+        for name in ("max_message_bytes", "max_image_pixels", "max_images_per_request", "max_batch_size",
+                     "max_queue", "max_loaded_models", "max_train_images", "max_train_bytes", "max_label_length"):
+            if getattr(self, name) < 1:
+                problems.append(f"{flag_name(name)} must be at least 1")
+        for name in ("threads", "decode_workers", "memory_budget_mb"):
+            if getattr(self, name) < 0:
+                problems.append(f"{flag_name(name)} must not be negative")
+        for name in ("batch_timeout_ms", "grace_period_s"):
+            if getattr(self, name) < 0:
+                problems.append(f"{flag_name(name)} must not be negative")
+        if self.poll_interval_s <= 0:
+            problems.append("--poll-interval-s must be positive")
+        if not self.model_dir:
+            problems.append("--model-dir must not be empty")
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
+        return self
+
+    @property
+    def cpu_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+    @property
+    def decode_threads(self) -> int:
+        return self.decode_workers or os.cpu_count() or 1
+
+    def describe(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Settings from HEADSWAP_* variables, then explicit overrides (e.g. parsed flags)."""
+        environ = dict(os.environ if environ is None else environ)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[str(f.type)]
+    try:
+        return kind(raw)
+    except ValueError as err:
+        raise ValueError(f"{env_name(f.name)}={raw!r} is not a valid {kind.__name__}") from err
+
+
+def reference_table() -> str:
+    """Markdown table of every setting, for the README's configuration reference."""
+    rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(Settings):
+        rows.append(f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | `{f.default}` | {f.metadata['help']} |")
+    return "\n".join(rows)

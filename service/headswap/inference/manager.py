@@ -1,0 +1,267 @@
+"""Which model versions are resident, and hot swap between them.
+
+Swap = load, warm up, flip, drain (TF Serving's availability-preserving transition): the new
+version is loaded and warmed up beside the old one, new requests are switched to it, requests
+already holding the old one finish on it, and the old one is freed when the last lets go.
+The active version is followed by polling the registry (any process may change it) and at once
+for changes made through this process's own API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from headswap import metrics
+from headswap.config import Settings
+from headswap.errors import CorruptModel, NotFound, Unavailable
+from headswap.inference.batcher import Batcher
+from headswap.inference.runtime import ModelRuntime
+from headswap.registry.registry import Registry
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, int]
+
+
+@dataclass
+class LoadedModel:
+    """A resident version with its batcher; `inflight` counts the requests holding it."""
+
+    runtime: ModelRuntime
+    batcher: Batcher
+    inflight: int = 0
+    retired: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> Key:
+        return self.runtime.name, self.runtime.version
+
+
+class ModelManager:
+    """Loads versions from the registry on demand, follows active pointers, bounds residency."""
+
+    def __init__(self, registry: Registry, settings: Settings,
+                 on_ready_change: Callable[[str, bool], None] | None = None) -> None:
+        self.registry = registry
+        self.settings = settings
+        self._on_ready_change = on_ready_change or (lambda name, ready: None)
+        self._lock = threading.RLock()
+        self._loaded: dict[Key, LoadedModel] = {}
+        self._active: dict[str, Key] = {}  # model name -> key of the version new requests take
+        self._load_locks: dict[Key, threading.Lock] = {}
+        self._refused: set[Key] = set()  # corrupt versions, logged once and not retried
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start_polling(self) -> None:
+        self._poller = threading.Thread(target=self._poll_loop, name="registry-poller", daemon=True)
+        self._poller.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._poller:
+            self._poller.join(timeout=5)
+        with self._lock:
+            models = list(self._loaded.values())
+            self._loaded.clear()
+            self._active.clear()
+        for model in models:
+            model.batcher.close()
+
+    # --- requests --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lease(self, name: str, version: int = 0) -> Iterator[LoadedModel]:
+        """Hold a loaded version for one request; it is not freed while held."""
+        model = self._acquire(name, version)
+        try:
+            yield model
+        finally:
+            self._release(model)
+
+    def _acquire(self, name: str, version: int) -> LoadedModel:
+        with self._lock:
+            key = self._active.get(name) if not version else (name, version)
+            model = self._loaded.get(key) if key else None
+            if model is not None and not model.retired:
+                model.inflight += 1
+                model.last_used = time.monotonic()
+                return model
+        if not version:
+            self.refresh(name)
+            with self._lock:
+                key = self._active.get(name)
+        else:
+            key = (name, self.registry.resolve(name, version))
+            self._load(key)
+        with self._lock:
+            model = self._loaded.get(key) if key else None
+            if model is None or model.retired:
+                raise Unavailable(f"model {name!r} is being reloaded; retry")
+            model.inflight += 1
+            model.last_used = time.monotonic()
+            return model
+
+    def _release(self, model: LoadedModel) -> None:
+        with self._lock:
+            model.inflight -= 1
+            free = model.retired and model.inflight == 0
+        if free:
+            self._free(model)
+
+    # --- loading and swapping --------------------------------------------------------------
+
+    def refresh(self, name: str) -> None:
+        """Make the registry's active version of `name` the one new requests take."""
+        version = self.registry.active_version(name)
+        if version is None:
+            raise NotFound(f"unknown model {name!r}; models in the registry: "
+                           f"{', '.join(self.registry.models()) or 'none'}")
+        key = (name, version)
+        with self._lock:
+            if self._active.get(name) == key:
+                return
+        if key in self._refused:
+            with self._lock:
+                if name in self._active:
+                    return  # keep serving the previous version
+            raise Unavailable(f"model {name!r} version {version} was refused as corrupt and no "
+                              "earlier version is loaded; activate a good version")
+        self._load(key)
+        with self._lock:
+            previous = self._active.get(name)
+            if previous == key:
+                return
+            self._active[name] = key
+            metrics.SWAPS.labels(name).inc()
+        log.info("model %s: version %s now active (was %s)", name, version, previous and previous[1])
+        self._on_ready_change(name, True)
+        if previous is not None:
+            self._retire(previous)
+        self._enforce_budget(keep=key)
+
+    def _load(self, key: Key) -> LoadedModel:
+        with self._lock:
+            lock = self._load_locks.setdefault(key, threading.Lock())
+        with lock:  # one load per version, however many requests ask at once
+            with self._lock:
+                existing = self._loaded.get(key)
+                if existing is not None and not existing.retired:
+                    return existing
+            name, version = key
+            started = time.monotonic()
+            try:
+                path, manifest = self.registry.verified_model_path(name, version)
+                runtime = ModelRuntime(name, version, path, manifest, self.settings.cpu_threads)
+                runtime.warm_up()
+            except CorruptModel as err:
+                self._refused.add(key)
+                metrics.LOAD_FAILURES.labels(name).inc()
+                log.error("refusing %s version %s: %s", name, version, err)
+                raise
+            s = self.settings
+            batcher = Batcher(runtime.infer, f"{name}:{version}", s.max_batch_size,
+                              s.batch_timeout_ms / 1000.0, s.max_queue)
+            model = LoadedModel(runtime, batcher)
+            with self._lock:
+                self._loaded[key] = model
+                metrics.LOADED_MODELS.set(len(self._loaded))
+            log.info("loaded %s version %s in %.2fs", name, version, time.monotonic() - started)
+            return model
+
+    def _retire(self, key: Key) -> None:
+        with self._lock:
+            model = self._loaded.pop(key, None)
+            if model is None:
+                return
+            model.retired = True
+            metrics.LOADED_MODELS.set(len(self._loaded))
+            free = model.inflight == 0
+        if free:
+            self._free(model)
+
+    def _free(self, model: LoadedModel) -> None:
+        model.batcher.close()
+        model.runtime.session = None  # drop ORT's arena now, not when the last reference dies
+        gc.collect()
+        log.info("unloaded %s version %s", *model.key)
+
+    def _enforce_budget(self, keep: Key) -> None:
+        """Unload least recently used versions over the count or memory budget."""
+        budget = self.settings.memory_budget_mb * 1024 * 1024
+        while True:
+            with self._lock:
+                resident = [m for m in self._loaded.values() if m.key != keep]
+                total = sum(m.runtime.size_bytes for m in self._loaded.values())
+                over = len(self._loaded) > self.settings.max_loaded_models or (budget and total > budget)
+                if not over or not resident:
+                    return
+                victim = min(resident, key=lambda m: m.last_used)
+                name, _ = victim.key
+                if self._active.get(name) == victim.key:
+                    del self._active[name]
+            log.info("unloading %s version %s (least recently used, over budget)", *victim.key)
+            if name not in self._active:
+                self._on_ready_change(name, False)
+            self._retire(victim.key)
+
+    def unload(self, name: str) -> None:
+        """Unload every resident version of a model (KServe repository unload)."""
+        with self._lock:
+            keys = [key for key in self._loaded if key[0] == name]
+            self._active.pop(name, None)
+        if not keys:
+            raise NotFound(f"model {name!r} is not loaded")
+        for key in keys:
+            self._retire(key)
+        self._on_ready_change(name, False)
+
+    # --- registry changes ------------------------------------------------------------------
+
+    def activate(self, name: str, version: int) -> None:
+        """Load and warm the version first: a corrupt one is refused before the pointer moves."""
+        self.registry.resolve(name, version)
+        self._refused.discard((name, version))
+        self._load((name, version))
+        self.registry.activate(name, version)
+        self.refresh(name)
+
+    def rollback(self, name: str) -> int:
+        version = self.registry.rollback(name)
+        self.refresh(name)
+        return version
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self.settings.poll_interval_s):
+            with self._lock:
+                names = list(self._active)
+            for name in names:
+                try:
+                    self.refresh(name)
+                except Exception as err:  # keep serving what is loaded; the log says why
+                    log.warning("poll: keeping the current version of %s: %s", name, err)
+
+    # --- introspection ---------------------------------------------------------------------
+
+    def active_key(self, name: str) -> Key | None:
+        with self._lock:
+            return self._active.get(name)
+
+    def is_ready(self, name: str, version: int = 0) -> bool:
+        with self._lock:
+            key = self._active.get(name) if not version else (name, version)
+            model = self._loaded.get(key) if key else None
+            return bool(model and model.runtime.ready.is_set() and not model.retired)
+
+    def loaded_keys(self) -> list[Key]:
+        with self._lock:
+            return sorted(self._loaded)

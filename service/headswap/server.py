@@ -1,0 +1,172 @@
+"""The headswap process: builds the parts a role needs and serves them on one gRPC port.
+
+- role `inference`: registry + model manager + Inference/Models/KServe V2 services. Never imports
+  TensorFlow; a default model missing from the registry is waited for (readiness stays false).
+- role `trainer`: Training service; fine-tune jobs run in worker subprocesses (TensorFlow).
+- role `all`: both, in one process; a missing default model is exported first, in a
+  subprocess, so this process stays free of TensorFlow too.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from headswap import metrics
+from headswap.config import Settings
+from headswap.protocol import headswap_v1_pb2 as pb
+from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
+from headswap.protocol import kserve_v2_pb2 as kserve_pb
+from headswap.protocol import kserve_v2_pb2_grpc as kserve_grpc
+from headswap.registry.registry import Registry, model_name_for_source
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def default_model_name(settings: Settings) -> str:
+    """The registry name the default model is served under."""
+    return settings.model_name or model_name_for_source(settings.model)
+
+
+class HeadswapServer:
+    """One gRPC server with the services of the configured role."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings.validate()
+        self.registry = Registry(settings.model_dir, cache_dir=Path(settings.work_dir) / "cache")
+        self.default_model = default_model_name(settings)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.manager = None
+        self.jobs = None
+        self.ready = threading.Event()
+        self.port = 0
+        self.metrics_port = 0
+        options = [("grpc.max_receive_message_length", settings.max_message_bytes),
+                   ("grpc.max_send_message_length", settings.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
+                                  options=options, maximum_concurrent_rpcs=1024)
+        services = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if settings.role in ("all", "inference"):
+            services += self._add_inference()
+        if settings.role in ("all", "trainer"):
+            services += self._add_training()
+        reflection.enable_server_reflection(services, self.server)
+
+    def _add_inference(self) -> list[str]:
+        from headswap.api.inference_servicer import InferenceServicer, ModelsServicer
+        from headswap.api.kserve_servicer import KServeServicer
+        from headswap.inference.classifier import Classifier
+        from headswap.inference.manager import ModelManager
+
+        self.manager = ModelManager(self.registry, self.settings, on_ready_change=self._model_ready)
+        classifier = Classifier(self.manager, self.settings, self.default_model)
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(classifier), self.server)
+        pb_grpc.add_ModelsServicer_to_server(ModelsServicer(self.registry, self.manager), self.server)
+        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
+            KServeServicer(classifier, self.registry, self.manager, self.ready), self.server)
+        return [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Inference", "Models")] + [
+            kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
+
+    def _add_training(self) -> list[str]:
+        from headswap.api.training_servicer import TrainingServicer
+        from headswap.training.jobs import JobManager
+
+        self.jobs = JobManager(self.settings, self.registry, self.manager)
+        pb_grpc.add_TrainingServicer_to_server(TrainingServicer(self.jobs), self.server)
+        return [pb.DESCRIPTOR.services_by_name["Training"].full_name]
+
+    def _model_ready(self, name: str, ready: bool) -> None:
+        self.health.set(name, SERVING if ready else NOT_SERVING)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> int:
+        s = self.settings
+        log.info("starting headswap: %s", s.describe())
+        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        if not self.port:
+            raise RuntimeError(f"cannot bind {s.host}:{s.port}")
+        if s.metrics_port >= 0:
+            self.metrics_port = metrics.serve_metrics(s.metrics_port, s.host)
+        self.health.set("", NOT_SERVING)
+        self.server.start()
+        log.info("gRPC listening on port %d, metrics on %s", self.port, self.metrics_port or "off")
+        threading.Thread(target=self._become_ready, name="bootstrap", daemon=True).start()
+        return self.port
+
+    def _become_ready(self) -> None:
+        """Make sure the default model is there and loaded, then report SERVING."""
+        try:
+            if self.manager is not None:
+                self._ensure_default_model()
+                self.manager.refresh(self.default_model)
+                self.manager.start_polling()
+            if self.jobs is not None:
+                self.jobs.start()
+        except Exception:
+            log.exception("start-up failed; the server stays NOT_SERVING")
+            return
+        self.ready.set()
+        self.health.set("", SERVING)
+        log.info("ready: default model %s", self.default_model)
+
+    def _ensure_default_model(self) -> None:
+        if self.registry.versions(self.default_model):
+            return
+        if self.settings.role != "all":
+            log.info("waiting for model %s to appear in %s", self.default_model, self.registry.url)
+            while not self.registry.versions(self.default_model):
+                if self.ready.wait(self.settings.poll_interval_s):
+                    return
+            return
+        log.info("exporting %s as %s into %s (first start)", self.settings.model, self.default_model,
+                 self.registry.url)
+        command = [sys.executable, "-m", "headswap.cli", "export", self.settings.model,
+                   "--name", self.default_model, "--model-dir", self.settings.model_dir]
+        if self.settings.weights:
+            command += ["--weights", self.settings.weights]
+        # A subprocess: TensorFlow's memory and threads go away with it.
+        subprocess.run(command, check=True)
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+    def stop(self) -> None:
+        """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period."""
+        log.info("shutting down: draining for up to %.1fs", self.settings.grace_period_s)
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.settings.grace_period_s).wait()
+        if self.jobs is not None:
+            self.jobs.close()
+        if self.manager is not None:
+            self.manager.close()
+        log.info("stopped")
+
+
+def run(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and return (exit code 0)."""
+    server = HeadswapServer(settings)
+    server.start()
+    stopping = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    server.stop()
