@@ -51,6 +51,7 @@ class HeadswapServer:
         self.manager = None
         self.jobs = None
         self.ready = threading.Event()
+        self.stopping = threading.Event()
         self.port = 0
         self.metrics_port = 0
         options = [("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -113,7 +114,9 @@ class HeadswapServer:
         try:
             if self.manager is not None:
                 self._ensure_default_model()
-                self.manager.refresh(self.default_model)
+                while not self._load_default_model():
+                    if self.stopping.wait(self.settings.poll_interval_s):
+                        return
                 self.manager.start_polling()
             if self.jobs is not None:
                 self.jobs.start()
@@ -124,13 +127,22 @@ class HeadswapServer:
         self.health.set("", SERVING)
         log.info("ready: default model %s", self.default_model)
 
+    def _load_default_model(self) -> bool:
+        """Load the default model's active version; False (retried later) when it cannot be."""
+        try:
+            self.manager.refresh(self.default_model)
+            return True
+        except Exception as err:
+            log.error("default model %s not loaded, retrying: %s", self.default_model, err)
+            return False
+
     def _ensure_default_model(self) -> None:
         if self.registry.versions(self.default_model):
             return
         if self.settings.role != "all":
             log.info("waiting for model %s to appear in %s", self.default_model, self.registry.url)
             while not self.registry.versions(self.default_model):
-                if self.ready.wait(self.settings.poll_interval_s):
+                if self.stopping.wait(self.settings.poll_interval_s):
                     return
             return
         log.info("exporting %s as %s into %s (first start)", self.settings.model, self.default_model,
@@ -148,6 +160,7 @@ class HeadswapServer:
     def stop(self) -> None:
         """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period."""
         log.info("shutting down: draining for up to %.1fs", self.settings.grace_period_s)
+        self.stopping.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.settings.grace_period_s).wait()
         if self.jobs is not None:

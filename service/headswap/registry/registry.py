@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from headswap.errors import CorruptModel, InvalidInput, NotFound
+from headswap.errors import CorruptModel, FailedPrecondition, InvalidInput, NotFound
 from headswap.registry.store import MANIFEST, Store, open_store
 
 MODEL_FILE = "model.onnx"
@@ -187,7 +187,7 @@ class Registry:
         if not history:
             if not self.versions(name):
                 raise NotFound(f"unknown model {name!r}")
-            raise InvalidInput(f"model {name!r} has no earlier active version to roll back to")
+            raise FailedPrecondition(f"model {name!r} has no earlier active version to roll back to")
         previous = history.pop()
         self._write_active(name, previous, history)
         return previous
