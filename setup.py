@@ -34,4 +34,6 @@ class BuildPyWithProtos(build_py):
         super().run()
 
 
+# Also before setup(): package discovery runs first and must see headswap.protocol in a clean tree.
+generate_protos()
 setup(cmdclass={"build_py": BuildPyWithProtos})

@@ -2,7 +2,8 @@
 
 - role `inference`: registry + model manager + Inference/Models/KServe V2 services. Never imports
   TensorFlow; a default model missing from the registry is waited for (readiness stays false).
-- role `trainer`: Training service; fine-tune jobs run in worker subprocesses (TensorFlow).
+- role `trainer`: Training service; fine-tune jobs run in worker subprocesses (TensorFlow). It
+  seeds the registry with the default model when it is missing.
 - role `all`: both, in one process; a missing default model is exported first, in a
   subprocess, so this process stays free of TensorFlow too.
 """
@@ -45,6 +46,7 @@ class HeadswapServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings.validate()
+        Path(settings.work_dir).mkdir(parents=True, exist_ok=True)
         self.registry = Registry(settings.model_dir, cache_dir=Path(settings.work_dir) / "cache")
         self.default_model = default_model_name(settings)
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -56,7 +58,9 @@ class HeadswapServer:
         self.metrics_port = 0
         options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                    ("grpc.max_send_message_length", settings.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", 0),
+                   # Clients behind a headless Service re-resolve and find new replicas.
+                   ("grpc.max_connection_age_ms", 300_000), ("grpc.max_connection_age_grace_ms", 60_000)]
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
                                   options=options, maximum_concurrent_rpcs=1024)
         services = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
@@ -112,8 +116,8 @@ class HeadswapServer:
     def _become_ready(self) -> None:
         """Make sure the default model is there and loaded, then report SERVING."""
         try:
+            self._ensure_default_model()
             if self.manager is not None:
-                self._ensure_default_model()
                 while not self._load_default_model():
                     if self.stopping.wait(self.settings.poll_interval_s):
                         return
@@ -139,7 +143,7 @@ class HeadswapServer:
     def _ensure_default_model(self) -> None:
         if self.registry.versions(self.default_model):
             return
-        if self.settings.role != "all":
+        if self.settings.role == "inference":  # no TensorFlow here: a trainer or `headswap export` seeds it
             log.info("waiting for model %s to appear in %s", self.default_model, self.registry.url)
             while not self.registry.versions(self.default_model):
                 if self.stopping.wait(self.settings.poll_interval_s):

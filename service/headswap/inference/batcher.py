@@ -113,26 +113,35 @@ class Batcher:
             items = self._take_batch()
             if items is None:
                 return
-            now = time.monotonic()
-            live = []
-            for item in items:
-                if item.deadline is not None and now > item.deadline:
-                    item.future.set_exception(DeadlineExceeded(
-                        "the request's deadline passed while it waited in the inference queue"))
-                elif item.future.set_running_or_notify_cancel():
-                    live.append(item)
-            if not live:
-                continue
             try:
-                batch = live[0].batch if len(live) == 1 else np.concatenate([i.batch for i in live])
-                metrics.BATCH_SIZE.labels(self._label).observe(len(batch))
-                probabilities = self._infer(batch)
-            except Exception as err:  # hand the failure to every waiting request
-                log.exception("inference failed for %s", self._label)
-                for item in live:
-                    item.future.set_exception(err)
-                continue
-            start = 0
+                self._run_batch(items)
+            except Exception:  # the worker must outlive any one batch, or the model stops answering
+                log.exception("batcher %s: unexpected error", self._label)
+
+    def _run_batch(self, items: list[_Item]) -> None:
+        """Run one gathered batch and hand each request its rows."""
+        now = time.monotonic()
+        live = []
+        for item in items:
+            if not item.future.set_running_or_notify_cancel():
+                continue  # the caller gave up (its deadline passed) while it was queued
+            if item.deadline is not None and now > item.deadline:
+                item.future.set_exception(DeadlineExceeded(
+                    "the request's deadline passed while it waited in the inference queue"))
+            else:
+                live.append(item)
+        if not live:
+            return
+        try:
+            batch = live[0].batch if len(live) == 1 else np.concatenate([i.batch for i in live])
+            metrics.BATCH_SIZE.labels(self._label).observe(len(batch))
+            probabilities = self._infer(batch)
+        except Exception as err:  # hand the failure to every waiting request
+            log.exception("inference failed for %s", self._label)
             for item in live:
-                item.future.set_result(probabilities[start:start + len(item.batch)])
-                start += len(item.batch)
+                item.future.set_exception(err)
+            return
+        start = 0
+        for item in live:
+            item.future.set_result(probabilities[start:start + len(item.batch)])
+            start += len(item.batch)

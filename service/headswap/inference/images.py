@@ -7,7 +7,6 @@ channel order, then (pixel - mean) / std as float32 NHWC.
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,9 @@ from PIL import Image
 from headswap.errors import InvalidInput, ResourceExhausted
 
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP"})
+# Our own limit (Settings.max_image_pixels), checked as soon as the header is read and before any
+# pixel is decoded, replaces Pillow's process-wide one so the error can name the image's size.
+Image.MAX_IMAGE_PIXELS = None
 
 
 @dataclass(frozen=True)
@@ -53,21 +55,17 @@ def decode(data: bytes, max_pixels: int, index: int = 0) -> Image.Image:
     if not data:
         raise InvalidInput(f"image {index} is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            image_format = image.format
-            if image_format not in ACCEPTED_FORMATS:
-                raise InvalidInput(f"image {index} is {image_format or 'an unknown format'}; "
-                                   f"accepted: {', '.join(sorted(ACCEPTED_FORMATS))}")
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ResourceExhausted(f"image {index} is {width}x{height} pixels, over the limit of "
-                                        f"{max_pixels} pixels; send a smaller image")
+        image = Image.open(io.BytesIO(data))
+        image_format = image.format
+        if image_format not in ACCEPTED_FORMATS:
+            raise InvalidInput(f"image {index} is {image_format or 'an unknown format'}; "
+                               f"accepted: {', '.join(sorted(ACCEPTED_FORMATS))}")
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ResourceExhausted(f"image {index} is {width}x{height} pixels, over the limit of "
+                                    f"{max_pixels} pixels; send a smaller image")
     except (InvalidInput, ResourceExhausted):
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ResourceExhausted(f"image {index} is too large to decode safely: {err}") from None
     except Exception as err:  # Pillow raises many types for broken input
         raise InvalidInput(f"image {index} could not be decoded ({len(data)} bytes): "
                            f"not a valid JPEG, PNG, WebP or BMP file ({type(err).__name__})") from None
