@@ -107,7 +107,7 @@ def start_server(model_dir: Path, work: Path, threads: int) -> tuple[subprocess.
     log = open(work / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "headswap.cli", "serve", "--role", "inference", "--port", "0",
                              "--metrics-port", "-1", "--host", "127.0.0.1", "--model-dir", str(model_dir),
-                             "--work-dir", str(work), "--threads", str(threads), "--log-level", "WARNING"],
+                             "--work-dir", str(work), "--threads", str(threads)],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -42,12 +42,13 @@ class ModelRuntime:
         except Exception as err:  # onnxruntime raises its own exception types for bad files
             raise CorruptModel(f"{name} version {version}: ONNX Runtime cannot load {path.name}: {err}") from err
         self.input_name = self.session.get_inputs()[0].name
-        outputs = {o.name for o in self.session.get_outputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
         self.probabilities_output = manifest.get("outputs", {}).get("probabilities", "probabilities")
         if self.probabilities_output not in outputs:
             raise CorruptModel(f"{name} version {version}: the ONNX graph has no output "
                                f"{self.probabilities_output!r} (has {sorted(outputs)})")
-        self.num_classes = int(self.session.get_outputs()[0].shape[-1] or len(self.labels))
+        classes = outputs[self.probabilities_output].shape[-1]
+        self.num_classes = classes if isinstance(classes, int) else len(self.labels)
         self.ready = threading.Event()
         self.size_bytes = path.stat().st_size
 

@@ -1,0 +1,349 @@
+"""KServe V2 / Triton gRPC inference protocol (`inference.GRPCInferenceService`): protobuf <-> domain.
+
+Lets `tritonclient.grpc` (and any Open Inference Protocol client) call headswap unchanged.
+
+A model is a registry model (`efficientnet-lite0`); its versions are registry versions as strings,
+"" meaning the active one. Every model has one input and one output:
+
+- input `image`, advertised by ModelMetadata as FP32 [-1, H, W, 3] (the model's own input), and
+  accepted on the same name in three datatypes, chosen by the tensor's `datatype`:
+    * FP32  [N, H, W, 3]: already-preprocessed model input, fed to the model as is;
+    * UINT8 [N, H, W, 3]: RGB pixels already cropped and resized to H x W; normalised here with
+      the mean/std of the version's manifest;
+    * BYTES [N] (or [N, 1]): encoded images (JPEG, PNG, WebP, BMP), decoded, center-cropped,
+      resized and normalised here exactly as the headswap.v1 Classify call does.
+  Data may come in `raw_input_contents` (tritonclient's default; BYTES elements each prefixed by
+  their 4-byte little-endian length) or in `contents` (fp32_contents / uint_contents /
+  bytes_contents).
+- output `probabilities`, FP32 [N, num_labels], in `raw_output_contents`. Requested with a
+  `classification` parameter of k (tritonclient's `InferRequestedOutput(name, class_count=k)`),
+  it is instead a BYTES [N, k] tensor of "score:index:label" strings, best first, as Triton's
+  classification extension returns them.
+
+Repository control follows Triton's explicit mode, with one difference: an unloaded model is
+loaded again on demand by the next inference request that names it (as headswap.v1 does).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import struct
+import time
+
+import grpc
+import numpy as np
+
+from headswap.api.inference_servicer import deadline_of
+from headswap.api.status import rpc
+from headswap.errors import InvalidInput, NotFound, ResourceExhausted
+from headswap.inference.classifier import Answer, Classifier
+from headswap.inference.manager import ModelManager
+from headswap.protocol import kserve_v2_pb2 as kserve_pb
+from headswap.protocol import kserve_v2_pb2_grpc as kserve_grpc
+from headswap.registry.registry import NAME_PATTERN, Registry
+
+SERVER_NAME = "headswap"
+EXTENSIONS = ["classification", "model_repository"]
+PLATFORM = "onnxruntime_onnx"
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+PIXEL_DTYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
+ACCEPTED_DATATYPES = "FP32 or UINT8 [N, H, W, 3] pixels, or BYTES [N] encoded images"
+UNSUPPORTED_TENSOR_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+_LENGTH = struct.Struct("<I")
+
+InferOutput = kserve_pb.ModelInferResponse.InferOutputTensor
+TensorMetadata = kserve_pb.ModelMetadataResponse.TensorMetadata
+
+
+def _server_version() -> str:
+    try:
+        return importlib.metadata.version("headswap")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def parse_version(text: str) -> int:
+    """A KServe version string -> registry version; "" is the active version (0)."""
+    if not text:
+        return 0
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidInput(f"model version must be empty (the active version) or a positive integer, "
+                           f"got {text!r}")
+    return int(text)
+
+
+def _known_name(name: str) -> str:
+    """Refuse names that cannot be in the registry before they reach it (NOT_FOUND, like any unknown model)."""
+    if not NAME_PATTERN.match(name):
+        raise NotFound(f"unknown model {name!r}")
+    return name
+
+
+def _refuse_shared_memory(parameters, what: str) -> None:
+    for key in UNSUPPORTED_TENSOR_PARAMETERS:
+        if key in parameters:
+            raise InvalidInput(f"{what}: shared memory is not supported by headswap; send the data in the request")
+
+
+def split_bytes_tensor(raw: bytes, count: int, name: str) -> list[bytes]:
+    """Triton's raw BYTES layout: each element is a 4-byte little-endian length, then its bytes."""
+    items: list[bytes] = []
+    offset, size = 0, len(raw)
+    while offset < size:
+        if offset + 4 > size:
+            raise InvalidInput(f"input {name!r}: BYTES data ends inside an element's 4-byte length prefix")
+        (length,) = _LENGTH.unpack_from(raw, offset)
+        offset += 4
+        if offset + length > size:
+            raise InvalidInput(f"input {name!r}: BYTES element {len(items)} claims {length} bytes but only "
+                               f"{size - offset} remain")
+        items.append(raw[offset:offset + length])
+        offset += length
+    if len(items) != count:
+        raise InvalidInput(f"input {name!r}: shape says {count} BYTES elements, the data holds {len(items)}")
+    return items
+
+
+def classification_strings(probabilities: np.ndarray, k: int, labels: list[str]) -> list[bytes]:
+    """Top-k "score:index:label" per row, best first, formatted like Triton (C++ std::to_string)."""
+    rows = []
+    k = min(k, probabilities.shape[-1])
+    for row in probabilities:
+        order = np.argpartition(-row, k - 1)[:k] if k < row.shape[0] else np.arange(row.shape[0])
+        order = order[np.argsort(-row[order], kind="stable")]
+        for i in order:
+            text = f"{float(row[i]):f}:{int(i)}"
+            if i < len(labels):
+                text += f":{labels[i]}"
+            rows.append(text.encode())
+    return rows
+
+
+def serialize_bytes_tensor(items: list[bytes]) -> bytes:
+    return b"".join(_LENGTH.pack(len(item)) + item for item in items)
+
+
+class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
+    """The KServe V2 data plane and model repository extension over the classifier and registry."""
+
+    def __init__(self, classifier: Classifier, registry: Registry, manager: ModelManager, ready) -> None:
+        self.classifier = classifier
+        self.registry = registry
+        self.manager = manager
+        self.ready = ready  # threading.Event, set once the server serves its default model
+        self.version = _server_version()
+
+    def _name(self, name: str) -> str:
+        return _known_name(name or self.classifier.default_model)
+
+    # --- health and metadata ---------------------------------------------------------------
+
+    @rpc("ServerLive")
+    def ServerLive(self, request, context) -> kserve_pb.ServerLiveResponse:
+        return kserve_pb.ServerLiveResponse(live=True)
+
+    @rpc("ServerReady")
+    def ServerReady(self, request, context) -> kserve_pb.ServerReadyResponse:
+        return kserve_pb.ServerReadyResponse(ready=self.ready.is_set())
+
+    @rpc("ModelReady", lambda r: r.name)
+    def ModelReady(self, request, context) -> kserve_pb.ModelReadyResponse:
+        """Ready = that version (or the active one) is loaded and warmed up; unknown models are not ready,
+        as in Triton."""
+        version = parse_version(request.version)
+        name = request.name or self.classifier.default_model
+        ready = bool(NAME_PATTERN.match(name)) and self.manager.is_ready(name, version)
+        return kserve_pb.ModelReadyResponse(ready=ready)
+
+    @rpc("ServerMetadata")
+    def ServerMetadata(self, request, context) -> kserve_pb.ServerMetadataResponse:
+        return kserve_pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
+
+    @rpc("ModelMetadata", lambda r: r.name)
+    def ModelMetadata(self, request, context) -> kserve_pb.ModelMetadataResponse:
+        """The input advertised is the model's own (FP32); UINT8 pixels and BYTES images are accepted
+        on the same name (see the module docstring)."""
+        name = self._name(request.name)
+        version = self.registry.resolve(name, parse_version(request.version))
+        manifest = self.registry.manifest(name, version)
+        size = manifest.get("input") or {}
+        height, width = int(size.get("height", -1)), int(size.get("width", -1))
+        classes = len(manifest.get("labels") or []) or -1
+        return kserve_pb.ModelMetadataResponse(
+            name=name, versions=[str(v) for v in self.registry.versions(name)], platform=PLATFORM,
+            inputs=[TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, height, width, 3])],
+            outputs=[TensorMetadata(name=OUTPUT_NAME, datatype="FP32", shape=[-1, classes])])
+
+    # --- inference -------------------------------------------------------------------------
+
+    @rpc("ModelInfer", lambda r: r.model_name)
+    def ModelInfer(self, request: kserve_pb.ModelInferRequest, context: grpc.ServicerContext
+                   ) -> kserve_pb.ModelInferResponse:
+        name = self._name(request.model_name)
+        version = parse_version(request.model_version)
+        class_count = self._requested_output(request)
+        deadline = self._deadline(request, context)
+
+        if len(request.inputs) != 1:
+            raise InvalidInput(f"model {name!r} takes exactly one input, {INPUT_NAME!r}; the request has "
+                               f"{len(request.inputs)}")
+        tensor = request.inputs[0]
+        if tensor.name != INPUT_NAME:
+            raise InvalidInput(f"unexpected input {tensor.name!r} for model {name!r}: its input is {INPUT_NAME!r} "
+                               f"({ACCEPTED_DATATYPES})")
+        if tensor.parameters:
+            _refuse_shared_memory(tensor.parameters, f"input {tensor.name!r}")
+        raws = request.raw_input_contents
+        if raws and len(raws) != 1:
+            raise InvalidInput(f"raw_input_contents has {len(raws)} entries for 1 input")
+        raw = raws[0] if raws else None
+        if raw is not None and tensor.HasField("contents"):
+            raise InvalidInput(f"input {tensor.name!r} has data both in contents and in raw_input_contents")
+
+        shape = tuple(tensor.shape)
+        if not shape or any(d < 1 for d in shape):
+            raise InvalidInput(f"input {tensor.name!r} has shape {list(shape)}; every dimension must be at least 1")
+        count = shape[0]
+        limit = self.classifier.settings.max_images_per_request
+        if count > limit:
+            raise ResourceExhausted(f"{count} images in one request; the limit is {limit}")
+
+        datatype = tensor.datatype
+        if datatype == "BYTES":
+            if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
+                raise InvalidInput(f"BYTES input {tensor.name!r} must have shape [N] (one encoded image per "
+                                   f"element), got {list(shape)}")
+            if raw is not None:
+                images = split_bytes_tensor(raw, count, tensor.name)
+            else:
+                images = list(tensor.contents.bytes_contents)
+                if len(images) != count:
+                    raise InvalidInput(f"input {tensor.name!r}: shape says {count} BYTES elements, "
+                                       f"bytes_contents holds {len(images)}")
+            answer = self.classifier.infer_encoded(images, name, version, deadline)
+        elif datatype in PIXEL_DTYPES:
+            pixels = self._pixels(tensor, raw, PIXEL_DTYPES[datatype], shape)
+            answer = self.classifier.infer_pixels(pixels, name, version, deadline, normalized=datatype == "FP32")
+        else:
+            raise InvalidInput(f"input {tensor.name!r} has datatype {datatype or '(none)'}; "
+                               f"accepted: {ACCEPTED_DATATYPES}")
+        return self._response(request, answer, class_count)
+
+    @staticmethod
+    def _requested_output(request: kserve_pb.ModelInferRequest) -> int:
+        """Validate the requested outputs; the classification count asked for, 0 for probabilities."""
+        outputs = request.outputs
+        if not outputs:
+            return 0
+        if len(outputs) > 1:
+            raise InvalidInput(f"the model has one output, {OUTPUT_NAME!r}; {len(outputs)} were requested")
+        output = outputs[0]
+        if output.name != OUTPUT_NAME:
+            raise InvalidInput(f"unknown requested output {output.name!r}; the model's output is {OUTPUT_NAME!r}")
+        parameters = output.parameters
+        if not parameters:
+            return 0
+        _refuse_shared_memory(parameters, f"output {output.name!r}")
+        if "classification" not in parameters:
+            return 0
+        parameter = parameters["classification"]
+        kind = parameter.WhichOneof("parameter_choice")
+        value = getattr(parameter, kind) if kind else None
+        if kind not in ("int64_param", "uint64_param") or value < 1:
+            raise InvalidInput("the classification parameter must be a positive integer (the number of "
+                               f"classes to return), got {value!r}")
+        return int(value)
+
+    @staticmethod
+    def _deadline(request: kserve_pb.ModelInferRequest, context: grpc.ServicerContext) -> float | None:
+        """The gRPC deadline, tightened by Triton's `timeout` request parameter (microseconds)."""
+        deadline = deadline_of(context)
+        if request.parameters and "timeout" in request.parameters:
+            timeout_us = request.parameters["timeout"].int64_param
+            if timeout_us > 0:
+                limit = time.monotonic() + timeout_us / 1e6
+                deadline = limit if deadline is None else min(deadline, limit)
+        return deadline
+
+    @staticmethod
+    def _pixels(tensor, raw: bytes | None, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """NHWC pixels as a numpy view on the request's bytes (no copy) or built from `contents`."""
+        if len(shape) != 4 or shape[3] != 3:
+            raise InvalidInput(f"{tensor.datatype} input {tensor.name!r} must have shape [N, H, W, 3] (RGB, "
+                               f"channels last), got {list(shape)}")
+        elements = shape[0] * shape[1] * shape[2] * shape[3]
+        if raw is not None:
+            expected = elements * dtype.itemsize
+            if len(raw) != expected:
+                raise InvalidInput(f"input {tensor.name!r}: {tensor.datatype} {list(shape)} needs {expected} bytes "
+                                   f"of data, raw_input_contents has {len(raw)}")
+            return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        if dtype == np.uint8:
+            values = tensor.contents.uint_contents
+            array = np.array(values, dtype=np.uint32)
+            if array.size and array.max() > 255:
+                raise InvalidInput(f"input {tensor.name!r}: UINT8 values must be 0..255")
+            array = array.astype(np.uint8)
+        else:
+            array = np.array(tensor.contents.fp32_contents, dtype=np.float32)
+        if array.size != elements:
+            raise InvalidInput(f"input {tensor.name!r}: shape {list(shape)} needs {elements} values, "
+                               f"contents has {array.size}")
+        return array.reshape(shape)
+
+    @staticmethod
+    def _response(request: kserve_pb.ModelInferRequest, answer: Answer, class_count: int
+                  ) -> kserve_pb.ModelInferResponse:
+        probabilities = answer.probabilities
+        if class_count:
+            strings = classification_strings(probabilities, class_count, answer.labels)
+            k = len(strings) // max(1, len(probabilities))
+            output = InferOutput(name=OUTPUT_NAME, datatype="BYTES", shape=(len(probabilities), k))
+            data = serialize_bytes_tensor(strings)
+        else:
+            output = InferOutput(name=OUTPUT_NAME, datatype="FP32", shape=probabilities.shape)
+            data = np.ascontiguousarray(probabilities, dtype=np.float32).tobytes()
+        return kserve_pb.ModelInferResponse(model_name=answer.model, model_version=str(answer.version),
+                                            id=request.id, outputs=[output], raw_output_contents=[data])
+
+    # --- model repository ------------------------------------------------------------------
+
+    @rpc("RepositoryIndex")
+    def RepositoryIndex(self, request, context) -> kserve_pb.RepositoryIndexResponse:
+        """Every registry model with its active version; READY when that version is loaded."""
+        index = []
+        for name in self.registry.models():
+            version = self.registry.active_version(name)
+            if version is None:
+                continue
+            ready = self.manager.is_ready(name)
+            if request.ready and not ready:
+                continue
+            index.append(kserve_pb.RepositoryIndexResponse.ModelIndex(
+                name=name, version=str(version), state="READY" if ready else "UNAVAILABLE",
+                reason="" if ready else "not loaded"))
+        return kserve_pb.RepositoryIndexResponse(models=index)
+
+    @rpc("RepositoryModelLoad", lambda r: r.model_name)
+    def RepositoryModelLoad(self, request, context) -> kserve_pb.RepositoryModelLoadResponse:
+        """Load and warm up the active version (a no-op when it is already serving)."""
+        name = _known_name(request.model_name)
+        if request.parameters:
+            raise InvalidInput("headswap loads models from its registry; load parameters (config, files) "
+                               f"are not supported, got {sorted(request.parameters)}")
+        self.manager.refresh(name)
+        return kserve_pb.RepositoryModelLoadResponse()
+
+    @rpc("RepositoryModelUnload", lambda r: r.model_name)
+    def RepositoryModelUnload(self, request, context) -> kserve_pb.RepositoryModelUnloadResponse:
+        """Unload every resident version; unloading a model that is not loaded succeeds, as in Triton."""
+        name = _known_name(request.model_name)
+        if self.registry.active_version(name) is None:
+            raise NotFound(f"unknown model {name!r}; models in the registry: "
+                           f"{', '.join(self.registry.models()) or 'none'}")
+        try:
+            self.manager.unload(name)
+        except NotFound:
+            pass  # known to the registry but not loaded: nothing to do
+        return kserve_pb.RepositoryModelUnloadResponse()
