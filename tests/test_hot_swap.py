@@ -226,3 +226,20 @@ def test_json_logs_carry_request_ids(server_factory, registry_copy):
 
     lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     assert lines and any(line.get("request_id") == "req-abc-123" for line in lines)
+
+
+def test_several_models_within_a_residency_budget(server_factory, registry_copy, tmp_path, photos):
+    registry = Registry(registry_copy)
+    path, manifest = registry.verified_model_path(BUILTIN_NAME, 1)
+    base = {k: v for k, v in manifest.items() if k not in ("name", "version", "sha256", "created")}
+    for name in ("alpha", "beta"):
+        copy = tmp_path / f"{name}.onnx"
+        copy.write_bytes(path.read_bytes())
+        registry.publish(name, copy, base)
+    server = server_factory(registry_copy, "--max-loaded-models", "2")
+    stub = classify_stub(server)
+    for name in ("alpha", "beta", BUILTIN_NAME, "alpha"):
+        response = stub.Classify(pb.ClassifyRequest(images=[photos["coffee"]], top_k=1, model=name), timeout=60)
+        assert response.model == name and response.results[0].predictions[0].index == ESPRESSO
+        assert metric(server, "headswap_loaded_models") <= 2
+    assert "least recently used" in server.log()

@@ -47,6 +47,8 @@ class Batcher:
         self._incoming = 0  # requests announced (being decoded) but not yet submitted
         self._cond = threading.Condition()
         self._closed = False
+        self._queue_depth = metrics.QUEUE_DEPTH.labels(label)  # resolved once: off the hot path
+        self._batch_size = metrics.BATCH_SIZE.labels(label)
         self._thread = threading.Thread(target=self._run, name=f"batcher-{label}", daemon=True)
         self._thread.start()
 
@@ -75,7 +77,7 @@ class Batcher:
                                         f"({self._queued_images} images waiting); retry later")
             self._queue.append(item)
             self._queued_images += len(batch)
-            metrics.QUEUE_DEPTH.labels(self._label).set(self._queued_images)
+            self._queue_depth.set(self._queued_images)
             self._cond.notify()
         return item.future
 
@@ -105,7 +107,7 @@ class Batcher:
                 items.append(item)
                 size += len(item.batch)
                 self._queued_images -= len(item.batch)
-            metrics.QUEUE_DEPTH.labels(self._label).set(self._queued_images)
+            self._queue_depth.set(self._queued_images)
             return items
 
     def _run(self) -> None:
@@ -134,7 +136,7 @@ class Batcher:
             return
         try:
             batch = live[0].batch if len(live) == 1 else np.concatenate([i.batch for i in live])
-            metrics.BATCH_SIZE.labels(self._label).observe(len(batch))
+            self._batch_size.observe(len(batch))
             probabilities = self._infer(batch)
         except Exception as err:  # hand the failure to every waiting request
             log.exception("inference failed for %s", self._label)

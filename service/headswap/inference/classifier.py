@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headswap import metrics
 from headswap.config import Settings
 from headswap.errors import DeadlineExceeded, InvalidInput, ResourceExhausted
 from headswap.inference.images import load_pixels
@@ -99,7 +98,7 @@ class Classifier:
                 future.cancel()
                 raise DeadlineExceeded("the request's deadline passed while it waited for inference") from None
             runtime = loaded.runtime
-            metrics.IMAGES.labels(runtime.name, str(runtime.version)).inc(len(batch))
+            runtime.images_counter.inc(len(batch))
             return Answer(runtime.name, runtime.version, probabilities, runtime.labels)
 
     @staticmethod

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from headswap import metrics
 from headswap.errors import CorruptModel
 from headswap.inference.images import Preprocessing
 
@@ -50,6 +51,7 @@ class ModelRuntime:
         classes = outputs[self.probabilities_output].shape[-1]
         self.num_classes = classes if isinstance(classes, int) else len(self.labels)
         self.ready = threading.Event()
+        self.images_counter = metrics.IMAGES.labels(name, str(version))
         self.size_bytes = path.stat().st_size
 
     @property

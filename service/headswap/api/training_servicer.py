@@ -1,0 +1,123 @@
+"""headswap.v1 Training service: protobuf <-> domain (JobManager), and errors -> status codes.
+
+FineTune (client streaming) and WatchJob (server streaming) cannot use the unary `@rpc`
+wrapper, so `_guard` does the same mapping for them with `status_for`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any, Iterable, Iterator
+
+import grpc
+
+from headswap import errors, metrics
+from headswap.api.status import request_id, rpc, status_for
+from headswap.protocol import headswap_v1_pb2 as pb
+from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
+from headswap.training.dataset import Example
+from headswap.training.jobs import JobManager
+from headswap.training.store import JobEvent, JobRecord
+
+log = logging.getLogger("headswap.api")
+
+
+@contextlib.contextmanager
+def _guard(method: str, context: grpc.ServicerContext, model: str = "") -> Iterator[None]:
+    """Map domain errors to gRPC status codes for streaming handlers, and count the call."""
+    started = time.perf_counter()
+    rid = request_id(context)
+    code = grpc.StatusCode.OK
+    try:
+        yield
+    except errors.HeadswapError as err:
+        code = status_for(err)
+        log.info("%s failed: %s", method, err, extra={"request_id": rid, "code": code.name})
+        context.abort(code, str(err))
+    except grpc.RpcError:
+        raise  # the client went away mid-stream: nothing to answer
+    except Exception as err:
+        code = grpc.StatusCode.INTERNAL
+        log.exception("%s crashed", method, extra={"request_id": rid})
+        context.abort(code, f"internal error ({type(err).__name__}); request id {rid}")
+    finally:
+        metrics.REQUESTS.labels(method, model, "", code.name).inc()
+        metrics.REQUEST_LATENCY.labels(method, model).observe(time.perf_counter() - started)
+
+
+def config_values(config: pb.FineTuneConfig) -> dict[str, Any]:
+    """The config message as a plain dict (unset fields as 0 / empty: FineTuneSpec fills defaults)."""
+    values: dict[str, Any] = {}
+    for field in config.DESCRIPTOR.fields:
+        value = getattr(config, field.name)
+        if field.name == "class_weights":
+            value = {k: _float32(w) for k, w in value.items()}
+        elif isinstance(value, float):
+            value = _float32(value)  # 0.1 arrives as 0.10000000149011612
+        values[field.name] = value
+    return values
+
+
+def _float32(value: float) -> float:
+    return float(f"{value:.7g}")
+
+
+def _examples(requests: Iterator[pb.FineTuneRequest]) -> Iterable[list[Example]]:
+    for request in requests:
+        if request.WhichOneof("item") != "batch":
+            raise errors.InvalidInput("only the first FineTune message may carry the config; the following "
+                                      "ones carry batches of labelled images")
+        yield [Example(e.image, e.label, e.validation) for e in request.batch.examples]
+
+
+def event_message(event: JobEvent) -> pb.JobEvent:
+    return pb.JobEvent(job_id=event.job_id, state=int(event.state), phase=event.phase, epoch=event.epoch,
+                       total_epochs=event.total_epochs, loss=event.loss, accuracy=event.accuracy,
+                       val_accuracy=event.val_accuracy, images_per_second=event.images_per_second,
+                       eta_seconds=event.eta_seconds, message=event.message, model=event.model,
+                       version=event.version, metrics_json=event.metrics_json, time=event.time,
+                       sequence=event.sequence)
+
+
+def job_message(job: JobRecord) -> pb.Job:
+    message = pb.Job(job_id=job.job_id, state=int(job.state), name=job.name, base_model=job.base_model,
+                     phase=job.phase, error=job.error, model=job.model, version=job.version, created=job.created,
+                     finished=job.finished, metrics_json=job.metrics_json, config_json=job.config_json,
+                     activated=job.activated)
+    if job.last_event is not None:
+        message.last_event.CopyFrom(event_message(job.last_event))
+    return message
+
+
+class TrainingServicer(pb_grpc.TrainingServicer):
+    def __init__(self, jobs: JobManager) -> None:
+        self.jobs = jobs
+
+    def FineTune(self, request_iterator: Iterator[pb.FineTuneRequest], context) -> pb.FineTuneResponse:
+        with _guard("FineTune", context):
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("item") != "config":
+                raise errors.InvalidInput("the first FineTune message must carry the config (base model, "
+                                          "name, epochs, ...); the labelled images follow in later messages")
+            submission = self.jobs.submit(config_values(first.config), _examples(request_iterator))
+            return pb.FineTuneResponse(job_id=submission.job_id, num_images=submission.num_images,
+                                       num_classes=submission.num_classes, skipped_indices=submission.skipped)
+
+    def WatchJob(self, request: pb.WatchJobRequest, context) -> Iterator[pb.JobEvent]:
+        with _guard("WatchJob", context):
+            for event in self.jobs.watch(request.job_id, context.is_active):
+                yield event_message(event)
+
+    @rpc("GetJob")
+    def GetJob(self, request: pb.GetJobRequest, context) -> pb.Job:
+        return job_message(self.jobs.get(request.job_id))
+
+    @rpc("ListJobs")
+    def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
+        return pb.ListJobsResponse(jobs=[job_message(job) for job in self.jobs.list()])
+
+    @rpc("CancelJob")
+    def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.Job:
+        return job_message(self.jobs.cancel(request.job_id))

@@ -1,0 +1,182 @@
+"""The registry on object storage (s3://BUCKET/PREFIX, or memory:// for tests) through fsspec.
+
+Object stores have no rename, so a version cannot be written aside and moved into place as on
+local disk. The same guarantee comes from three things S3 does give:
+
+- a PUT (or a completed multipart upload) makes one object appear whole, or not at all;
+- a conditional PUT (`If-None-Match: *`) creates an object only if it does not exist yet;
+- reads and listings are strongly consistent (AWS S3 since 2020, MinIO, moto).
+
+`publish_dir` first claims the version prefix by creating `<version>/.claim.json` exclusively
+(a second writer gets FileExistsError and takes the next number, as with a taken directory on
+disk), then uploads the files, then `manifest.json` last. Until the manifest exists the prefix is
+a half-written version that the registry never lists or serves; a writer killed midway leaves
+only such a prefix behind. `active.json` is one PUT, replaced whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from headswap.registry.store import MANIFEST
+
+ENDPOINT_ENV = "HEADSWAP_S3_ENDPOINT_URL"
+CLAIM = ".claim.json"
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def storage_options(protocol: str) -> dict[str, Any]:
+    """fsspec options for a protocol; s3 gets the endpoint from the environment and no listing cache.
+
+    s3fs caches directory listings per instance by default: a poller would never see a new
+    version. Credentials and region come from the usual AWS_* variables / profiles via botocore.
+    """
+    if protocol not in ("s3", "s3a"):
+        return {}
+    options: dict[str, Any] = {"use_listings_cache": False}
+    endpoint = os.environ.get(ENDPOINT_ENV, "").strip()
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    return options
+
+
+class ObjectStore:
+    """A `Store` over any fsspec filesystem URL; written for and tested on S3 and memory://."""
+
+    def __init__(self, url: str) -> None:
+        protocol = url.split("://", 1)[0].lower()
+        if protocol in ("s3", "s3a"):
+            try:
+                import s3fs  # noqa: F401  (a clear message instead of fsspec's generic one)
+            except ImportError as err:
+                raise ImportError(f"{url}: object storage needs the s3 extra: pip install 'headswap[s3]'") from err
+        self.fs: fsspec.AbstractFileSystem
+        self.fs, root = url_to_fs(url, **storage_options(protocol))
+        self.root = root.rstrip("/")
+        if protocol in ("s3", "s3a") and not self.root:
+            raise ValueError(f"{url}: name a bucket, as in s3://BUCKET/PREFIX")
+        self.protocol = protocol
+        self.url = url.rstrip("/")
+
+    def _path(self, key: str) -> str:
+        parts = [p for p in key.split("/") if p]
+        if any(p in (".", "..") for p in parts):
+            raise ValueError(f"key {key!r} escapes the registry root")
+        return "/".join([self.root, *parts]) if parts else self.root
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.fs.cat_file(self._path(key))
+
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self._path(key))
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Immediate 'subdirectories' (common prefixes), always fresh from the server."""
+        path = self._path(prefix)
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        names = {entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries
+                 if entry.get("type") == "directory"}
+        return sorted(name for name in names if name and not name.startswith("."))
+
+    def local_path(self, key: str, cache_dir: Path) -> Path:
+        """Download once into cache_dir (temp file + rename), reused while the object is unchanged.
+
+        The file name carries the object's size and ETag, so an object replaced under the same
+        key is fetched again; the registry checks the sha256 of whatever this returns.
+        """
+        path = self._path(key)
+        info = self.fs.info(path)
+        size = int(info.get("size") or 0)
+        tag = str(info.get("ETag") or info.get("etag") or info.get("created") or "")
+        fingerprint = hashlib.sha256(f"{size}:{tag}".encode()).hexdigest()[:16]
+        parent, _, name = key.strip("/").rpartition("/")
+        folder = Path(cache_dir) / self._cache_id() / parent
+        target = folder / f"{fingerprint}-{name}"
+        if target.is_file() and target.stat().st_size == size:
+            return target
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+        os.close(fd)
+        try:
+            self.fs.get_file(path, tmp)
+            if os.path.getsize(tmp) != size:
+                raise OSError(f"{self.url}/{key}: downloaded {os.path.getsize(tmp)} bytes, expected {size}")
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        for stale in folder.glob(f"*-{name}"):  # earlier contents of the same key
+            if stale != target:
+                stale.unlink(missing_ok=True)
+        return target
+
+    def _cache_id(self) -> str:
+        """A cache subfolder per store, so that two buckets never share cached files."""
+        return "/".join(_SAFE.sub("_", part) for part in [self.protocol, *self.root.split("/")] if part)
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """One PUT: readers see the old object or the new one, never a mix."""
+        self.fs.pipe_file(self._path(key), data)
+
+    def publish_dir(self, local_dir: Path, key: str) -> None:
+        """Claim key exclusively, upload every file, then manifest.json last (the commit)."""
+        local_dir = Path(local_dir)
+        if not (local_dir / MANIFEST).is_file():
+            raise ValueError(f"{local_dir} has no {MANIFEST}")
+        if self.exists(f"{key}/{MANIFEST}"):
+            raise FileExistsError(f"{self.url}/{key} already exists")
+        self._claim(key)
+        for file in sorted(local_dir.iterdir()):
+            if file.is_file() and file.name != MANIFEST:
+                self.fs.put_file(str(file), self._path(f"{key}/{file.name}"))
+        try:
+            self.fs.pipe_file(self._path(f"{key}/{MANIFEST}"), (local_dir / MANIFEST).read_bytes(), mode="create")
+        except FileExistsError:
+            raise FileExistsError(f"{self.url}/{key} was published by another writer") from None
+
+    def _claim(self, key: str) -> None:
+        """Create key/.claim.json only if absent: the object-store stand-in for mkdir/rename.
+
+        Reading the claim back also catches a store that ignores If-None-Match (it would let the
+        last writer win the PUT: the earlier one then sees a claim that is not its own).
+        """
+        token = uuid.uuid4().hex
+        claim = json.dumps({"token": token, "host": socket.gethostname(), "pid": os.getpid(),
+                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+        path = self._path(f"{key}/{CLAIM}")
+        try:
+            self.fs.pipe_file(path, claim, mode="create")
+        except FileExistsError:
+            raise FileExistsError(f"{self.url}/{key} is taken (published, or being written)") from None
+        try:
+            owner = json.loads(self.fs.cat_file(path)).get("token")
+        except (FileNotFoundError, ValueError):
+            owner = None
+        if owner != token:
+            raise FileExistsError(f"{self.url}/{key} was claimed by another writer")
+
+    def delete_prefix(self, key: str) -> None:
+        try:
+            self.fs.rm(self._path(key), recursive=True)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache(self._path(key))

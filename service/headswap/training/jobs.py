@@ -1,0 +1,404 @@
+"""Fine-tune jobs in the serving process: accept uploads, queue, run workers, finish, activate.
+
+The serving process never imports TensorFlow: it validates and stores the upload
+(`dataset.py`), records the job (`store.py`), and runs the training in a worker subprocess
+(`python -m headswap.training.worker JOB_DIR`) that reports progress into the same SQLite
+database and publishes the new version atomically at its very end. What stays here:
+
+- one job at a time (the rest wait in a FIFO queue): training takes every core;
+- cancel = SIGTERM to the worker (SIGKILL after a grace period), job CANCELLED;
+- when a worker succeeds: activate the version if asked and good enough (through the
+  ModelManager in role `all`, so it answers at once), then the final `done` event;
+- after a crash: jobs left QUEUED/RUNNING are marked FAILED when the next process starts, and the
+  worker of a dead server dies with it (PR_SET_PDEATHSIG), so no stray version appears later.
+
+Name rules (checked when the upload starts and again when the job is created):
+the new name must be a valid registry name, must not be the base model itself, must not be an
+existing model that is not a fine-tune of the same base source (a fine-tune of the same base
+gets a new version), and no other QUEUED/RUNNING job may be training that name.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from headswap.config import Settings
+from headswap.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
+from headswap.registry.registry import Registry, check_model_name, model_name_for_source
+from headswap.training.dataset import DatasetWriter, Example, Upload
+from headswap.training.spec import FineTuneSpec
+from headswap.training.store import INTERRUPTED, JobEvent, JobRecord, JobState, JobStore
+
+log = logging.getLogger(__name__)
+
+JOB_FILE = "job.json"
+WORKER_LOG = "worker.log"
+RESULT_FILE = "result.json"
+CANCEL_GRACE_S = 5.0
+PHASE2_KINDS = ("builtin", "keras")
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The registry version a fine-tune starts from."""
+
+    name: str
+    version: int
+    source: str
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def kind(self) -> str:
+        return self.source.partition(":")[0]
+
+
+@dataclass(frozen=True)
+class Submission:
+    """The answer to FineTune."""
+
+    job_id: str
+    num_images: int
+    num_classes: int
+    skipped: list[int]
+
+
+class JobManager:
+    """Owns the job store, the queue and the one running worker."""
+
+    def __init__(self, settings: Settings, registry: Registry, manager: Any = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.manager = manager  # inference ModelManager in role `all`, None in role `trainer`
+        work = Path(settings.work_dir).expanduser().resolve()
+        self.jobs_dir = work / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(work / "jobs.sqlite")
+        # Before any request: what a previous process left unfinished can never finish.
+        for job_id in self.store.fail_unfinished():
+            log.warning("job %s was interrupted by a restart; marked failed", job_id)
+        for leftover in self.jobs_dir.glob(".incoming-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        self._lock = threading.Condition()
+        self._queue: collections.deque[str] = collections.deque()
+        self._running: dict[str, subprocess.Popen] = {}
+        self._cancelling: set[str] = set()
+        self._stopping = False
+        self._scheduler: threading.Thread | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._scheduler = threading.Thread(target=self._schedule, name="job-scheduler", daemon=True)
+        self._scheduler.start()
+
+    def close(self) -> None:
+        """Stop: queued jobs fail, the running worker is stopped and its job fails (interrupted)."""
+        with self._lock:
+            self._stopping = True
+            queued = list(self._queue)
+            self._queue.clear()
+            running = dict(self._running)
+            self._lock.notify_all()
+        for job_id in queued:
+            self.store.finish(job_id, JobState.FAILED, error=INTERRUPTED)
+        for job_id, proc in running.items():
+            self.store.finish(job_id, JobState.FAILED, error=INTERRUPTED)
+            _stop_process(proc)
+        if self._scheduler is not None:
+            self._scheduler.join(timeout=CANCEL_GRACE_S + 5)
+
+    # --- requests --------------------------------------------------------------------------
+
+    def prepare(self, config: dict[str, Any]) -> tuple[FineTuneSpec, BaseModel]:
+        """Check the config before any image is read: bad names fail fast."""
+        spec = FineTuneSpec.from_request(config)
+        check_model_name(spec.name)
+        base = self.resolve_base(spec.base_model)
+        if spec.unfreeze_top_layers and base.kind not in PHASE2_KINDS:
+            raise FailedPrecondition(
+                f"phase 2 (unfreeze_top_layers={spec.unfreeze_top_layers}) needs a Keras backbone; the base "
+                f"{base.name} comes from {base.source}, whose layers cannot be unfrozen. Train the head only "
+                "(unfreeze_top_layers=0) or start from a builtin: or keras: model")
+        self._check_name(spec, base)
+        return spec, base
+
+    def submit(self, config: dict[str, Any], batches: Iterable[Iterable[Example]]) -> Submission:
+        """Receive and validate the whole upload, store it, queue the job; returns its id."""
+        spec, base = self.prepare(config)
+        job_id = uuid.uuid4().hex[:12]
+        writer = DatasetWriter(self.jobs_dir / f".incoming-{job_id}", self.settings, spec.skip_invalid_images)
+        try:
+            for batch in batches:
+                writer.add(batch)
+            upload = writer.finish(spec)
+            with self._lock:
+                if self._stopping:
+                    raise FailedPrecondition("the server is shutting down; send the job again later")
+                self._check_name(spec, base)  # another upload for the name may have finished meanwhile
+                job_dir = self.jobs_dir / job_id
+                self._write_job_file(writer.directory, job_id, spec, base, upload)
+                os.rename(writer.directory, job_dir)
+                self.store.create(job_id, spec.name, base.name, spec.to_dict(), upload.num_images,
+                                  upload.num_classes, _received_message(upload))
+                self._queue.append(job_id)
+                self._lock.notify_all()
+        except BaseException:
+            writer.discard()
+            raise
+        log.info("job %s queued: %s from %s, %d images, %d classes%s", job_id, spec.name, base.name,
+                 upload.num_images, upload.num_classes,
+                 f", skipped {len(upload.skipped)} undecodable" if upload.skipped else "")
+        return Submission(job_id, upload.num_images, upload.num_classes, upload.skipped)
+
+    def get(self, job_id: str) -> JobRecord:
+        return self.store.get(job_id)
+
+    def list(self) -> list[JobRecord]:
+        return self.store.list()
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a queued or running job; the running worker is stopped, nothing is published."""
+        job = self.store.get(job_id)
+        if job.state.terminal:
+            raise FailedPrecondition(f"job {job_id} has already finished ({job.state.name}); nothing to cancel")
+        with self._lock:
+            if job_id in self._queue:
+                self._queue.remove(job_id)
+                self.store.finish(job_id, JobState.CANCELLED, message="cancelled before it started")
+                self._cleanup(job_id)
+                return self.store.get(job_id)
+            proc = self._running.get(job_id)
+            self._cancelling.add(job_id)
+        if proc is not None:
+            _stop_process(proc)
+            # The scheduler thread records the outcome once it sees the worker exit.
+            deadline = time.monotonic() + CANCEL_GRACE_S + 5
+            while not self.store.get(job_id).state.terminal and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.store.finish(job_id, JobState.CANCELLED, message="cancelled")
+        return self.store.get(job_id)
+
+    def watch(self, job_id: str, is_active: Callable[[], bool], poll_s: float = 0.2) -> Iterator[JobEvent]:
+        """Every event of the job from the first, then new ones as they come, until the last."""
+        self.store.get(job_id)  # NotFound for an unknown job
+        sequence = 0
+        while is_active():
+            events = self.store.events_after(job_id, sequence)
+            for event in events:
+                yield event
+                sequence = event.sequence
+                if event.state.terminal:
+                    return
+            if not events:
+                time.sleep(poll_s)
+
+    # --- checks ----------------------------------------------------------------------------
+
+    def resolve_base(self, base_model: str) -> BaseModel:
+        """A registry model name, or a source (builtin:/keras:/hub:) already exported to the registry."""
+        name = base_model
+        if ":" in base_model:
+            name = self._name_for_source(base_model)
+        elif base_model not in self.registry.models() or not self.registry.versions(base_model):
+            raise NotFound(f"base model {base_model!r} does not exist; models in the registry: "
+                           f"{', '.join(self.registry.models()) or 'none'}")
+        version = self.registry.resolve(name)
+        manifest = self.registry.manifest(name, version)
+        if manifest.get("kind") == "fine-tune":
+            origin = manifest.get("base_model", {}).get("name", "its base")
+            raise InvalidInput(f"base model {name!r} is itself a fine-tune; fine-tune from {origin!r} instead "
+                               "(the new head is trained on the base's features)")
+        if "embedding" not in manifest.get("outputs", {}):
+            raise FailedPrecondition(f"base model {name!r} version {version} does not expose an embedding "
+                                     "output; export it again with `headswap export`")
+        return BaseModel(name, version, str(manifest.get("source", "")), manifest)
+
+    def _name_for_source(self, source: str) -> str:
+        kind = source.partition(":")[0].strip().lower()
+        if kind not in ("builtin", "keras", "hub"):
+            raise InvalidInput(f"base model {source!r}: a registry model name, or a source builtin:NAME, "
+                               "keras:APPLICATION or hub:HANDLE")
+        candidates = []
+        try:
+            candidates.append(model_name_for_source(source))
+        except InvalidInput:
+            pass
+        candidates += [m for m in self.registry.models() if m not in candidates]
+        wanted = source.strip().lower()
+        for name in candidates:
+            version = self.registry.active_version(name)
+            if version is None:
+                continue
+            manifest = self.registry.manifest(name, version)
+            if manifest.get("kind") != "fine-tune" and str(manifest.get("source", "")).lower() == wanted:
+                return name
+        raise NotFound(f"base model {source} is not in the registry; export it first "
+                       f"(`headswap export {source}`) or name a registry model: "
+                       f"{', '.join(self.registry.models()) or 'none'}")
+
+    def _check_name(self, spec: FineTuneSpec, base: BaseModel) -> None:
+        if spec.name == base.name:
+            raise AlreadyExists(f"the new model cannot be named after its base {base.name!r}; choose a new name")
+        versions = self.registry.versions(spec.name)
+        if versions:
+            manifest = self.registry.manifest(spec.name, versions[-1])
+            same_base = manifest.get("kind") == "fine-tune" and \
+                manifest.get("base_model", {}).get("source") == base.source
+            if not same_base:
+                what = f"a fine-tune of {manifest.get('base_model', {}).get('source')}" \
+                    if manifest.get("kind") == "fine-tune" else f"a {manifest.get('kind', 'zero-shot')} model"
+                raise AlreadyExists(f"model {spec.name!r} already exists and is {what}, not a fine-tune of "
+                                    f"{base.source}; choose another name")
+        running = self.store.active_names().get(spec.name)
+        if running:
+            raise AlreadyExists(f"job {running} is already training {spec.name!r}; wait for it or cancel it "
+                                f"(`headswap cancel {running}`)")
+
+    def _write_job_file(self, directory: Path, job_id: str, spec: FineTuneSpec, base: BaseModel,
+                        upload: Upload) -> None:
+        s = self.settings
+        base_source = base.source
+        weights = s.weights if s.weights and base_source.lower() == s.model.lower() else ""
+        job = {
+            "job_id": job_id,
+            "spec": spec.to_dict(),
+            "base": {"name": base.name, "version": base.version, "source": base.source, "weights": weights},
+            "labels": upload.labels,
+            "train_counts": upload.train_counts,
+            "val_counts": upload.val_counts,
+            "skipped": upload.skipped,
+            "explicit_validation": upload.explicit_validation,
+            "runtime": {"model_dir": s.model_dir, "cache_dir": str(self.registry.cache_dir),
+                        "db": str(self.store.path), "threads": s.cpu_threads,
+                        "max_image_pixels": s.max_image_pixels},
+        }
+        (directory / JOB_FILE).write_text(json.dumps(job, indent=2))
+
+    # --- running ---------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        """One job at a time, in arrival order. Runs in its own thread: it is the workers' parent
+        thread, so PR_SET_PDEATHSIG ties them to this process."""
+        while True:
+            with self._lock:
+                while not self._queue and not self._stopping:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                job_id = self._queue.popleft()
+            try:
+                self._run(job_id)
+            except Exception:
+                log.exception("job %s: the scheduler failed", job_id)
+                self.store.finish(job_id, JobState.FAILED, error="internal error running the job; see the server log")
+            self._cleanup(job_id)
+
+    def _run(self, job_id: str) -> None:
+        job_dir = self.jobs_dir / job_id
+        with open(job_dir / WORKER_LOG, "ab") as worker_log, self._lock:
+            if self._stopping:
+                return
+            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+                   "PYTHONUNBUFFERED": "1"}
+            proc = subprocess.Popen([sys.executable, "-m", "headswap.training.worker", str(job_dir),
+                                     "--parent-pid", str(os.getpid())],
+                                    stdout=worker_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=True)
+            self._running[job_id] = proc
+        if not self.store.start(job_id, proc.pid):  # cancelled between queue and start
+            _stop_process(proc)
+        log.info("job %s: worker pid %d started", job_id, proc.pid)
+        code = proc.wait()
+        with self._lock:
+            self._running.pop(job_id, None)
+            cancelled = job_id in self._cancelling
+            self._cancelling.discard(job_id)
+        job = self.store.get(job_id)
+        if cancelled:
+            note = f"; version {job.version} of {job.model} had already been stored (not activated)" \
+                if job.version else ""
+            self.store.finish(job_id, JobState.CANCELLED, message="cancelled" + note)
+        elif job.state.terminal:
+            return  # the server is stopping, or the job was finished meanwhile
+        elif code == 0 and job.version:
+            self._succeed(job)
+        else:
+            error = job.error or _tail(job_dir / WORKER_LOG) or f"the worker exited with code {code}"
+            self.store.finish(job_id, JobState.FAILED, error=error)
+        log.info("job %s: %s", job_id, self.store.get(job_id).state.name)
+
+    def _succeed(self, job: JobRecord) -> None:
+        """Activate when asked and good enough, then the final event (carrying model and version)."""
+        spec = FineTuneSpec.from_dict(job.config)
+        metrics = json.loads(job.metrics_json or "{}")
+        accuracy = float(metrics.get("val_accuracy", 0.0))
+        activated = False
+        message = f"stored {job.model} version {job.version} (validation accuracy {accuracy:.4f})"
+        if spec.activate and accuracy >= spec.min_val_accuracy:
+            try:
+                if self.manager is not None:
+                    self.manager.activate(job.model, job.version)  # loads and warms it, then swaps
+                else:
+                    self.registry.activate(job.model, job.version)
+                activated = True
+                message += "; now active"
+            except Exception as err:  # the version stays stored; say why it is not serving
+                log.exception("job %s: activation failed", job.job_id)
+                message += f"; not activated: {err}"
+        elif spec.activate:
+            message += f"; not activated: below min_val_accuracy {spec.min_val_accuracy:.4f}"
+        self.store.finish(job.job_id, JobState.SUCCEEDED, message=message, activated=activated)
+
+    def _cleanup(self, job_id: str) -> None:
+        """Drop the uploaded images once a job is over; job.json and the worker log stay."""
+        job_dir = self.jobs_dir / job_id
+        for name in ("images.bin", "index.npz", "features"):
+            path = job_dir / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after a grace period."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(CANCEL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])[-1000:]
+
+
+def _received_message(upload: Upload) -> str:
+    train = sum(upload.train_counts.values())
+    val = sum(upload.val_counts.values())
+    text = f"received {upload.num_images} images of {upload.num_classes} classes ({train} train, {val} validation)"
+    if upload.skipped:
+        text += f"; skipped {len(upload.skipped)} undecodable images: indices {upload.skipped[:20]}"
+    return text + "; queued"
