@@ -30,6 +30,8 @@ class Settings:
     port: int = _setting(50051, "gRPC port (headswap.v1, KServe V2, health, reflection). 0 picks a free port.")
     metrics_port: int = _setting(9090, "Prometheus /metrics HTTP port; -1 disables it, 0 picks a free port.")
     model_dir: str = _setting("models", "Model registry: a local directory, file://PATH, or s3://BUCKET/PREFIX.")
+    s3_endpoint_url: str = _setting("", "S3-compatible endpoint for s3:// model dirs (MinIO, ...); "
+                                     "credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.")
     model: str = _setting(DEFAULT_MODEL_SOURCE, "Default model source: builtin:NAME, keras:APP, or hub:HANDLE.")
     model_name: str = _setting("", "Registry name of the default model (default: derived from --model).")
     weights: str = _setting("", "Local weights file for a keras: default model (default: Keras' download).")

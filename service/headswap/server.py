@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from headswap import metrics
-from headswap.config import Settings
+from headswap.config import Settings, env_name
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
 from headswap.protocol import kserve_v2_pb2 as kserve_pb
@@ -47,6 +48,8 @@ class HeadswapServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings.validate()
         Path(settings.work_dir).mkdir(parents=True, exist_ok=True)
+        if settings.s3_endpoint_url:  # the object store and worker subprocesses read the environment
+            os.environ[env_name("s3_endpoint_url")] = settings.s3_endpoint_url
         self.registry = Registry(settings.model_dir, cache_dir=Path(settings.work_dir) / "cache")
         self.default_model = default_model_name(settings)
         self.health = health.HealthServicer(experimental_non_blocking=True)

@@ -30,9 +30,12 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
+from headswap.config import env_name
 from headswap.registry.store import MANIFEST
 
-ENDPOINT_ENV = "HEADSWAP_S3_ENDPOINT_URL"
+# Settings.s3_endpoint_url; read from the environment so that every process using the registry
+# (server, `headswap export`, training workers) sees the same endpoint.
+ENDPOINT_ENV = env_name("s3_endpoint_url")
 CLAIM = ".claim.json"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -163,10 +166,20 @@ class ObjectStore:
         claim = json.dumps({"token": token, "host": socket.gethostname(), "pid": os.getpid(),
                             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
         path = self._path(f"{key}/{CLAIM}")
-        try:
-            self.fs.pipe_file(path, claim, mode="create")
-        except FileExistsError:
-            raise FileExistsError(f"{self.url}/{key} is taken (published, or being written)") from None
+        for attempt in range(3):
+            try:
+                self.fs.pipe_file(path, claim, mode="create")
+                break
+            except FileExistsError:
+                raise FileExistsError(f"{self.url}/{key} is taken (published, or being written)") from None
+            except OSError:
+                # AWS answers 409 ConditionalRequestConflict while a racing conditional PUT is in
+                # flight: once the claim exists the read-back below tells whose it is.
+                if self.fs.exists(path):
+                    break
+                if attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
         try:
             owner = json.loads(self.fs.cat_file(path)).get("token")
         except (FileNotFoundError, ValueError):
