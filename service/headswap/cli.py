@@ -182,5 +182,10 @@ def _call(method: Callable, request: Any, timeout: float | None = None) -> Any:
         raise click.ClickException(f"{err.code().name}: {err.details()}") from None
 
 
+from headswap.cli_training import cancel, finetune, jobs  # noqa: E402  (they use the helpers above)
+
+for _command in (finetune, jobs, cancel):
+    main.add_command(_command)
+
 if __name__ == "__main__":
     main()

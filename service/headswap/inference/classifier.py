@@ -6,6 +6,7 @@ runs inference, so decoding overlaps inference instead of queuing in front of it
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -35,6 +36,9 @@ class Classifier:
         self.manager = manager
         self.settings = settings
         self.default_model = default_model
+        # Bounds concurrent decoding: past the core count, more decoders only steal CPU from
+        # inference and lengthen everyone's latency.
+        self._decoders = threading.BoundedSemaphore(settings.decode_threads)
 
     def classify(self, images: list[bytes], top_k: int, model: str = "", version: int = 0,
                  deadline: float | None = None) -> tuple[Answer, list[list[Prediction]]]:
@@ -50,9 +54,10 @@ class Classifier:
 
         def prepare(loaded: LoadedModel) -> np.ndarray:
             h, w, _ = loaded.runtime.input_shape
-            pixels = np.stack([load_pixels(data, h, w, self.settings.max_image_pixels, i)
-                               for i, data in enumerate(images)])
-            return loaded.runtime.preprocessing.normalize(pixels)
+            with self._decoders:
+                pixels = np.stack([load_pixels(data, h, w, self.settings.max_image_pixels, i)
+                                   for i, data in enumerate(images)])
+                return loaded.runtime.preprocessing.normalize(pixels)
 
         answer = self._run(model, version, prepare, deadline)
         runtime_k = min(top_k, answer.probabilities.shape[-1])

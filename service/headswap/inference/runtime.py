@@ -38,6 +38,9 @@ class ModelRuntime:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.enable_mem_pattern = True
+        # Spinning intra-op threads wait hot for the next op; in a server, decoding threads need
+        # those cores, and spinning halved throughput under concurrent load here.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own exception types for bad files

@@ -192,7 +192,8 @@ class DatasetWriter:
         """Stratified: each class gives round(n * split) images (at least one) to validation."""
         too_few = [f"{label!r} ({counts[label]})" for label in classes if counts[label] < 2]
         if too_few:
-            raise InvalidInput(f"classes with too few images for a validation split: {', '.join(too_few[:MAX_REPORTED])}; "
+            raise InvalidInput("classes with too few images for a validation split: "
+                               f"{', '.join(too_few[:MAX_REPORTED])}; "
                                "each class needs at least 2 (one to train on, one to validate with "
                                f"validation_split {spec.validation_split:g}), or send an explicit validation set")
         rng = np.random.default_rng(spec.seed)

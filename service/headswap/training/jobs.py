@@ -113,7 +113,7 @@ class JobManager:
             running = dict(self._running)
             self._lock.notify_all()
         for job_id in queued:
-            self.store.finish(job_id, JobState.FAILED, error=INTERRUPTED)
+            self.store.finish(job_id, JobState.FAILED, error="interrupted: the server stopped before the job started")
         for job_id, proc in running.items():
             self.store.finish(job_id, JobState.FAILED, error=INTERRUPTED)
             _stop_process(proc)
@@ -151,8 +151,12 @@ class JobManager:
                 job_dir = self.jobs_dir / job_id
                 self._write_job_file(writer.directory, job_id, spec, base, upload)
                 os.rename(writer.directory, job_dir)
-                self.store.create(job_id, spec.name, base.name, spec.to_dict(), upload.num_images,
-                                  upload.num_classes, _received_message(upload))
+                try:
+                    self.store.create(job_id, spec.name, base.name, spec.to_dict(), upload.num_images,
+                                      upload.num_classes, _received_message(upload))
+                except BaseException:
+                    shutil.rmtree(job_dir, ignore_errors=True)
+                    raise
                 self._queue.append(job_id)
                 self._lock.notify_all()
         except BaseException:

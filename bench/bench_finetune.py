@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Fine-tune benchmark: headswap's FineTune (through the real server) against the seeds' recipe.
+
+    .venv/bin/python bench/bench_finetune.py [--epochs 10] [--limit N] [--model-dir REGISTRY]
+
+Same data (scikit-learn's handwritten digits, rendered as 64x64 ink-on-paper PNGs, 20% held
+out stratified), same epochs, same head (Dense softmax on EfficientNet-Lite0's 1280-d embedding),
+same optimiser settings (Adam, headswap's default learning rate 5e-3, batch 32), same machine:
+
+1. headswap: `headswap serve` in a subprocess; FineTune streams the PNGs, WatchJob until done
+   (features once with ONNX Runtime, head trained on the cache, tf2onnx export, parity check,
+   publish, activation). Wall time = first byte sent -> `done` event.
+2. the seeds' recipe: a Keras model with the frozen base inside (`base.trainable = False`,
+   `base(x, training=False)`), `model.fit` for E epochs on the decoded images with a 20%
+   stratified validation split. Wall time = decode + build + fit (no export: it ends with a
+   Keras model, headswap ends with a served ONNX version).
+3. feature extraction alone: ONNX Runtime on the exported backbone vs Keras `predict`, img/s.
+
+Both models are then scored on the held-out images (headswap through Classify). Prints the
+wall-time ratio and both accuracies. Timings, not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from PIL import Image, ImageOps
+
+from headswap.inference.images import Preprocessing, load_pixels
+from headswap.protocol import headswap_v1_pb2 as pb
+from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
+from headswap.registry.registry import Registry
+
+BASE = "efficientnet-lite0"
+SOURCE = "builtin:efficientnet-lite0"
+LEARNING_RATE = 5e-3
+BATCH = 32
+
+
+def digit_png(image: np.ndarray) -> bytes:
+    ink = Image.fromarray((image / 16.0 * 255).astype(np.uint8)).resize((48, 48), Image.Resampling.BICUBIC)
+    page = ImageOps.invert(ImageOps.expand(ink, 8, 0)).convert("RGB")
+    buffer = io.BytesIO()
+    page.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def load_data(limit: int | None) -> tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    train, test = train_test_split(np.arange(len(data.target)), test_size=0.2, random_state=0, stratify=data.target)
+    if limit:
+        train = train[:limit]
+    pick = lambda idx: [(digit_png(data.images[i]), str(data.target[i])) for i in idx]  # noqa: E731
+    return pick(train), pick(test)
+
+
+def start_server(model_dir: Path, work: Path) -> tuple[subprocess.Popen, int]:
+    log = open(work / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "headswap.cli", "serve", "--port", "0", "--metrics-port", "-1",
+                             "--host", "127.0.0.1", "--model-dir", str(model_dir), "--work-dir", str(work)],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        match = re.search(r"gRPC listening on port (\d+)", (work / "server.log").read_text(errors="replace"))
+        if match:
+            port = int(match.group(1))
+            try:
+                stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                    return proc, port
+            except grpc.RpcError:
+                pass
+        if proc.poll() is not None:
+            raise SystemExit("server exited:\n" + (work / "server.log").read_text(errors="replace"))
+        time.sleep(0.2)
+    raise SystemExit("server did not become ready")
+
+
+def headswap_finetune(port: int, train: list, test: list, epochs: int) -> dict:
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 256 << 20)])
+    training = pb_grpc.TrainingStub(channel)
+    config = pb.FineTuneConfig(name="digits", epochs=epochs, learning_rate=LEARNING_RATE, batch_size=BATCH,
+                               activate=True, seed=0)
+
+    def requests():
+        yield pb.FineTuneRequest(config=config)
+        for start in range(0, len(train), 128):
+            yield pb.FineTuneRequest(batch=pb.ExampleBatch(examples=[
+                pb.Example(image=image, label=label) for image, label in train[start:start + 128]]))
+
+    started = time.monotonic()
+    job = training.FineTune(requests(), timeout=600)
+    events = list(training.WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=3600))
+    final = events[-1] if events else None
+    seconds = time.monotonic() - started
+    if final is None or final.state != pb.JOB_STATE_SUCCEEDED:
+        raise SystemExit(f"headswap job failed: {final and final.message}")
+    inference = pb_grpc.InferenceStub(channel)
+    correct = 0
+    for start in range(0, len(test), 64):
+        chunk = test[start:start + 64]
+        response = inference.Classify(pb.ClassifyRequest(images=[i for i, _ in chunk], model="digits", top_k=1))
+        correct += sum(r.predictions[0].label == label for r, (_, label) in zip(response.results, chunk))
+    metrics = json.loads(final.metrics_json)
+    return {"seconds": seconds, "accuracy": correct / len(test), "val_accuracy": metrics["val_accuracy"],
+            "timings": metrics.get("timings", {})}
+
+
+def decode_all(examples: list, pre: Preprocessing) -> np.ndarray:
+    return pre.normalize(np.stack([load_pixels(image, pre.height, pre.width, 10**8, i)
+                                   for i, (image, _) in enumerate(examples)]))
+
+
+def seeds_recipe(train: list, test: list, epochs: int, pre: Preprocessing) -> dict:
+    """Keras model with the frozen base inside, model.fit on the images every epoch."""
+    import keras
+    from sklearn.model_selection import train_test_split
+
+    from headswap.export import sources
+
+    labels = sorted({label for _, label in train})
+    index = {label: i for i, label in enumerate(labels)}
+    keras.utils.set_random_seed(0)
+    started = time.monotonic()
+    x = decode_all(train, pre)
+    y = np.asarray([index[label] for _, label in train])
+    x_train, x_val, y_train, y_val = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
+    built = sources.build(SOURCE)
+    base = keras.Model(built.backbone.input, built.backbone.output["embedding"])
+    base.trainable = False
+    inputs = keras.Input((pre.height, pre.width, 3))
+    outputs = keras.layers.Dense(len(labels), activation="softmax")(base(inputs, training=False))
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.Adam(LEARNING_RATE), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = model.fit(x_train, y_train, epochs=epochs, batch_size=BATCH, validation_data=(x_val, y_val),
+                        verbose=2)
+    seconds = time.monotonic() - started
+    x_test = decode_all(test, pre)
+    y_test = np.asarray([index[label] for _, label in test])
+    accuracy = float((model.predict(x_test, batch_size=64, verbose=0).argmax(1) == y_test).mean())
+    return {"seconds": seconds, "accuracy": accuracy, "val_accuracy": history.history["val_accuracy"][-1]}
+
+
+def extraction_speed(model_path: Path, examples: list, pre: Preprocessing, count: int = 256) -> dict:
+    """Embedding img/s of the frozen backbone: ONNX Runtime vs Keras predict, batch 32."""
+    import keras
+    import onnxruntime as ort
+
+    from headswap.export import sources
+
+    x = decode_all(examples[:count], pre)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 2
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    session.run(["embedding"], {"image": x[:BATCH]})
+    started = time.monotonic()
+    for start in range(0, len(x), BATCH):
+        session.run(["embedding"], {"image": x[start:start + BATCH]})
+    ort_rate = len(x) / (time.monotonic() - started)
+    built = sources.build(SOURCE)
+    base = keras.Model(built.backbone.input, built.backbone.output["embedding"])
+    base.predict(x[:BATCH], batch_size=BATCH, verbose=0)
+    started = time.monotonic()
+    base.predict(x, batch_size=BATCH, verbose=0)
+    keras_rate = len(x) / (time.monotonic() - started)
+    return {"onnxruntime": ort_rate, "keras": keras_rate}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N training images")
+    parser.add_argument("--model-dir", type=Path, help="registry holding efficientnet-lite0 (default: export one)")
+    parser.add_argument("--skip-seeds", action="store_true", help="only run headswap (the seeds' recipe is slow)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="headswap-bench-finetune-"))
+    model_dir = work / "registry"
+    if args.model_dir:
+        shutil.copytree(args.model_dir, model_dir)
+    else:
+        subprocess.run([sys.executable, "-m", "headswap.cli", "export", SOURCE, "--model-dir", str(model_dir)],
+                       check=True, capture_output=True)
+    registry = Registry(model_dir)
+    model_path, manifest = registry.verified_model_path(BASE, registry.resolve(BASE))
+    pre = Preprocessing.from_manifest(manifest)
+    train, test = load_data(args.limit or None)
+    print(f"digits: {len(train)} training images, {len(test)} held out; {args.epochs} epochs; "
+          f"{os.cpu_count()} CPUs\n", flush=True)
+
+    proc, port = start_server(model_dir, work)
+    try:
+        ours = headswap_finetune(port, train, test, args.epochs)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    print(f"headswap FineTune:  {ours['seconds']:7.1f} s  held-out accuracy {ours['accuracy']:.4f}  "
+          f"(validation {ours['val_accuracy']:.4f})")
+    print(f"  worker timings: {ours['timings']}\n", flush=True)
+    if args.skip_seeds:
+        return
+    speed = extraction_speed(model_path, train, pre)
+    print(f"feature extraction (frozen backbone, batch {BATCH}): onnxruntime {speed['onnxruntime']:.1f} img/s, "
+          f"keras predict {speed['keras']:.1f} img/s ({speed['onnxruntime'] / speed['keras']:.1f}x)\n", flush=True)
+    seeds = seeds_recipe(train, test, args.epochs, pre)
+    print(f"\nseeds' recipe:      {seeds['seconds']:7.1f} s  held-out accuracy {seeds['accuracy']:.4f}  "
+          f"(validation {seeds['val_accuracy']:.4f})")
+    print(f"\nheadswap is {seeds['seconds'] / ours['seconds']:.1f}x faster "
+          f"(target >= 5x), accuracy {ours['accuracy']:.4f} vs {seeds['accuracy']:.4f} "
+          f"({'equal or better' if ours['accuracy'] >= seeds['accuracy'] else 'lower'})")
+
+
+if __name__ == "__main__":
+    main()
