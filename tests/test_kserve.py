@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 
-import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc

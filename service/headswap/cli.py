@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-import grpc
 
+from headswap.cli_training import cancel, finetune, jobs
+from headswap.client import call as _call
+from headswap.client import channel as _channel
+from headswap.client import target_option
 from headswap.config import Settings, env_name, flag_name
 
-DEFAULT_TARGET = "localhost:50051"
-target_option = click.option("--target", default=DEFAULT_TARGET, envvar="HEADSWAP_TARGET", show_default=True,
-                             help="Server address HOST:PORT.")
 
 
 def _settings_options(command: Callable) -> Callable:
@@ -167,22 +167,6 @@ def _model_ref(text: str) -> tuple[str, int]:
         raise click.BadParameter(f"version must be a number, got {version!r}", param_hint="--model")
     return name, int(version or 0)
 
-
-def _channel(target: str) -> grpc.Channel:
-    limit = 256 * 1024 * 1024
-    return grpc.insecure_channel(target, options=[("grpc.max_send_message_length", limit),
-                                                  ("grpc.max_receive_message_length", limit)])
-
-
-def _call(method: Callable, request: Any, timeout: float | None = None) -> Any:
-    """Call and turn a gRPC error into a one-line message and a non-zero exit."""
-    try:
-        return method(request, timeout=timeout)
-    except grpc.RpcError as err:
-        raise click.ClickException(f"{err.code().name}: {err.details()}") from None
-
-
-from headswap.cli_training import cancel, finetune, jobs  # noqa: E402  (they use the helpers above)
 
 for _command in (finetune, jobs, cancel):
     main.add_command(_command)

@@ -3,9 +3,6 @@
 Standalone click commands; `headswap.cli` registers them into the main group. They only talk
 gRPC (no TensorFlow here): the images stream to the server, which trains in the background.
 
-`headswap.cli`'s helpers are imported inside the commands, not at the top: `headswap.cli`
-imports this module to register the commands, and under `python -m headswap.cli` a top-level
-import back would load a second, half-initialised copy of it.
 """
 
 from __future__ import annotations
@@ -15,27 +12,14 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import click
 import grpc
 
-DEFAULT_TARGET = "localhost:50051"
-# Same flag as headswap.cli.target_option (see the module docstring for why it is not imported).
-target_option = click.option("--target", default=DEFAULT_TARGET, envvar="HEADSWAP_TARGET", show_default=True,
-                             help="Server address HOST:PORT.")
-
-
-def _channel(target: str) -> grpc.Channel:
-    from headswap import cli
-
-    return cli._channel(target)
-
-
-def _call(method: Callable, request: Any, timeout: float | None = None) -> Any:
-    from headswap import cli
-
-    return cli._call(method, request, timeout=timeout)
+from headswap.client import call as _call
+from headswap.client import channel as _channel
+from headswap.client import target_option
 
 # keras.utils.image_dataset_from_directory's extensions, plus WebP (the server decodes it).
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".webp")
