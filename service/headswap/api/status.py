@@ -48,14 +48,47 @@ def _children(method: str, model: str, version: str, code: str) -> tuple[Any, An
             metrics.REQUEST_LATENCY.labels(method, model))
 
 
-def _record(method: str, model: str, version: str, code: str, seconds: float) -> None:
-    counter, histogram = _children(method, model, version, code)
-    counter.inc()
-    histogram.observe(seconds)
+class CallScope:
+    """One call: time it, count it, and turn a domain error into its gRPC status and message.
+
+    Used by the `rpc` decorator for unary methods and directly (`with CallScope(...)`) by
+    streaming handlers, so every method maps errors the same way.
+    """
+
+    def __init__(self, method: str, context: grpc.ServicerContext, model: str = "") -> None:
+        self.method, self.context, self.model, self.version = method, context, model, ""
+
+    def __enter__(self) -> "CallScope":
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, kind, err, traceback) -> bool:
+        if err is None:
+            self._record(grpc.StatusCode.OK)
+            return False
+        if isinstance(err, grpc.RpcError):  # the client went away mid-stream: nothing to answer
+            self._record(grpc.StatusCode.CANCELLED)
+            return False
+        if isinstance(err, errors.HeadswapError):
+            code, message = status_for(err), str(err)
+            log.info("%s failed: %s", self.method, err,
+                     extra={"request_id": request_id(self.context), "code": code.name})
+        else:
+            code, rid = grpc.StatusCode.INTERNAL, request_id(self.context)
+            log.error("%s crashed", self.method, exc_info=(kind, err, traceback), extra={"request_id": rid})
+            message = f"internal error ({type(err).__name__}); request id {rid}"
+        self._record(code)
+        self.context.abort(code, message)  # raises: ends the call with this status
+        return False
+
+    def _record(self, code: grpc.StatusCode) -> None:
+        counter, histogram = _children(self.method, self.model, self.version, code.name)
+        counter.inc()
+        histogram.observe(time.perf_counter() - self.started)
 
 
 def rpc(method: str, model_of: Callable[[Any], str] = lambda request: "") -> Callable:
-    """Wrap a unary servicer method: map errors to status codes, count and time the call.
+    """Wrap a unary servicer method in a CallScope; the response names the model and version.
 
     `model_of` names the model a request is for, for metrics when the call fails early.
     """
@@ -63,25 +96,12 @@ def rpc(method: str, model_of: Callable[[Any], str] = lambda request: "") -> Cal
     def decorate(handler: Callable) -> Callable:
         @functools.wraps(handler)
         def wrapper(self, request, context: grpc.ServicerContext):
-            started = time.perf_counter()
-            model, version = model_of(request), ""
-            code = grpc.StatusCode.OK
-            try:
+            with CallScope(method, context, model_of(request)) as scope:
                 response = handler(self, request, context)
-                model = str(getattr(response, "model", "") or getattr(response, "model_name", "") or model)
-                version = str(getattr(response, "version", "") or getattr(response, "model_version", ""))
+                scope.model = str(getattr(response, "model", "") or getattr(response, "model_name", "")
+                                  or scope.model)
+                scope.version = str(getattr(response, "version", "") or getattr(response, "model_version", ""))
                 return response
-            except errors.HeadswapError as err:
-                code = status_for(err)
-                log.info("%s failed: %s", method, err, extra={"request_id": request_id(context), "code": code.name})
-                context.abort(code, str(err))
-            except Exception as err:
-                code = grpc.StatusCode.INTERNAL
-                rid = request_id(context)
-                log.exception("%s crashed", method, extra={"request_id": rid})
-                context.abort(code, f"internal error ({type(err).__name__}); request id {rid}")
-            finally:
-                _record(method, model, version, code.name, time.perf_counter() - started)
 
         return wrapper
 

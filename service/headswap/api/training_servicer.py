@@ -1,20 +1,17 @@
 """headswap.v1 Training service: protobuf <-> domain (JobManager), and errors -> status codes.
 
-FineTune (client streaming) and WatchJob (server streaming) cannot use the unary `@rpc`
-wrapper, so `_guard` does the same mapping for them with `status_for`.
+FineTune (client streaming) and WatchJob (server streaming) use `CallScope` directly, the same
+error mapping the unary `@rpc` wrapper applies.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
 from typing import Any, Iterable, Iterator
 
-import grpc
 
-from headswap import errors, metrics
-from headswap.api.status import request_id, rpc, status_for
+from headswap import errors
+from headswap.api.status import CallScope, rpc
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
 from headswap.training.dataset import Example
@@ -22,29 +19,6 @@ from headswap.training.jobs import JobManager
 from headswap.training.store import JobEvent, JobRecord
 
 log = logging.getLogger("headswap.api")
-
-
-@contextlib.contextmanager
-def _guard(method: str, context: grpc.ServicerContext, model: str = "") -> Iterator[None]:
-    """Map domain errors to gRPC status codes for streaming handlers, and count the call."""
-    started = time.perf_counter()
-    rid = request_id(context)
-    code = grpc.StatusCode.OK
-    try:
-        yield
-    except errors.HeadswapError as err:
-        code = status_for(err)
-        log.info("%s failed: %s", method, err, extra={"request_id": rid, "code": code.name})
-        context.abort(code, str(err))
-    except grpc.RpcError:
-        raise  # the client went away mid-stream: nothing to answer
-    except Exception as err:
-        code = grpc.StatusCode.INTERNAL
-        log.exception("%s crashed", method, extra={"request_id": rid})
-        context.abort(code, f"internal error ({type(err).__name__}); request id {rid}")
-    finally:
-        metrics.REQUESTS.labels(method, model, "", code.name).inc()
-        metrics.REQUEST_LATENCY.labels(method, model).observe(time.perf_counter() - started)
 
 
 def config_values(config: pb.FineTuneConfig) -> dict[str, Any]:
@@ -96,7 +70,7 @@ class TrainingServicer(pb_grpc.TrainingServicer):
         self.jobs = jobs
 
     def FineTune(self, request_iterator: Iterator[pb.FineTuneRequest], context) -> pb.FineTuneResponse:
-        with _guard("FineTune", context):
+        with CallScope("FineTune", context):
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("item") != "config":
                 raise errors.InvalidInput("the first FineTune message must carry the config (base model, "
@@ -106,7 +80,7 @@ class TrainingServicer(pb_grpc.TrainingServicer):
                                        num_classes=submission.num_classes, skipped_indices=submission.skipped)
 
     def WatchJob(self, request: pb.WatchJobRequest, context) -> Iterator[pb.JobEvent]:
-        with _guard("WatchJob", context):
+        with CallScope("WatchJob", context):
             for event in self.jobs.watch(request.job_id, context.is_active):
                 yield event_message(event)
 

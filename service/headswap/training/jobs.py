@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from headswap.config import Settings
 from headswap.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
+from headswap.metrics import JOBS, JOBS_RUNNING
 from headswap.registry.registry import Registry, check_model_name, model_name_for_source
 from headswap.training.dataset import DatasetWriter, Example, Upload
 from headswap.training.spec import FineTuneSpec
@@ -303,11 +304,15 @@ class JobManager:
                 if self._stopping:
                     return
                 job_id = self._queue.popleft()
+            JOBS_RUNNING.inc()
             try:
                 self._run(job_id)
             except Exception:
                 log.exception("job %s: the scheduler failed", job_id)
                 self.store.finish(job_id, JobState.FAILED, error="internal error running the job; see the server log")
+            finally:
+                JOBS_RUNNING.dec()
+            JOBS.labels(self.store.get(job_id).state.name.lower()).inc()
             self._cleanup(job_id)
 
     def _run(self, job_id: str) -> None:
