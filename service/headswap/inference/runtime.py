@@ -68,5 +68,5 @@ class ModelRuntime:
     def warm_up(self) -> None:
         """Run one real batch so the first request does not pay for lazy initialisation."""
         h, w, c = self.input_shape
-        self.infer(np.zeros((2, h, w, c), dtype=np.float32))
+        self.infer(np.zeros((1, h, w, c), dtype=np.float32))
         self.ready.set()

@@ -66,6 +66,7 @@ class Registry:
         self.store: Store = open_store(str(url))
         self.url = self.store.url
         self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "headswap" / "registry")
+        self._verified: dict[tuple[str, int, int], str] = {}
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -128,11 +129,20 @@ class Registry:
             raise CorruptModel(f"{name} version {version}: {MODEL_FILE} is missing") from None
         if not path.exists():
             raise CorruptModel(f"{name} version {version}: {MODEL_FILE} is missing")
-        actual = sha256_file(path)
+        actual = self._sha256(path)
         if actual != expected:
             raise CorruptModel(f"{name} version {version}: sha256 of {MODEL_FILE} is {actual}, "
                                f"manifest says {expected}")
         return path, manifest
+
+    def _sha256(self, path: Path) -> str:
+        """sha256 of a file, remembered per (path, size, mtime): swapping back to a version
+        verified moments ago should not re-read 20 MB while the server is busy."""
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._verified:
+            self._verified[key] = sha256_file(path)
+        return self._verified[key]
 
     # --- writing ---------------------------------------------------------------------------
 
