@@ -179,6 +179,9 @@ class HeadswapServer:
 
 def run(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then drain and return (exit code 0)."""
+    from headswap.inference.memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before any thread starts: resident memory stays flat across swaps
     server = HeadswapServer(settings)
     server.start()
     stopping = threading.Event()

@@ -10,9 +10,6 @@ for changes made through this process's own API.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import gc
 import logging
 import threading
 import time
@@ -23,20 +20,13 @@ from headswap import metrics
 from headswap.config import Settings
 from headswap.errors import CorruptModel, NotFound, Unavailable
 from headswap.inference.batcher import Batcher
+from headswap.inference.memory import return_freed_memory
 from headswap.inference.runtime import ModelRuntime
 from headswap.registry.registry import Registry
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, int]
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
-
-
-def _return_freed_memory() -> None:
-    """Ask glibc to hand freed arenas back to the OS: without it RSS creeps up with every swap."""
-    gc.collect()
-    if hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
 
 
 @dataclass
@@ -202,7 +192,7 @@ class ModelManager:
     def _free(self, model: LoadedModel) -> None:
         model.batcher.close()
         model.runtime.session = None  # drop ORT's arena now, not when the last reference dies
-        _return_freed_memory()
+        return_freed_memory()
         log.info("unloaded %s version %s", *model.key)
 
     def _enforce_budget(self, keep: Key) -> None:
