@@ -161,9 +161,6 @@ class HeadswapServer:
         # A subprocess: TensorFlow's memory and threads go away with it.
         subprocess.run(command, check=True)
 
-    def wait(self) -> None:
-        self.server.wait_for_termination()
-
     def stop(self) -> None:
         """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period."""
         log.info("shutting down: draining for up to %.1fs", self.settings.grace_period_s)
