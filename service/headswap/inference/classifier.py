@@ -43,23 +43,10 @@ class Classifier:
     def classify(self, images: list[bytes], top_k: int, model: str = "", version: int = 0,
                  deadline: float | None = None) -> tuple[Answer, list[list[Prediction]]]:
         """Encoded images -> top-k predictions per image."""
-        if not images:
-            raise InvalidInput("no images in the request: send at least one encoded image")
-        if len(images) > self.settings.max_images_per_request:
-            raise ResourceExhausted(f"{len(images)} images in one request; the limit is "
-                                    f"{self.settings.max_images_per_request}")
         top_k = top_k or 5
         if not 1 <= top_k <= MAX_TOP_K:
             raise InvalidInput(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
-
-        def prepare(loaded: LoadedModel) -> np.ndarray:
-            h, w, _ = loaded.runtime.input_shape
-            with self._decoders:
-                pixels = np.stack([load_pixels(data, h, w, self.settings.max_image_pixels, i)
-                                   for i, data in enumerate(images)])
-                return loaded.runtime.preprocessing.normalize(pixels)
-
-        answer = self._run(model, version, prepare, deadline)
+        answer = self.infer_encoded(images, model, version, deadline)
         runtime_k = min(top_k, answer.probabilities.shape[-1])
         return answer, [self._top_k(answer, row, runtime_k) for row in answer.probabilities]
 
@@ -80,8 +67,21 @@ class Classifier:
 
     def infer_encoded(self, images: list[bytes], model: str = "", version: int = 0,
                       deadline: float | None = None) -> Answer:
-        answer, _ = self.classify(images, 1, model, version, deadline)
-        return answer
+        """Encoded images (JPEG, PNG, WebP, BMP) -> probabilities, decoded as the manifest says."""
+        if not images:
+            raise InvalidInput("no images in the request: send at least one encoded image")
+        if len(images) > self.settings.max_images_per_request:
+            raise ResourceExhausted(f"{len(images)} images in one request; the limit is "
+                                    f"{self.settings.max_images_per_request}")
+
+        def prepare(loaded: LoadedModel) -> np.ndarray:
+            h, w, _ = loaded.runtime.input_shape
+            with self._decoders:
+                pixels = np.stack([load_pixels(data, h, w, self.settings.max_image_pixels, i)
+                                   for i, data in enumerate(images)])
+                return loaded.runtime.preprocessing.normalize(pixels)
+
+        return self._run(model, version, prepare, deadline)
 
     def _run(self, model: str, version: int, prepare, deadline: float | None) -> Answer:
         name = model or self.default_model

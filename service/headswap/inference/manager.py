@@ -252,16 +252,8 @@ class ModelManager:
 
     # --- introspection ---------------------------------------------------------------------
 
-    def active_key(self, name: str) -> Key | None:
-        with self._lock:
-            return self._active.get(name)
-
     def is_ready(self, name: str, version: int = 0) -> bool:
         with self._lock:
             key = self._active.get(name) if not version else (name, version)
             model = self._loaded.get(key) if key else None
             return bool(model and model.runtime.ready.is_set() and not model.retired)
-
-    def loaded_keys(self) -> list[Key]:
-        with self._lock:
-            return sorted(self._loaded)

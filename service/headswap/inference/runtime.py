@@ -51,8 +51,6 @@ class ModelRuntime:
         if self.probabilities_output not in outputs:
             raise CorruptModel(f"{name} version {version}: the ONNX graph has no output "
                                f"{self.probabilities_output!r} (has {sorted(outputs)})")
-        classes = outputs[self.probabilities_output].shape[-1]
-        self.num_classes = classes if isinstance(classes, int) else len(self.labels)
         self.ready = threading.Event()
         self.images_counter = metrics.IMAGES.labels(name, str(version))
         self.size_bytes = path.stat().st_size
