@@ -66,7 +66,8 @@ class CallScope:
         if err is None:
             self._record(grpc.StatusCode.OK)
             return False
-        if isinstance(err, grpc.RpcError):  # the client went away mid-stream: nothing to answer
+        if isinstance(err, grpc.RpcError) or not isinstance(err, Exception):
+            # The client went away (a closed stream raises GeneratorExit): nothing to answer.
             self._record(grpc.StatusCode.CANCELLED)
             return False
         if isinstance(err, errors.HeadswapError):

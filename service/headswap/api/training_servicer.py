@@ -6,7 +6,6 @@ error mapping the unary `@rpc` wrapper applies.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Iterable, Iterator
 
 
@@ -17,9 +16,6 @@ from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
 from headswap.training.dataset import Example
 from headswap.training.jobs import JobManager
 from headswap.training.store import JobEvent, JobRecord
-
-log = logging.getLogger("headswap.api")
-
 
 def config_values(config: pb.FineTuneConfig) -> dict[str, Any]:
     """The config message as a plain dict (unset fields as 0 / empty: FineTuneSpec fills defaults)."""
