@@ -26,10 +26,6 @@ import argparse
 import io
 import json
 import os
-import re
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +34,7 @@ import grpc
 import numpy as np
 from PIL import Image, ImageOps
 
+from common import prepare_registry, start_server
 from headswap.inference.images import Preprocessing, load_pixels
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
@@ -67,30 +64,6 @@ def load_data(limit: int | None) -> tuple[list[tuple[bytes, str]], list[tuple[by
         train = train[:limit]
     pick = lambda idx: [(digit_png(data.images[i]), str(data.target[i])) for i in idx]  # noqa: E731
     return pick(train), pick(test)
-
-
-def start_server(model_dir: Path, work: Path) -> tuple[subprocess.Popen, int]:
-    log = open(work / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "headswap.cli", "serve", "--port", "0", "--metrics-port", "-1",
-                             "--host", "127.0.0.1", "--model-dir", str(model_dir), "--work-dir", str(work)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        match = re.search(r"gRPC listening on port (\d+)", (work / "server.log").read_text(errors="replace"))
-        if match:
-            port = int(match.group(1))
-            try:
-                stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                    return proc, port
-            except grpc.RpcError:
-                pass
-        if proc.poll() is not None:
-            raise SystemExit("server exited:\n" + (work / "server.log").read_text(errors="replace"))
-        time.sleep(0.2)
-    raise SystemExit("server did not become ready")
 
 
 def headswap_finetune(port: int, train: list, test: list, epochs: int) -> dict:
@@ -131,9 +104,8 @@ def decode_all(examples: list, pre: Preprocessing) -> np.ndarray:
 def seeds_recipe(train: list, test: list, epochs: int, pre: Preprocessing) -> dict:
     """Keras model with the frozen base inside, model.fit on the images every epoch."""
     import keras
-    from sklearn.model_selection import train_test_split
-
     from headswap.export import sources
+    from sklearn.model_selection import train_test_split
 
     labels = sorted({label for _, label in train})
     index = {label: i for i, label in enumerate(labels)}
@@ -162,7 +134,6 @@ def extraction_speed(model_path: Path, examples: list, pre: Preprocessing, count
     """Embedding img/s of the frozen backbone: ONNX Runtime vs Keras predict, batch 32."""
     import keras
     import onnxruntime as ort
-
     from headswap.export import sources
 
     x = decode_all(examples[:count], pre)
@@ -191,12 +162,7 @@ def main() -> None:
     parser.add_argument("--skip-seeds", action="store_true", help="only run headswap (the seeds' recipe is slow)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="headswap-bench-finetune-"))
-    model_dir = work / "registry"
-    if args.model_dir:
-        shutil.copytree(args.model_dir, model_dir)
-    else:
-        subprocess.run([sys.executable, "-m", "headswap.cli", "export", SOURCE, "--model-dir", str(model_dir)],
-                       check=True, capture_output=True)
+    model_dir = prepare_registry(work, args.model_dir)
     registry = Registry(model_dir)
     model_path, manifest = registry.verified_model_path(BASE, registry.resolve(BASE))
     pre = Preprocessing.from_manifest(manifest)

@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from common import prepare_registry, start_server
 from headswap.inference.images import Preprocessing, load_pixels
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
@@ -102,32 +100,6 @@ def load(call, clients: int, seconds: float) -> dict:
             "n": len(latencies)}
 
 
-def start_server(model_dir: Path, work: Path, threads: int) -> tuple[subprocess.Popen, int]:
-    log = open(work / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "headswap.cli", "serve", "--role", "inference", "--port", "0",
-                             "--metrics-port", "-1", "--host", "127.0.0.1", "--model-dir", str(model_dir),
-                             "--work-dir", str(work), "--threads", str(threads)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        text = (work / "server.log").read_text(errors="replace")
-        match = re.search(r"gRPC listening on port (\d+)", text)
-        if match:
-            port = int(match.group(1))
-            from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-            stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                    return proc, port
-            except grpc.RpcError:
-                pass
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited:\n{text}")
-        time.sleep(0.2)
-    raise SystemExit("server did not become ready")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -136,12 +108,7 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, help="registry holding efficientnet-lite0 (default: export one)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="headswap-bench-"))
-    model_dir = work / "registry"
-    if args.model_dir:
-        shutil.copytree(args.model_dir, model_dir)
-    else:
-        subprocess.run([sys.executable, "-m", "headswap.cli", "export", "builtin:efficientnet-lite0",
-                        "--model-dir", str(model_dir)], check=True, capture_output=True)
+    model_dir = prepare_registry(work, args.model_dir)
     registry = Registry(model_dir)
     path, manifest = registry.verified_model_path(MODEL, registry.resolve(MODEL))
     jpeg = sample_jpeg()
@@ -161,7 +128,7 @@ def main() -> None:
     registry.publish(MODEL, copy, {k: v for k, v in manifest.items() if k not in ("name", "version", "sha256")})
     registry.activate(MODEL, 1)
 
-    proc, port = start_server(model_dir, work, args.threads)
+    proc, port = start_server(model_dir, work, "--role", "inference", "--threads", str(args.threads))
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = pb_grpc.InferenceStub(channel)

@@ -36,7 +36,7 @@ import numpy as np
 from headswap.api.inference_servicer import deadline_of
 from headswap.api.status import rpc
 from headswap.errors import InvalidInput, NotFound, ResourceExhausted
-from headswap.inference.classifier import Answer, Classifier
+from headswap.inference.classifier import Answer, Classifier, top_k_indices
 from headswap.inference.manager import ModelManager
 from headswap.protocol import kserve_v2_pb2 as kserve_pb
 from headswap.protocol import kserve_v2_pb2_grpc as kserve_grpc
@@ -110,9 +110,7 @@ def classification_strings(probabilities: np.ndarray, k: int, labels: list[str])
     rows = []
     k = min(k, probabilities.shape[-1])
     for row in probabilities:
-        order = np.argpartition(-row, k - 1)[:k] if k < row.shape[0] else np.arange(row.shape[0])
-        order = order[np.argsort(-row[order], kind="stable")]
-        for i in order:
+        for i in top_k_indices(row, k):
             text = f"{float(row[i]):f}:{int(i)}"
             if i < len(labels):
                 text += f":{labels[i]}"

@@ -21,6 +21,13 @@ from headswap.inference.runtime import Prediction
 MAX_TOP_K = 1000
 
 
+def top_k_indices(row: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores, best first (ties keep index order)."""
+    k = min(k, row.shape[-1])
+    order = np.argpartition(-row, k - 1)[:k]
+    return order[np.argsort(-row[order], kind="stable")]
+
+
 @dataclass(frozen=True)
 class Answer:
     model: str
@@ -108,7 +115,6 @@ class Classifier:
 
     @staticmethod
     def _top_k(answer: Answer, row: np.ndarray, k: int) -> list[Prediction]:
-        order = np.argpartition(-row, k - 1)[:k]
-        order = order[np.argsort(-row[order], kind="stable")]
         labels = answer.labels
-        return [Prediction(labels[i] if i < len(labels) else str(i), int(i), float(row[i])) for i in order]
+        return [Prediction(labels[i] if i < len(labels) else str(i), int(i), float(row[i]))
+                for i in top_k_indices(row, k)]

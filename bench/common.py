@@ -1,0 +1,53 @@
+"""What the benchmarks share: a registry with the built-in model, and a real server subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+BUILTIN = "builtin:efficientnet-lite0"
+
+
+def prepare_registry(work: Path, existing: Path | None) -> Path:
+    """A private registry holding efficientnet-lite0: a copy of `existing`, or a fresh export."""
+    model_dir = work / "registry"
+    if existing:
+        shutil.copytree(existing, model_dir)
+    else:
+        subprocess.run([sys.executable, "-m", "headswap.cli", "export", BUILTIN, "--model-dir", str(model_dir)],
+                       check=True, capture_output=True)
+    return model_dir
+
+
+def start_server(model_dir: Path, work: Path, *args: str) -> tuple[subprocess.Popen, int]:
+    """`headswap serve` on a free port, logging to work/server.log; returns once it is SERVING."""
+    log_path = work / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "headswap.cli", "serve", "--port", "0", "--metrics-port", "-1",
+                                 "--host", "127.0.0.1", "--model-dir", str(model_dir), "--work-dir", str(work), *args],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace")
+        match = re.search(r"gRPC listening on port (\d+)", text)
+        if match:
+            port = int(match.group(1))
+            stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return proc, port
+            except grpc.RpcError:
+                pass
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited:\n{text}")
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not become ready")
