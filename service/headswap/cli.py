@@ -17,15 +17,20 @@ from headswap.cli_training import cancel, finetune, jobs
 from headswap.client import call as _call
 from headswap.client import channel as _channel
 from headswap.client import target_option
-from headswap.config import Settings, env_name, flag_name
+from headswap.config import Settings, env_name, field_type, flag_name
 
 
 
 def _settings_options(command: Callable) -> Callable:
     """One flag per Settings field; the environment fallback is applied by Settings.from_env."""
     for f in reversed(dataclasses.fields(Settings)):
-        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[str(f.type)]
+        kind = field_type(f)
         choices = f.metadata.get("choices")
+        if kind is bool:  # --reflection / --no-reflection
+            name = flag_name(f.name)
+            command = click.option(f"{name}/--no-{name[2:]}", f.name, default=None,
+                                   help=f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default!r}]")(command)
+            continue
         command = click.option(flag_name(f.name), f.name, default=None,
                                type=click.Choice(choices) if choices else kind,
                                help=f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default!r}]")(command)

@@ -54,6 +54,35 @@ class Settings:
     log_format: str = _setting("text", "Log format: text or json (one JSON object per line).", choices=("text", "json"))
     log_level: str = _setting("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
+    # --- bounds on what callers control (issue 8) ---
+    max_request_pixels: int = _setting(120_000_000, "Most decoded pixels (sum of width*height) in one request.")
+    max_inference_calls: int = _setting(48, "Most inference calls handled at once; more get RESOURCE_EXHAUSTED.")
+    max_uploads: int = _setting(4, "FineTune: most uploads streaming at once; more get RESOURCE_EXHAUSTED.")
+    upload_idle_timeout_s: float = _setting(30.0, "FineTune: an upload that sends nothing for this long is ended.")
+    max_upload_seconds: float = _setting(3600.0, "FineTune: longest one upload stream may stay open.")
+    max_watchers: int = _setting(32, "WatchJob: most streams open at once; more get RESOURCE_EXHAUSTED.")
+    max_queued_jobs: int = _setting(8, "FineTune: most jobs queued or running; more get RESOURCE_EXHAUSTED.")
+    max_work_dir_bytes: int = _setting(20 * 1024**3, "FineTune: most bytes of uploads kept in the work directory.")
+    keep_versions: int = _setting(5, "Retention: newest inactive versions kept per model (never the active "
+                                     "one or its rollback target); 0 keeps all.")
+    abandoned_after_s: float = _setting(3600.0, "Start-up clean-up: an unfinished staged version older than "
+                                        "this is abandoned and removed.")
+
+    # --- access control (issue 9) ---
+    tls_cert_file: str = _setting("", "TLS certificate chain (PEM) for the gRPC port; reloaded when it changes.")
+    tls_key_file: str = _setting("", "TLS private key (PEM) for --tls-cert-file.")
+    tls_client_ca_file: str = _setting("", "Mutual TLS: CA bundle (PEM) that client certificates must chain to.")
+    auth_tokens_file: str = _setting("", "JSON list of credentials {name, token_sha256 | client_identity, "
+                                     "scopes}; empty = no authentication (development only).")
+    reflection: bool = _setting(True, "Serve gRPC reflection (grpcurl list/describe).")
+    metrics_host: str = _setting("", "Address the metrics port binds to (default: --host).")
+    metrics_tls_cert_file: str = _setting("", "TLS certificate (PEM) for the metrics port.")
+    metrics_tls_key_file: str = _setting("", "TLS private key (PEM) for the metrics port.")
+
+    # --- fine-tune speed (issue 11) ---
+    embedding_cache_mb: int = _setting(1024, "FineTune: size of the content-addressed embedding cache in MiB "
+                                       "(0 disables it).")
+
     def validate(self) -> "Settings":
         """Refuse impossible values at start, with a message naming the setting."""
         problems: list[str] = []
@@ -66,15 +95,26 @@ class Settings:
         if not -1 <= self.metrics_port <= 65535:
             problems.append("--metrics-port must be between -1 and 65535")
         for name in ("max_message_bytes", "max_image_pixels", "max_images_per_request", "max_batch_size",
-                     "max_queue", "max_loaded_models", "max_train_images", "max_train_bytes", "max_label_length"):
+                     "max_queue", "max_loaded_models", "max_train_images", "max_train_bytes", "max_label_length",
+                     "max_request_pixels", "max_inference_calls", "max_uploads", "max_watchers",
+                     "max_queued_jobs", "max_work_dir_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag_name(name)} must be at least 1")
         for name in ("threads", "decode_workers", "memory_budget_mb"):
             if getattr(self, name) < 0:
                 problems.append(f"{flag_name(name)} must not be negative")
-        for name in ("batch_timeout_ms", "grace_period_s"):
+        for name in ("batch_timeout_ms", "grace_period_s", "keep_versions", "embedding_cache_mb"):
             if getattr(self, name) < 0:
                 problems.append(f"{flag_name(name)} must not be negative")
+        for name in ("upload_idle_timeout_s", "max_upload_seconds", "abandoned_after_s"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{flag_name(name)} must be positive")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            problems.append("--tls-cert-file and --tls-key-file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            problems.append("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
+        if bool(self.metrics_tls_cert_file) != bool(self.metrics_tls_key_file):
+            problems.append("--metrics-tls-cert-file and --metrics-tls-key-file go together")
         if self.poll_interval_s <= 0:
             problems.append("--poll-interval-s must be positive")
         if not self.model_dir:
@@ -115,8 +155,20 @@ def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
+TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def field_type(f: dataclasses.Field) -> type:
+    return f.type if isinstance(f.type, type) else TYPES[str(f.type)]
+
+
 def _parse(f: dataclasses.Field, raw: str) -> Any:
-    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[str(f.type)]
+    kind = field_type(f)
+    if kind is bool:
+        if raw.strip().lower() in TRUE + FALSE:
+            return raw.strip().lower() in TRUE
+        raise ValueError(f"{env_name(f.name)}={raw!r} is not a valid boolean (true/false)")
     try:
         return kind(raw)
     except ValueError as err:
