@@ -3,6 +3,8 @@
 #   docker build --target inference   -t headswap/inference .     # CPU serving: ONNX Runtime, no TensorFlow
 #   docker build --target trainer     -t headswap/trainer .       # TensorFlow/Keras on CPU (also `serve --role all`)
 #   docker build --target trainer-gpu -t headswap/trainer-gpu .   # TensorFlow with its CUDA pip packages
+#   docker build --target trainer-gpu --build-arg GPU_BACKEND=jax -t headswap/trainer-gpu-jax .
+#                                                                 # JAX with its CUDA wheels, KERAS_BACKEND=jax
 #
 # Stages: `builder` turns the source into a wheel (the build generates the protobuf code from
 # protos/); each `venv-*` stage installs that wheel with the extras its role needs into
@@ -49,14 +51,24 @@ RUN python -m venv --without-pip /opt/venv \
 
 FROM ${PYTHON_IMAGE} AS venv-trainer-gpu
 ARG TRAINER_EXTRAS=train,s3
-# TensorFlow's CUDA runtime, cuDNN, cuBLAS... come as nvidia-* pip packages: no CUDA base image
-# is needed, only the NVIDIA driver of the host (the device plugin / container toolkit mounts it).
+# The GPU side of the trainer, either backend (docs/training.md):
+# - GPU_BACKEND=tensorflow (default): TensorFlow's CUDA runtime, cuDNN, cuBLAS... as nvidia-* pip
+#   packages (`tensorflow[and-cuda]`);
+# - GPU_BACKEND=jax: JAX with its CUDA wheels (`jax[cuda12]`, the same nvidia-* packages); the
+#   trainer's head-only path then never imports TensorFlow (phase 2 still exports with tf2onnx,
+#   from the CPU TensorFlow of the `train` extra).
+# Either way no CUDA base image is needed, only the NVIDIA driver of the host (the device plugin /
+# container toolkit mounts it).
+ARG GPU_BACKEND=tensorflow
 ARG TENSORFLOW_VERSION=2.21.0
+ARG JAX_VERSION=0.10.2
 COPY --from=builder /wheels /wheels
 RUN python -m venv --without-pip /opt/venv \
  && set -- /wheels/headswap-*.whl \
+ && if [ "${GPU_BACKEND}" = "jax" ]; then gpu="jax[cuda12]==${JAX_VERSION}"; \
+    else gpu="tensorflow[and-cuda]==${TENSORFLOW_VERSION}"; fi \
  && python -m pip --python /opt/venv/bin/python install --no-cache-dir --disable-pip-version-check \
-      "$1[${TRAINER_EXTRAS}]" "tensorflow[and-cuda]==${TENSORFLOW_VERSION}"
+      "$1[${TRAINER_EXTRAS}]" "${gpu}"
 
 # --- runtime: what every final image shares ------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -90,9 +102,11 @@ CMD ["serve", "--role", "trainer"]
 
 FROM runtime AS trainer-gpu
 # Honoured by the NVIDIA container toolkit (`docker run --gpus all`); Kubernetes' device
-# plugin sets the devices itself.
+# plugin sets the devices itself. KERAS_BACKEND follows the backend installed above.
+ARG GPU_BACKEND=tensorflow
 ENV NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    KERAS_BACKEND=${GPU_BACKEND}
 COPY --from=venv-trainer-gpu /opt/venv /opt/venv
 CMD ["serve", "--role", "trainer"]
 

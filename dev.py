@@ -3,6 +3,7 @@
 
     python3 dev.py serve [serve flags...]   # .venv + install + protobuf code, then `headswap serve`
     python3 dev.py test  [pytest args...]   # same set-up, then the test suite
+    python3 dev.py perf_analyzer [args...]  # Triton's perf_analyzer (from the tritonclient wheel)
 
 The install is repeated only when pyproject.toml, setup.py or protos/ change.
 """
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
 
@@ -20,7 +23,10 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PYTHON = VENV / "bin" / "python"
 STAMP = VENV / ".headswap-install"
-EXTRAS = {"serve": "train", "test": "train,s3,test"}
+EXTRAS = {"serve": "train", "test": "train,s3,test", "perf_analyzer": "train,s3,test"}
+# perf_analyzer's shared libraries that pip does not provide: unpacked from Debian's package
+PERF_LIBS = VENV / "lib" / "perf_analyzer"
+LIBB64 = "libb64.so.0d"
 
 
 def inputs_digest(extras: str) -> str:
@@ -44,6 +50,38 @@ def setup(extras: str) -> None:
     STAMP.write_text(wanted)
 
 
+def ensure_perf_analyzer_libs() -> None:
+    """perf_analyzer links libb64.so.0d (Debian's libb64-0d): unpack it into the venv when the
+    system lacks it, with `apt-get download` + `dpkg -x`, which need no root."""
+    if (PERF_LIBS / LIBB64).exists() or LIBB64 in subprocess.run(
+            ["ldconfig", "-p"], capture_output=True, text=True).stdout:
+        return
+    if not (shutil.which("apt-get") and shutil.which("dpkg")):
+        print(f"perf_analyzer needs {LIBB64} (package libb64-0d); install it with the system's "
+              "package manager", file=sys.stderr)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        download = subprocess.run(["apt-get", "download", "libb64-0d"], cwd=tmp, capture_output=True, text=True)
+        if download.returncode != 0:
+            print(f"could not download libb64-0d for perf_analyzer (run apt-get update?):\n{download.stderr}",
+                  file=sys.stderr)
+            return
+        (deb,) = Path(tmp).glob("libb64-0d_*.deb")
+        subprocess.run(["dpkg", "-x", str(deb), str(Path(tmp) / "root")], check=True)
+        (library,) = (Path(tmp) / "root").rglob(LIBB64)
+        PERF_LIBS.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(library, PERF_LIBS / LIBB64)
+    print(f"unpacked {LIBB64} into {PERF_LIBS} for perf_analyzer", flush=True)
+
+
+def perf_analyzer_env(python: Path = PYTHON) -> dict[str, str]:
+    """The environment perf_analyzer runs in: libb64 and the pip wheel's libcudart on the library path."""
+    cudart = subprocess.run([str(python), "-c", "import nvidia.cuda_runtime as m; print(m.__path__[0])"],
+                            capture_output=True, text=True).stdout.strip()
+    paths = [str(PERF_LIBS), *([f"{cudart}/lib"] if cudart else []), os.environ.get("LD_LIBRARY_PATH", "")]
+    return {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(p for p in paths if p)}
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in EXTRAS:
         print(__doc__)
@@ -51,12 +89,17 @@ def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     extras = os.environ.get("HEADSWAP_EXTRAS", EXTRAS[command])
     setup(extras)
+    env = dict(os.environ)
+    if command != "serve":
+        ensure_perf_analyzer_libs()
     if command == "serve":
         args = [str(PYTHON), "-m", "headswap.cli", "serve", *rest]
+    elif command == "perf_analyzer":
+        args, env = [str(VENV / "bin" / "perf_analyzer"), *rest], perf_analyzer_env()
     else:
         args = [str(PYTHON), "-m", "pytest", *rest]
     os.chdir(ROOT)
-    os.execv(args[0], args)
+    os.execve(args[0], args, env)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,17 @@
 #!/usr/bin/env python3
 """Fine-tune benchmark: headswap's FineTune (through the real server) against the seeds' recipe.
 
-    .venv/bin/python bench/bench_finetune.py [--epochs 10] [--limit N] [--model-dir REGISTRY]
+    .venv/bin/python bench/bench_finetune.py [--backend jax|tensorflow] [--epochs 10] [--limit N]
+                                             [--fast-images 150] [--model-dir REGISTRY] [--skip-seeds]
+
+Part 0, the interactive loop (issue 11 targets), on `--fast-images` digits with a warm server:
+  a. raw ONNX Runtime embedding of those images in this process (decode + preprocess + ORT);
+  b. job 1, head only: from the upload's last byte to the new version answering Classify;
+     target <= 1.5 x (a) + 1.5 s;
+  c. job 2, the same images with other hyper-parameters: target <= 0.3 x job 1 (embeddings
+     come from the cache, the head's programs from the compilation cache).
+  The worker runs on `--backend` (KERAS_BACKEND): on a GPU node with JAX's CUDA wheels the
+  trainer uses whatever accelerator the backend sees; the timings say which extractor ran.
 
 Same data (scikit-learn's handwritten digits, rendered as 64x64 ink-on-paper PNGs, 20% held
 out stratified), same epochs, same head (Dense softmax on EfficientNet-Lite0's 1280-d embedding),
@@ -96,6 +106,79 @@ def headswap_finetune(port: int, train: list, test: list, epochs: int) -> dict:
             "timings": metrics.get("timings", {})}
 
 
+def raw_ort_embedding(model_path: Path, examples: list, pre: Preprocessing) -> float:
+    """Seconds to decode, preprocess and embed `examples` with ONNX Runtime, batch 32 (warm session)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 2
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    session.run(["embedding"], {"image": decode_all(examples[:2], pre)})
+    started = time.monotonic()
+    for start in range(0, len(examples), BATCH):
+        session.run(["embedding"], {"image": decode_all(examples[start:start + BATCH], pre)})
+    return time.monotonic() - started
+
+
+def timed_job(channel: grpc.Channel, name: str, examples: list, probe: bytes, version: int, **config) -> dict:
+    """One FineTune: seconds from the upload's last byte to `version` of `name` answering Classify."""
+    training = pb_grpc.TrainingStub(channel)
+    inference = pb_grpc.InferenceStub(channel)
+    marks: dict[str, float] = {}
+
+    def requests():
+        yield pb.FineTuneRequest(config=pb.FineTuneConfig(name=name, activate=True, seed=0, **config))
+        for start in range(0, len(examples), 128):
+            yield pb.FineTuneRequest(batch=pb.ExampleBatch(examples=[
+                pb.Example(image=image, label=label) for image, label in examples[start:start + 128]]))
+        marks["last_byte"] = time.monotonic()  # gRPC asks for the next message once the last one is sent
+
+    job = training.FineTune(requests(), timeout=600)
+    events = list(training.WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=3600))
+    if not events or events[-1].state != pb.JOB_STATE_SUCCEEDED:
+        raise SystemExit(f"job {name} failed: {events[-1].message if events else 'no events'}")
+    while inference.Classify(pb.ClassifyRequest(images=[probe], model=name, top_k=1), timeout=60).version != version:
+        time.sleep(0.01)
+    seconds = time.monotonic() - marks["last_byte"]
+    metrics = json.loads(events[-1].metrics_json)
+    return {"seconds": seconds, "metrics": metrics}
+
+
+def interactive_loop(port: int, model_path: Path, pre: Preprocessing, images: int, epochs: int) -> None:
+    """Part 0: the issue-11 targets, printed as ratios measured in this run."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    rng = np.random.default_rng(11)
+    by_class = [rng.permutation(np.flatnonzero(data.target == digit)) for digit in range(10)]
+    per_class = max(2, images // 10)
+    pick = lambda idx: [(digit_png(data.images[i]), str(data.target[i])) for i in idx]  # noqa: E731
+    warm = pick([i for members in by_class for i in members[:4]])  # other images than the jobs'
+    chosen = pick([i for members in by_class for i in members[4:4 + per_class]])
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 256 << 20)])
+    cold = timed_job(channel, "warm-up", warm, warm[0][0], 1, epochs=2)
+    print(f"warm-up job ({len(warm)} images; includes the worker's start if it was not warm yet): "
+          f"{cold['seconds']:.2f} s", flush=True)
+    raw = raw_ort_embedding(model_path, chosen, pre)
+    first = timed_job(channel, "loop", chosen, chosen[0][0], 1, epochs=epochs, learning_rate=LEARNING_RATE)
+    second = timed_job(channel, "loop", chosen, chosen[0][0], 2, epochs=epochs + 5, learning_rate=LEARNING_RATE / 2,
+                       batch_size=BATCH)
+    budget = 1.5 * raw + 1.5
+    m1, m2 = first["metrics"], second["metrics"]
+    print(f"raw ONNX Runtime embedding of {len(chosen)} images: {raw:.2f} s ({len(chosen) / raw:.0f} img/s)")
+    print(f"job 1 (head only, {m1['keras_backend']}, {m1['export_method']}, extractor "
+          f"{m1.get('timings', {}).get('extract_images_per_second', 0):.0f} img/s): {first['seconds']:.2f} s "
+          f"last byte -> answering; target <= 1.5 x raw + 1.5 s = {budget:.2f} s: "
+          f"{'MET' if first['seconds'] <= budget else 'MISSED'} ({first['seconds'] / raw:.2f}x raw)")
+    print(f"  timings {m1['timings']}, cache hits {m1['embedding_cache_hits']}, "
+          f"TensorFlow imported: {m1['tensorflow_imported']}")
+    ratio = second["seconds"] / first["seconds"]
+    print(f"job 2 (same images, other hyper-parameters): {second['seconds']:.2f} s = {ratio:.2f}x job 1; target "
+          f"<= 0.3x: {'MET' if ratio <= 0.3 else 'MISSED'}; cache hits {m2['embedding_cache_hits']}/{len(chosen)}")
+    print(f"  timings {m2['timings']}; validation accuracy {m1['val_accuracy']:.3f} / {m2['val_accuracy']:.3f}\n",
+          flush=True)
+
+
 def decode_all(examples: list, pre: Preprocessing) -> np.ndarray:
     return pre.normalize(np.stack([load_pixels(image, pre.height, pre.width, 10**8, i)
                                    for i, (image, _) in enumerate(examples)]))
@@ -114,7 +197,7 @@ def seeds_recipe(train: list, test: list, epochs: int, pre: Preprocessing) -> di
     x = decode_all(train, pre)
     y = np.asarray([index[label] for _, label in train])
     x_train, x_val, y_train, y_val = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
-    built = sources.build(SOURCE)
+    built = sources.build(SOURCE, for_export=False)
     base = keras.Model(built.backbone.input, built.backbone.output["embedding"])
     base.trainable = False
     inputs = keras.Input((pre.height, pre.width, 3))
@@ -145,7 +228,7 @@ def extraction_speed(model_path: Path, examples: list, pre: Preprocessing, count
     for start in range(0, len(x), BATCH):
         session.run(["embedding"], {"image": x[start:start + BATCH]})
     ort_rate = len(x) / (time.monotonic() - started)
-    built = sources.build(SOURCE)
+    built = sources.build(SOURCE, for_export=False)
     base = keras.Model(built.backbone.input, built.backbone.output["embedding"])
     base.predict(x[:BATCH], batch_size=BATCH, verbose=0)
     started = time.monotonic()
@@ -160,7 +243,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="use only the first N training images")
     parser.add_argument("--model-dir", type=Path, help="registry holding efficientnet-lite0 (default: export one)")
     parser.add_argument("--skip-seeds", action="store_true", help="only run headswap (the seeds' recipe is slow)")
+    parser.add_argument("--backend", choices=("jax", "tensorflow"), default="jax",
+                        help="KERAS_BACKEND of the training worker (default jax)")
+    parser.add_argument("--fast-images", type=int, default=150, help="images in the interactive-loop jobs (part 0)")
+    parser.add_argument("--skip-digits", action="store_true", help="only part 0 (no full digits run, no seeds)")
     args = parser.parse_args()
+    os.environ["KERAS_BACKEND"] = args.backend  # the server's workers inherit it
     work = Path(tempfile.mkdtemp(prefix="headswap-bench-finetune-"))
     model_dir = prepare_registry(work, args.model_dir)
     registry = Registry(model_dir)
@@ -168,10 +256,13 @@ def main() -> None:
     pre = Preprocessing.from_manifest(manifest)
     train, test = load_data(args.limit or None)
     print(f"digits: {len(train)} training images, {len(test)} held out; {args.epochs} epochs; "
-          f"{os.cpu_count()} CPUs\n", flush=True)
+          f"{os.cpu_count()} CPUs; worker backend {args.backend}\n", flush=True)
 
     proc, port = start_server(model_dir, work)
     try:
+        interactive_loop(port, model_path, pre, args.fast_images, args.epochs)
+        if args.skip_digits:
+            return
         ours = headswap_finetune(port, train, test, args.epochs)
     finally:
         proc.terminate()

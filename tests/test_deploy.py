@@ -41,6 +41,8 @@ DEPLOY_DOC = REPO / "docs" / "deploy.md"
 K8S_VERSIONS = ("1.34.0", "1.37.0")
 TARGETS = ("inference", "trainer", "trainer-gpu")
 GRPC_PORT, METRICS_PORT = 50051, 9090
+# Custom resources the overlays use (cert-manager), with the schema they are checked against.
+CRD_SCHEMAS = {("cert-manager.io/v1", "Certificate"): REPO / "tests" / "schemas" / "cert-manager-certificate-v1.json"}
 # Packages that must never reach an inference image.
 TRAINING_ONLY = re.compile(r"^(tensorflow.*|tf-.*|tf2onnx|keras|tf-keras|torch.*|jax.*)$")
 
@@ -390,6 +392,15 @@ def test_rendered_objects_match_the_kubernetes_schemas(rendered, overlay, versio
     objects = rendered[overlay]
     assert objects
     for obj in objects:
+        crd_schema = CRD_SCHEMAS.get((obj["apiVersion"], obj["kind"]))
+        if crd_schema is not None:  # kubernetes-validate knows no CRDs: their schema is in tests/schemas
+            import jsonschema
+
+            error = jsonschema.exceptions.best_match(
+                jsonschema.Draft7Validator(json.loads(crd_schema.read_text())).iter_errors(obj))
+            if error is not None:
+                pytest.fail(f"{overlay}: {obj['kind']}/{obj['metadata']['name']}: {error.message}")
+            continue
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as err:
@@ -464,9 +475,14 @@ def test_probes_and_ports_agree_with_the_server(rendered, overlay):
             assert ports["metrics"] == int(env.get("HEADSWAP_METRICS_PORT", Settings().metrics_port))
             assert annotations.get("prometheus.io/scrape") == "true"
             assert int(annotations["prometheus.io/port"]) == ports["metrics"]
+            # With TLS on the gRPC port (prod), probes use the plaintext health-only port instead.
+            probe_port = ports["grpc"]
+            if "health" in ports:
+                assert ports["health"] == int(env["HEADSWAP_HEALTH_PORT"]) and env.get("HEADSWAP_TLS_CERT_FILE")
+                probe_port = ports["health"]
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                # Kubernetes' native gRPC probe against grpc.health.v1 on the gRPC port.
-                assert container[probe]["grpc"]["port"] == ports["grpc"], f"{probe} port"
+                # Kubernetes' native gRPC probe against grpc.health.v1.
+                assert container[probe]["grpc"]["port"] == probe_port, f"{probe} port"
         for service in of_kind(objects, "Service"):
             if selects(service["spec"]["selector"], labels):
                 for port in service["spec"]["ports"]:
@@ -614,3 +630,32 @@ def test_every_headswap_command_used_exists(rendered):
             error = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
             failures.append(f"headswap {' '.join(argv)}: {error}")
     assert not failures, "\n".join(failures)
+
+
+def test_prod_turns_on_tls_and_tokens_from_mounted_secrets(rendered):
+    """Issue 9: every prod pod serves TLS from the cert-manager Secret and checks tokens from a Secret;
+    the certificate names every Service clients dial; the tokens file holds hashes only."""
+    objects = rendered["prod"]
+    [certificate] = of_kind(objects, "Certificate")
+    for deployment, _ in pods(objects):
+        spec = deployment["spec"]["template"]["spec"]
+        secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+        for container in containers(deployment):
+            env = environment(objects, container)
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            for key in ("HEADSWAP_TLS_CERT_FILE", "HEADSWAP_TLS_KEY_FILE", "HEADSWAP_AUTH_TOKENS_FILE"):
+                directory = str(Path(env[key]).parent)
+                mount = mounts[directory]
+                assert mount["readOnly"] is True and "subPath" not in mount, f"{key}: a whole, read-only Secret mount"
+                secret = secrets[mount["name"]]
+                if key.startswith("HEADSWAP_TLS"):
+                    assert secret == certificate["spec"]["secretName"]
+                else:
+                    tokens = named(objects, "Secret", secret)
+                    entries = json.loads(__import__("base64").b64decode(tokens["data"][Path(env[key]).name]))
+                    assert all("token_sha256" in e or "client_identity" in e for e in entries)
+    names = set(certificate["spec"]["dnsNames"])
+    for service in of_kind(objects, "Service"):
+        name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+        assert {name, f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local"} <= names, name
+        assert all("appProtocol" not in p or p["appProtocol"] != "kubernetes.io/h2c" for p in service["spec"]["ports"])

@@ -269,7 +269,8 @@ def test_cancel_running_job_skips_invalid_images_and_refuses_duplicates(trained,
 
     wait_for(lambda: stub.GetJob(pb.GetJobRequest(job_id=response.job_id)).phase in
              ("extracting_features", "training_head"), timeout=180)
-    workers = [pid for pid, cmd in worker_pids().items() if response.job_id in cmd]
+    # The job runs in the server's warm worker (its command line names the server, not the job).
+    workers = [pid for pid, cmd in worker_pids().items() if f"--parent-pid {trained.server.proc.pid}" in cmd]
     assert workers
     job = stub.CancelJob(pb.CancelJobRequest(job_id=response.job_id), timeout=60)
     assert job.state == pb.JOB_STATE_CANCELLED
@@ -298,7 +299,7 @@ def test_crash_marks_running_job_failed_and_restart_keeps_history(trained, digit
     response = stub.FineTune(stream(config, digits.train[:200]), timeout=120)
     wait_for(lambda: stub.GetJob(pb.GetJobRequest(job_id=response.job_id)).phase in
              ("extracting_features", "training_head"), timeout=180)
-    workers = [pid for pid, cmd in worker_pids().items() if response.job_id in cmd]
+    workers = [pid for pid, cmd in worker_pids().items() if f"--parent-pid {server.proc.pid}" in cmd]
     assert workers
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait(30)
@@ -336,7 +337,7 @@ def strict_server(exported_registry, tmp_path_factory) -> Iterator[ServerProcess
                          ("hub-model", "hub:https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/classification/5")):
         copy = work / f"{name}.onnx"
         copy.write_bytes(path.read_bytes())
-        registry.publish(name, copy, dict(base, source=source))
+        registry.publish(name, copy, dict(base, source=source), activate=True)
     server = start_server(registry_dir, work / "server", "--max-train-images", "30", "--max-train-bytes",
                           "60000", "--max-label-length", "8")
     yield server

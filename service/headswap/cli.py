@@ -16,7 +16,7 @@ import click
 from headswap.cli_training import cancel, finetune, jobs
 from headswap.client import call as _call
 from headswap.client import channel as _channel
-from headswap.client import target_option
+from headswap.client import Connection, target_option
 from headswap.config import Settings, env_name, field_type, flag_name
 
 
@@ -86,7 +86,7 @@ def export(source: str, weights: str | None, name: str | None, model_dir: str | 
 @click.option("--top-k", default=5, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line per image.")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def classify(target: str, model: str, top_k: int, as_json: bool, images: tuple[Path, ...]) -> None:
+def classify(target: Connection, model: str, top_k: int, as_json: bool, images: tuple[Path, ...]) -> None:
     """Classify IMAGE files."""
     from headswap.protocol import headswap_v1_pb2 as pb
     from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
@@ -110,7 +110,7 @@ def classify(target: str, model: str, top_k: int, as_json: bool, images: tuple[P
 @target_option
 @click.option("--service", default="", help="Service or model name to check ('' = the whole server).")
 @click.option("--timeout", default=3.0, show_default=True, help="Seconds to wait for an answer.")
-def health(target: str, service: str, timeout: float) -> None:
+def health(target: Connection, service: str, timeout: float) -> None:
     """Exit 0 when the server (or one model) reports SERVING: for container health checks."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -124,7 +124,7 @@ def health(target: str, service: str, timeout: float) -> None:
 
 @main.command()
 @target_option
-def models(target: str) -> None:
+def models(target: Connection) -> None:
     """List the models in the server's registry."""
     from headswap.protocol import headswap_v1_pb2 as pb
     from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
@@ -141,7 +141,7 @@ def models(target: str) -> None:
 @target_option
 @click.argument("name")
 @click.argument("version", type=int)
-def activate(target: str, name: str, version: int) -> None:
+def activate(target: Connection, name: str, version: int) -> None:
     """Make VERSION of model NAME the one that answers."""
     from headswap.protocol import headswap_v1_pb2 as pb
     from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
@@ -154,7 +154,7 @@ def activate(target: str, name: str, version: int) -> None:
 @main.command()
 @target_option
 @click.argument("name")
-def rollback(target: str, name: str) -> None:
+def rollback(target: Connection, name: str) -> None:
     """Re-activate the version of NAME that was active before the current one."""
     from headswap.protocol import headswap_v1_pb2 as pb
     from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
@@ -162,6 +162,25 @@ def rollback(target: str, name: str) -> None:
     with _channel(target) as channel:
         info = _call(pb_grpc.ModelsStub(channel).RollbackModel, pb.RollbackModelRequest(name=name))
     click.echo(f"{info.name}: version {info.active_version} is active")
+
+
+@main.command("new-token")
+@click.argument("name")
+@click.option("--scope", "scopes", multiple=True, required=True, type=click.Choice(("classify", "train", "admin")),
+              help="What the token may do (repeatable).")
+def new_token(name: str, scopes: tuple[str, ...]) -> None:
+    """Make a random bearer token for NAME: the token for the caller, its entry for --auth-tokens-file.
+
+    Only the entry (a sha256 of the token) goes into the server's credentials file.
+    """
+    import secrets
+
+    from headswap.security.credentials import token_sha256
+
+    token = secrets.token_urlsafe(32)
+    click.echo(f"token (give it to {name}, keep it secret): {token}")
+    click.echo("entry for the credentials file: " + json.dumps(
+        {"name": name, "token_sha256": token_sha256(token), "scopes": sorted(set(scopes))}))
 
 
 # --- helpers --------------------------------------------------------------------------------

@@ -78,6 +78,15 @@ class Settings:
     metrics_host: str = _setting("", "Address the metrics port binds to (default: --host).")
     metrics_tls_cert_file: str = _setting("", "TLS certificate (PEM) for the metrics port.")
     metrics_tls_key_file: str = _setting("", "TLS private key (PEM) for the metrics port.")
+    health_port: int = _setting(-1, "Plaintext port serving only grpc.health.v1 (for probes that cannot do "
+                                "TLS, like the kubelet's gRPC probe); -1 disables it, 0 picks a free port.")
+
+    # --- serving speed (issue 10) ---
+    intra_op_spinning: str = _setting(
+        "adaptive", "ONNX Runtime intra-op threads between ops: adaptive (a request running alone uses "
+        "spinning threads when that measures faster here; concurrent load never does; two sessions per model), "
+        "on, or off.",
+        choices=("adaptive", "on", "off"))
 
     # --- fine-tune speed (issue 11) ---
     embedding_cache_mb: int = _setting(1024, "FineTune: size of the content-addressed embedding cache in MiB "
@@ -94,6 +103,8 @@ class Settings:
             problems.append("--port must be between 0 and 65535")
         if not -1 <= self.metrics_port <= 65535:
             problems.append("--metrics-port must be between -1 and 65535")
+        if not -1 <= self.health_port <= 65535:
+            problems.append("--health-port must be between -1 and 65535")
         for name in ("max_message_bytes", "max_image_pixels", "max_images_per_request", "max_batch_size",
                      "max_queue", "max_loaded_models", "max_train_images", "max_train_bytes", "max_label_length",
                      "max_request_pixels", "max_inference_calls", "max_uploads", "max_watchers",

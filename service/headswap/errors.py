@@ -35,3 +35,7 @@ class DeadlineExceeded(HeadswapError):
 
 class CorruptModel(HeadswapError):
     """A stored version that fails its checks (bad sha256, unreadable ONNX, missing manifest)."""
+
+
+class Cancelled(HeadswapError):
+    """The caller cancelled the call or went away; its work was stopped (CANCELLED)."""

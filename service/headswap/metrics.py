@@ -19,11 +19,30 @@ QUEUE_DEPTH = Gauge("headswap_queue_depth", "Images waiting for inference", ["mo
 LOADED_MODELS = Gauge("headswap_loaded_models", "Model versions resident in this process")
 SWAPS = Counter("headswap_model_swaps_total", "Active version changes applied", ["model"])
 LOAD_FAILURES = Counter("headswap_model_load_failures_total", "Versions refused at load", ["model"])
+# Where each inference request's time goes, in microseconds like Triton's nv_inference_*_duration_us
+# (there counters; here histograms, so quantiles show too). Labels: registry model and version.
+LATENCY_BUCKETS_US = (100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+                      500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000)
+INFERENCE_REQUEST_DURATION = Histogram(
+    "headswap_inference_request_duration_us", "Inference request time in the server: decode + queue + "
+    "inference + hand-back (microseconds)", ["model", "version"], buckets=LATENCY_BUCKETS_US)
+INFERENCE_QUEUE_DURATION = Histogram(
+    "headswap_inference_queue_duration_us", "Time a request waited in the dynamic batcher's queue "
+    "(microseconds)", ["model", "version"], buckets=LATENCY_BUCKETS_US)
+INFERENCE_DECODE_DURATION = Histogram(
+    "headswap_inference_compute_input_duration_us", "Decoding and preprocessing a request's images "
+    "(microseconds)", ["model", "version"], buckets=LATENCY_BUCKETS_US)
+INFERENCE_COMPUTE_DURATION = Histogram(
+    "headswap_inference_compute_infer_duration_us", "The ONNX Runtime call a request's batch ran in "
+    "(microseconds)", ["model", "version"], buckets=LATENCY_BUCKETS_US)
 JOBS = Counter("headswap_finetune_jobs_total", "Fine-tune jobs by final state", ["state"])
 JOBS_RUNNING = Gauge("headswap_finetune_jobs_running", "Fine-tune jobs in progress")
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> int:
-    """Start the /metrics HTTP endpoint; returns the bound port (port 0 picks one)."""
-    server, _thread = start_http_server(port, addr=host)
+def serve_metrics(port: int, host: str = "0.0.0.0", certfile: str = "", keyfile: str = "") -> int:
+    """Start the /metrics endpoint (HTTPS with a certificate and key); returns the bound port (0 picks one).
+
+    The certificate is read once: a rotated metrics certificate is served after a restart.
+    """
+    server, _thread = start_http_server(port, addr=host, certfile=certfile or None, keyfile=keyfile or None)
     return server.server_address[1]

@@ -24,17 +24,49 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from headswap import metrics
+from headswap.api.auth import AuthInterceptor
+from headswap.api.labels import model_label
+from headswap.api.request_parsing import MalformedRequestInterceptor
+from headswap.api.tls import server_credentials
 from headswap.config import Settings, env_name
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
 from headswap.protocol import kserve_v2_pb2 as kserve_pb
 from headswap.protocol import kserve_v2_pb2_grpc as kserve_grpc
 from headswap.registry.registry import Registry, model_name_for_source
+from headswap.security.credentials import CredentialStore
+from headswap.workdir import WorkDirBusy, lock_work_dir
 
 log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+# Threads for calls that do not wait on a caller: health checks, model management, job queries.
+RESERVED_THREADS = 16
+
+
+def pool_size(settings: Settings) -> int:
+    """The handler pool holds every bounded kind of call at its limit plus a reserve.
+
+    grpc's sync server runs each call on a thread of one pool. Calls that can wait on their caller
+    (uploads, WatchJob streams) and inference are each admitted up to a limit and refused beyond it
+    with RESOURCE_EXHAUSTED, so with the pool this size idle callers can never take the threads
+    health checks need. (grpc's asyncio server would avoid threads, but every servicer and the
+    batcher are synchronous; bounded admission keeps them and fixes the starvation.)
+    """
+    return settings.max_inference_calls + settings.max_uploads + settings.max_watchers + RESERVED_THREADS
+
+
+class HealthService(health.HealthServicer):
+    """grpc's health servicer, answering List (new in the proto, missing from grpcio-health-checking
+    1.85, where it raised a traceback into the log) with UNIMPLEMENTED: health is open to every
+    caller, and a list of every model name is not for unauthenticated ones. Check and Watch stay."""
+
+    def List(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "grpc.health.v1.Health/List is not served; use Check "
+                      "or Watch with a service name ('' = the whole server)")
 
 
 def default_model_name(settings: Settings) -> str:
@@ -47,12 +79,14 @@ class HeadswapServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings.validate()
-        Path(settings.work_dir).mkdir(parents=True, exist_ok=True)
+        # First of all: a second server on the same work directory must change nothing there.
+        self.work_lock = lock_work_dir(settings.work_dir)
         if settings.s3_endpoint_url:  # the object store and worker subprocesses read the environment
             os.environ[env_name("s3_endpoint_url")] = settings.s3_endpoint_url
-        self.registry = Registry(settings.model_dir, cache_dir=Path(settings.work_dir) / "cache")
+        self.registry = Registry(settings.model_dir, cache_dir=Path(settings.work_dir) / "cache",
+                                 keep_versions=settings.keep_versions)
         self.default_model = default_model_name(settings)
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.health = HealthService(experimental_non_blocking=True)
         self.manager = None
         self.jobs = None
         self.ready = threading.Event()
@@ -64,15 +98,23 @@ class HeadswapServer:
                    ("grpc.so_reuseport", 0),
                    # Clients behind a headless Service re-resolve and find new replicas.
                    ("grpc.max_connection_age_ms", 300_000), ("grpc.max_connection_age_grace_ms", 60_000)]
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
-                                  options=options, maximum_concurrent_rpcs=1024)
+        # Access control (issue 9): checked here, so that broken TLS or credentials files stop the start.
+        self.credentials = CredentialStore(settings.auth_tokens_file) if settings.auth_tokens_file else None
+        self.tls = server_credentials(settings)
+        self.health_server: grpc.Server | None = None
+        self.health_port = 0
+        interceptor = AuthInterceptor(self.credentials, mutual_tls=bool(settings.tls_client_ca_file))
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=pool_size(settings), thread_name_prefix="grpc"),
+                                  options=options, maximum_concurrent_rpcs=1024,
+                                  interceptors=[interceptor, MalformedRequestInterceptor()])
         services = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.role in ("all", "inference"):
             services += self._add_inference()
         if settings.role in ("all", "trainer"):
             services += self._add_training()
-        reflection.enable_server_reflection(services, self.server)
+        if settings.reflection:
+            reflection.enable_server_reflection(services, self.server)
 
     def _add_inference(self) -> list[str]:
         from headswap.api.inference_servicer import InferenceServicer, ModelsServicer
@@ -81,6 +123,7 @@ class HeadswapServer:
         from headswap.inference.manager import ModelManager
 
         self.manager = ModelManager(self.registry, self.settings, on_ready_change=self._model_ready)
+        model_label.attach(self.registry.models)  # metric labels: registry models only
         classifier = Classifier(self.manager, self.settings, self.default_model)
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(classifier), self.server)
         pb_grpc.add_ModelsServicer_to_server(ModelsServicer(self.registry, self.manager), self.server)
@@ -105,19 +148,58 @@ class HeadswapServer:
     def start(self) -> int:
         s = self.settings
         log.info("starting headswap: %s", s.describe())
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        address = f"{s.host}:{s.port}"
+        self.port = (self.server.add_secure_port(address, self.tls) if self.tls is not None
+                     else self.server.add_insecure_port(address))
         if not self.port:
             raise RuntimeError(f"cannot bind {s.host}:{s.port}")
+        self._warn_if_open()
         if s.metrics_port >= 0:
-            self.metrics_port = metrics.serve_metrics(s.metrics_port, s.host)
+            self.metrics_port = metrics.serve_metrics(s.metrics_port, s.metrics_host or s.host,
+                                                      s.metrics_tls_cert_file, s.metrics_tls_key_file)
+        if s.health_port >= 0:
+            self._start_health_port()
         self.health.set("", NOT_SERVING)
         self.server.start()
         log.info("gRPC listening on port %d, metrics on %s", self.port, self.metrics_port or "off")
         threading.Thread(target=self._become_ready, name="bootstrap", daemon=True).start()
         return self.port
 
+    def _warn_if_open(self) -> None:
+        """Say loudly when the gRPC port is open to the network without TLS or authentication."""
+        s = self.settings
+        if self.tls is not None and self.credentials is not None:
+            log.info("gRPC port: TLS%s, bearer tokens from %s", " with client certificates" if
+                     s.tls_client_ca_file else "", s.auth_tokens_file)
+            return
+        if s.host in ("127.0.0.1", "::1", "localhost"):
+            return
+        missing = []
+        if self.tls is None:
+            missing.append("no TLS (plaintext)")
+        if self.credentials is None and not s.tls_client_ca_file:
+            missing.append("no authentication: every caller may classify, train, activate and roll back models")
+        if missing:
+            log.warning("!!! gRPC port %s:%d is reachable from the network with %s. Set --tls-cert-file/"
+                        "--tls-key-file and --auth-tokens-file (docs/security.md) outside local development.",
+                        s.host, self.port, " and ".join(missing))
+
+    def _start_health_port(self) -> None:
+        """A second, plaintext server with grpc.health.v1 only: kubelet gRPC probes do not speak TLS."""
+        s = self.settings
+        self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+                                         options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=16)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        self.health_port = self.health_server.add_insecure_port(f"{s.host}:{s.health_port}")
+        if not self.health_port:
+            raise RuntimeError(f"cannot bind the health port {s.host}:{s.health_port}")
+        self.health_server.start()
+        log.info("health port %d: plaintext, grpc.health.v1 only", self.health_port)
+
     def _become_ready(self) -> None:
         """Make sure the default model is there and loaded, then report SERVING."""
+        if self.settings.role in ("all", "trainer"):
+            self._remove_abandoned()
         try:
             self._ensure_default_model()
             if self.manager is not None:
@@ -133,6 +215,16 @@ class HeadswapServer:
         self.ready.set()
         self.health.set("", SERVING)
         log.info("ready: default model %s", self.default_model)
+
+    def _remove_abandoned(self) -> None:
+        """What writers killed midway left in the registry: staged versions and exports."""
+        try:
+            removed = self.registry.remove_abandoned(self.settings.abandoned_after_s)
+        except Exception as err:  # housekeeping: never a reason not to serve
+            log.warning("registry clean-up failed: %s", err)
+            return
+        if removed:
+            log.info("removed %d abandoned staging entries from the registry: %s", len(removed), removed[:10])
 
     def _load_default_model(self) -> bool:
         """Load the default model's active version; False (retried later) when it cannot be."""
@@ -167,6 +259,8 @@ class HeadswapServer:
         self.stopping.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.settings.grace_period_s).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0)
         if self.jobs is not None:
             self.jobs.close()
         if self.manager is not None:
@@ -179,7 +273,10 @@ def run(settings: Settings) -> None:
     from headswap.inference.memory import limit_malloc_arenas
 
     limit_malloc_arenas()  # before any thread starts: resident memory stays flat across swaps
-    server = HeadswapServer(settings)
+    try:
+        server = HeadswapServer(settings)
+    except (ValueError, WorkDirBusy) as err:  # unusable TLS/credentials files, a taken work dir: no traceback
+        raise SystemExit(f"headswap: {err}") from None
     server.start()
     stopping = threading.Event()
 

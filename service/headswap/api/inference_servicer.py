@@ -7,9 +7,10 @@ import time
 
 import grpc
 
+from headswap.api.names import requested_model
 from headswap.api.status import rpc
-from headswap.errors import NotFound
-from headswap.inference.classifier import Classifier
+from headswap.errors import InvalidInput, NotFound
+from headswap.inference.classifier import Classifier, check_version
 from headswap.inference.manager import ModelManager
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
@@ -22,14 +23,21 @@ def deadline_of(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None or remaining > 1e8 else time.monotonic() + remaining
 
 
+def stopped(context: grpc.ServicerContext):
+    """A `should_stop` for the domain: true once the caller cancelled or went away (or the server
+    is shutting down), so work on its request stops without the domain seeing grpc."""
+    return lambda: not context.is_active()
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, classifier: Classifier) -> None:
         self.classifier = classifier
 
     @rpc("Classify", lambda r: r.model)
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
-        answer, results = self.classifier.classify(list(request.images), request.top_k, request.model,
-                                                   request.version, deadline_of(context))
+        model = requested_model(request.model, self.classifier.default_model)
+        answer, results = self.classifier.classify(list(request.images), request.top_k, model,
+                                                   request.version, deadline_of(context), stopped(context))
         return pb.ClassifyResponse(
             model=answer.model, version=answer.version,
             results=[pb.Classification(predictions=[pb.Prediction(label=p.label, index=p.index, score=p.score)
@@ -43,6 +51,8 @@ class ModelsServicer(pb_grpc.ModelsServicer):
         self.manager = manager
 
     def describe(self, name: str, version: int = 0) -> pb.ModelInfo:
+        requested_model(name)
+        check_version(version)
         versions = self.registry.versions(name)
         if not versions:
             raise NotFound(f"unknown model {name!r}; models in the registry: "
@@ -72,10 +82,12 @@ class ModelsServicer(pb_grpc.ModelsServicer):
 
     @rpc("ActivateModel", lambda r: r.name)
     def ActivateModel(self, request: pb.ActivateModelRequest, context) -> pb.ModelInfo:
-        self.manager.activate(request.name, request.version)
+        if request.version < 1:
+            raise InvalidInput(f"version must be a positive version number, got {request.version}")
+        self.manager.activate(requested_model(request.name), request.version)
         return self.describe(request.name)
 
     @rpc("RollbackModel", lambda r: r.name)
     def RollbackModel(self, request: pb.RollbackModelRequest, context) -> pb.ModelInfo:
-        self.manager.rollback(request.name)
+        self.manager.rollback(requested_model(request.name))
         return self.describe(request.name)

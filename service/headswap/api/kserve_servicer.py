@@ -20,6 +20,10 @@ A model is a registry model (`efficientnet-lite0`); its versions are registry ve
   it is instead a BYTES [N, k] tensor of "score:index:label" strings, best first, as Triton's
   classification extension returns them.
 
+Triton's ModelConfig and ModelStatistics (the statistics extension) are answered too, from the
+manifest and settings and from the per-version counters the classifier and batcher keep
+(`headswap.inference.stats`): that is what `perf_analyzer` reads to measure a server.
+
 Repository control follows Triton's explicit mode, with one difference: an unloaded model is
 loaded again on demand by the next inference request that names it (as headswap.v1 does).
 """
@@ -27,23 +31,26 @@ loaded again on demand by the next inference request that names it (as headswap.
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import struct
 import time
 
 import grpc
 import numpy as np
 
-from headswap.api.inference_servicer import deadline_of
+from headswap.api.inference_servicer import deadline_of, stopped
+from headswap.api.names import known_model
 from headswap.api.status import rpc
 from headswap.errors import InvalidInput, NotFound, ResourceExhausted
 from headswap.inference.classifier import Answer, Classifier, top_k_indices
 from headswap.inference.manager import ModelManager
+from headswap.inference.stats import Duration, StatsSnapshot
 from headswap.protocol import kserve_v2_pb2 as kserve_pb
 from headswap.protocol import kserve_v2_pb2_grpc as kserve_grpc
 from headswap.registry.registry import NAME_PATTERN, Registry
 
 SERVER_NAME = "headswap"
-EXTENSIONS = ["classification", "model_repository"]
+EXTENSIONS = ["classification", "model_repository", "statistics"]
 PLATFORM = "onnxruntime_onnx"
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
@@ -63,21 +70,25 @@ def _server_version() -> str:
         return "0+unknown"
 
 
+# ASCII digits only ("²".isdigit() is true) and at most 18 of them: an int64 version, never a
+# 5000-digit number that int() refuses.
+_VERSION = re.compile(r"[1-9][0-9]{0,17}")
+
+
 def parse_version(text: str) -> int:
     """A KServe version string -> registry version; "" is the active version (0)."""
     if not text:
         return 0
-    if not text.isdigit() or int(text) < 1:
-        raise InvalidInput(f"model version must be empty (the active version) or a positive integer, "
-                           f"got {text!r}")
+    if not _VERSION.fullmatch(text):
+        shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}... ({len(text)} characters)"
+        raise InvalidInput(f"model version must be empty (the active version) or a positive integer "
+                           f"of at most 18 digits, got {shown}")
     return int(text)
 
 
 def _known_name(name: str) -> str:
     """Refuse names that cannot be in the registry before they reach it (NOT_FOUND, like any unknown model)."""
-    if not NAME_PATTERN.match(name):
-        raise NotFound(f"unknown model {name!r}")
-    return name
+    return known_model(name)
 
 
 def _refuse_shared_memory(parameters, what: str) -> None:
@@ -219,10 +230,11 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 if len(images) != count:
                     raise InvalidInput(f"input {tensor.name!r}: shape says {count} BYTES elements, "
                                        f"bytes_contents holds {len(images)}")
-            answer = self.classifier.infer_encoded(images, name, version, deadline)
+            answer = self.classifier.infer_encoded(images, name, version, deadline, stopped(context))
         elif datatype in PIXEL_DTYPES:
             pixels = self._pixels(tensor, raw, PIXEL_DTYPES[datatype], shape)
-            answer = self.classifier.infer_pixels(pixels, name, version, deadline, normalized=datatype == "FP32")
+            answer = self.classifier.infer_pixels(pixels, name, version, deadline, normalized=datatype == "FP32",
+                                                  should_stop=stopped(context))
         else:
             raise InvalidInput(f"input {tensor.name!r} has datatype {datatype or '(none)'}; "
                                f"accepted: {ACCEPTED_DATATYPES}")
@@ -345,3 +357,72 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
         except NotFound:
             pass  # known to the registry but not loaded: nothing to do
         return kserve_pb.RepositoryModelUnloadResponse()
+
+    # --- Triton's configuration and statistics calls (what perf_analyzer reads) -------------
+
+    @rpc("ModelConfig", lambda r: r.name)
+    def ModelConfig(self, request, context) -> kserve_pb.ModelConfigResponse:
+        """The model as Triton would describe it: ONNX on ONNX Runtime, NHWC FP32 input, dynamic batching.
+
+        max_batch_size is the most images one request may carry; the batcher's own batch size is
+        the preferred batch size, and its timeout the queue delay.
+        """
+        name = self._name(request.name)
+        version = self.registry.resolve(name, parse_version(request.version))
+        manifest = self.registry.manifest(name, version)
+        size = manifest.get("input") or {}
+        height, width = int(size.get("height", -1)), int(size.get("width", -1))
+        classes = len(manifest.get("labels") or []) or -1
+        settings = self.classifier.settings
+        config = kserve_pb.ModelConfig(
+            name=name, platform=PLATFORM, backend="onnxruntime", max_batch_size=settings.max_images_per_request,
+            input=[kserve_pb.ModelInput(name=INPUT_NAME, data_type=kserve_pb.TYPE_FP32,
+                                        format=kserve_pb.ModelInput.FORMAT_NHWC, dims=[height, width, 3])],
+            output=[kserve_pb.ModelOutput(name=OUTPUT_NAME, data_type=kserve_pb.TYPE_FP32, dims=[classes])],
+            dynamic_batching=kserve_pb.ModelDynamicBatching(
+                preferred_batch_size=[settings.max_batch_size],
+                max_queue_delay_microseconds=round(settings.batch_timeout_ms * 1000)))
+        return kserve_pb.ModelConfigResponse(config=config)
+
+    @rpc("ModelStatistics", lambda r: r.name)
+    def ModelStatistics(self, request, context) -> kserve_pb.ModelStatisticsResponse:
+        """Cumulative counts and durations per loaded version since it was loaded (Triton's shape).
+
+        No name: every loaded version. A registry model with nothing loaded (or a version that is
+        not loaded) answers zeros, as it has served nothing since it was last loaded.
+        """
+        version = parse_version(request.version)
+        if not request.name:
+            if version:
+                raise InvalidInput("a model version was given without a model name; give the name too")
+            return kserve_pb.ModelStatisticsResponse(
+                model_stats=[_statistics(r.stats.snapshot()) for r in self.manager.resident()])
+        name = _known_name(request.name)
+        if version:
+            version = self.registry.resolve(name, version)
+        elif self.registry.active_version(name) is None:
+            raise NotFound(f"unknown model {name!r}; models in the registry: "
+                           f"{', '.join(self.registry.models()) or 'none'}")
+        snapshots = [r.stats.snapshot() for r in self.manager.resident(name) if not version or r.version == version]
+        if not snapshots:
+            empty = StatsSnapshot(name, version or self.registry.active_version(name), 0, 0, 0, *(
+                Duration() for _ in range(6)))
+            snapshots = [empty]
+        return kserve_pb.ModelStatisticsResponse(model_stats=[_statistics(s) for s in snapshots])
+
+
+def _duration(value: Duration) -> kserve_pb.StatisticDuration:
+    return kserve_pb.StatisticDuration(count=value.count, ns=value.ns)
+
+
+def _statistics(stats: StatsSnapshot) -> kserve_pb.ModelStatistics:
+    """Domain counters -> Triton's ModelStatistics (decoding is Triton's compute_input)."""
+    return kserve_pb.ModelStatistics(
+        name=stats.name, version=str(stats.version), last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count, execution_count=stats.execution_count,
+        inference_stats=kserve_pb.InferStatistics(
+            success=_duration(stats.success), fail=_duration(stats.fail), queue=_duration(stats.queue),
+            compute_input=_duration(stats.compute_input), compute_infer=_duration(stats.compute_infer),
+            compute_output=_duration(stats.compute_output)),
+        batch_stats=[kserve_pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(d))
+                     for size, d in stats.batches.items()])

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import grpc
 
 from headswap import errors, metrics
+from headswap.api.labels import model_label
 
 log = logging.getLogger("headswap.api")
 
@@ -23,6 +24,7 @@ STATUS_BY_ERROR: list[tuple[type[Exception], grpc.StatusCode]] = [
     (errors.CorruptModel, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.Cancelled, grpc.StatusCode.CANCELLED),
 ]
 
 
@@ -83,7 +85,10 @@ class CallScope:
         return False
 
     def _record(self, code: grpc.StatusCode) -> None:
-        counter, histogram = _children(self.method, self.model, self.version, code.name)
+        # Label values only from models the registry holds: callers choose the names they send.
+        model = model_label(self.model)
+        version = self.version if model == self.model else ""
+        counter, histogram = _children(self.method, model, version[:20], code.name)
         counter.inc()
         histogram.observe(time.perf_counter() - self.started)
 

@@ -21,6 +21,7 @@ import tensorflow as tf
 from headswap.errors import FailedPrecondition
 from headswap.export import sources
 from headswap.registry.registry import Registry, check_model_name
+from headswap.registry.store import EXPORT_PREFIX, owner_tag
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,10 @@ def export_keras_model(model_or_fn: Backbone, input_size: tuple[int, int], manif
     labels = list(manifest_base.get("labels") or [])
     preprocessing = manifest_base["preprocessing"]
     height, width = input_size
-    with tempfile.TemporaryDirectory(prefix="headswap-export-") as tmp:
+    # Staged beside the registry (or under the work directory), named after this process, so that
+    # start-up clean-up can remove what a killed export left; never in the system temp directory.
+    staging = registry.staging_dir(registry.cache_dir.parent / "staging")
+    with tempfile.TemporaryDirectory(prefix=f"{EXPORT_PREFIX}{owner_tag()}-", dir=staging) as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         started = time.monotonic()
         convert(model_or_fn, input_size, onnx_path, opset=opset)

@@ -15,9 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from typing import TYPE_CHECKING
+
 import keras
 import numpy as np
-import tensorflow as tf
+
+if TYPE_CHECKING:  # TensorFlow is imported only where a hub: source needs it, so that the trainer
+    import tensorflow as tf  # runs builtin:/keras: backbones on any Keras backend (JAX on a GPU node)
 
 from headswap.errors import FailedPrecondition, InvalidInput
 from headswap.models.imagenet import NUM_IMAGENET_CLASSES, imagenet_labels
@@ -200,11 +204,14 @@ def sample_inputs(input_size: tuple[int, int], preprocessing: dict[str, Any], co
 # --- building ------------------------------------------------------------------------------
 
 
-def build(source: Source | str, weights: str | None = None) -> BuiltModel:
-    """Build a source into an exportable backbone (see `BuiltModel`)."""
+def build(source: Source | str, weights: str | None = None, for_export: bool = True) -> BuiltModel:
+    """Build a source into an exportable backbone (see `BuiltModel`).
+
+    `for_export=False`: the trainer only runs a builtin:/keras: backbone (on any Keras backend)."""
     if isinstance(source, str):
         source = parse_source(source)
-    if keras.backend.backend() != "tensorflow":
+    needs_tf = for_export or source.kind == "hub"
+    if needs_tf and keras.backend.backend() != "tensorflow":
         raise FailedPrecondition(f"exporting needs the TensorFlow Keras backend, not {keras.backend.backend()!r} "
                                  "(unset KERAS_BACKEND)")
     if source.kind == "builtin":
@@ -300,6 +307,8 @@ def _hub_signature_fn(loaded: Any) -> tuple[Callable[[tf.Tensor], tf.Tensor], li
     TF2 SavedModels (TF Hub's current format) are callable; TF1 hub modules expose signatures
     that take keyword arguments and return a dict.
     """
+    import tensorflow as tf
+
     if callable(loaded):
         specs = []
         for concrete in getattr(getattr(loaded, "__call__", None), "concrete_functions", []):
@@ -341,6 +350,7 @@ def _hub_input_size(specs: list[tf.TensorSpec]) -> tuple[int, int]:
 def _build_hub(source: Source, weights: str | None) -> BuiltModel:
     if weights:
         raise InvalidInput(f"{source}: a hub model carries its own weights; do not pass a weights file")
+    import tensorflow as tf
     import tensorflow_hub as hub
 
     try:

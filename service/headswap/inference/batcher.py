@@ -5,6 +5,10 @@ waits up to `timeout_s` for more only while other requests are still being decod
 client never waits), and runs them as one batch of at most `max_batch` images. A request whose
 deadline passes while queued is answered DEADLINE_EXCEEDED without being run; a full queue is
 refused with RESOURCE_EXHAUSTED instead of growing without bound.
+
+When the model is idle (nothing queued or running, nobody else decoding), a one-chunk request
+runs in its caller's thread instead (`run_inline`), skipping the two thread hand-offs; a batch
+that runs alone uses the runtime's `infer_lone` (ORT spinning, chosen by measurement).
 """
 
 from __future__ import annotations
@@ -21,23 +25,44 @@ import numpy as np
 
 from headswap import metrics
 from headswap.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from headswap.inference.stats import ModelStats
 
 log = logging.getLogger(__name__)
+
+
+class Pending(Future):
+    """A queued request's future, with when it was queued, run and answered (perf_counter_ns),
+    so the caller can tell queueing from inference in its statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued_ns = time.perf_counter_ns()
+        self.infer_started_ns = self.infer_done_ns = 0
 
 
 @dataclass
 class _Item:
     batch: np.ndarray
     deadline: float | None
-    future: Future = field(default_factory=Future)
+    future: Pending = field(default_factory=Pending)
+    rank: int = 0  # images its request already queued before this chunk (0 for a request's first)
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+# A chunk waiting longer than this runs in arrival order whatever its rank: no request starves.
+RANK_AGING_S = 2.0
 
 
 class Batcher:
     """Queue + one worker thread in front of an inference function."""
 
     def __init__(self, infer: Callable[[np.ndarray], np.ndarray], label: str, max_batch: int,
-                 timeout_s: float, max_queue: int) -> None:
+                 timeout_s: float, max_queue: int, stats: ModelStats | None = None,
+                 infer_lone: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self._infer = infer
+        # for a batch that runs while no other request is queued or being decoded (ORT spinning)
+        self._infer_lone = infer_lone or infer
+        self._stats = stats
         self._label = label
         self._max_batch = max_batch
         self._timeout_s = timeout_s
@@ -47,6 +72,7 @@ class Batcher:
         self._incoming = 0  # requests announced (being decoded) but not yet submitted
         self._cond = threading.Condition()
         self._closed = False
+        self._busy = False  # a batch is running, in the worker or inline in a caller's thread
         self._queue_depth = metrics.QUEUE_DEPTH.labels(label)  # resolved once: off the hot path
         self._batch_size = metrics.BATCH_SIZE.labels(label)
         self._thread = threading.Thread(target=self._run, name=f"batcher-{label}", daemon=True)
@@ -63,9 +89,12 @@ class Batcher:
             self._incoming = max(0, self._incoming - 1)
             self._cond.notify()
 
-    def submit(self, batch: np.ndarray, deadline: float | None = None, announced: bool = True) -> Future:
-        """Queue a float32 batch; the future resolves to its probabilities."""
-        item = _Item(batch, deadline)
+    def submit(self, batch: np.ndarray, deadline: float | None = None, announced: bool = True,
+               rank: int = 0) -> Pending:
+        """Queue a float32 batch; the future resolves to its probabilities. `rank` is how many images
+        the same request queued before this chunk: lower ranks run first, so a one-image request does
+        not wait behind the later chunks of a 256-image one."""
+        item = _Item(batch, deadline, rank=rank)
         with self._cond:
             if announced:
                 self._incoming = max(0, self._incoming - 1)
@@ -90,8 +119,8 @@ class Batcher:
 
     def _take_batch(self) -> list[_Item] | None:
         with self._cond:
-            while not self._queue:
-                if self._closed:
+            while not self._queue or self._busy:
+                if self._closed and not self._queue:
                     return None
                 self._cond.wait()
             first_at = time.monotonic()
@@ -100,15 +129,31 @@ class Batcher:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            items: list[_Item] = []
-            size = 0
-            while self._queue and (not items or size + len(self._queue[0].batch) <= self._max_batch):
-                item = self._queue.popleft()
-                items.append(item)
-                size += len(item.batch)
-                self._queued_images -= len(item.batch)
+            items = self._pick()
+            self._queued_images -= sum(len(item.batch) for item in items)
             self._queue_depth.set(self._queued_images)
+            self._busy = True
             return items
+
+    def _pick(self) -> list[_Item]:
+        """Up to max_batch images: lowest rank first (a request's first chunk before others' later
+        chunks), arrival order within a rank and for chunks waiting past RANK_AGING_S."""
+        now = time.monotonic()
+        order = sorted(range(len(self._queue)), key=lambda i: (
+            0 if now - self._queue[i].queued_at > RANK_AGING_S else self._queue[i].rank, i))
+        chosen: list[int] = []
+        size = 0
+        for i in order:
+            length = len(self._queue[i].batch)
+            if not chosen or size + length <= self._max_batch:
+                chosen.append(i)
+                size += length
+            if size >= self._max_batch:
+                break
+        taken = set(chosen)
+        items = [self._queue[i] for i in sorted(chosen)]
+        self._queue = deque(item for i, item in enumerate(self._queue) if i not in taken)
+        return items
 
     def _run(self) -> None:
         while True:
@@ -119,6 +164,40 @@ class Batcher:
                 self._run_batch(items)
             except Exception:  # the worker must outlive any one batch, or the model stops answering
                 log.exception("batcher %s: unexpected error", self._label)
+            finally:
+                with self._cond:
+                    self._busy = False
+
+    def run_inline(self, batch: np.ndarray) -> Pending | None:
+        """Run an announced request's only chunk in the caller's thread when the model is idle
+        (nothing queued or running, no other request being decoded): a lone request then skips the
+        two thread hand-offs of the queue. None when busy (or the chunk may be one of several, so
+        decoding the next one should overlap this one's inference): `submit` it instead."""
+        if len(batch) >= self._max_batch:
+            return None
+        with self._cond:
+            if self._closed or self._busy or self._queue or self._incoming > 1:
+                return None
+            self._busy = True
+            self._incoming = max(0, self._incoming - 1)  # this request's own announcement
+        future = Pending()
+        future.set_running_or_notify_cancel()
+        try:
+            self._batch_size.observe(len(batch))
+            future.infer_started_ns = time.perf_counter_ns()
+            probabilities = self._infer_lone(batch)
+            future.infer_done_ns = time.perf_counter_ns()
+            if self._stats is not None:
+                self._stats.executed(len(batch), future.infer_done_ns - future.infer_started_ns)
+            future.set_result(probabilities)
+        except Exception as err:  # as in the worker: the caller gets the failure, the log the cause
+            log.exception("inference failed for %s", self._label)
+            future.set_exception(err)
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify()  # the worker may be waiting with requests queued meanwhile
+        return future
 
     def _run_batch(self, items: list[_Item]) -> None:
         """Run one gathered batch and hand each request its rows."""
@@ -137,13 +216,21 @@ class Batcher:
         try:
             batch = live[0].batch if len(live) == 1 else np.concatenate([i.batch for i in live])
             self._batch_size.observe(len(batch))
-            probabilities = self._infer(batch)
+            # Alone (nothing queued, nothing being decoded): the other cores are free for ORT to spin on.
+            lone = len(live) == 1 and not self._queue and self._incoming == 0
+            infer_started_ns = time.perf_counter_ns()
+            probabilities = (self._infer_lone if lone else self._infer)(batch)
+            infer_ns = time.perf_counter_ns() - infer_started_ns
         except Exception as err:  # hand the failure to every waiting request
             log.exception("inference failed for %s", self._label)
             for item in live:
                 item.future.set_exception(err)
             return
+        if self._stats is not None:
+            self._stats.executed(len(batch), infer_ns)
         start = 0
+        done_ns = infer_started_ns + infer_ns
         for item in live:
+            item.future.infer_started_ns, item.future.infer_done_ns = infer_started_ns, done_ns
             item.future.set_result(probabilities[start:start + len(item.batch)])
             start += len(item.batch)

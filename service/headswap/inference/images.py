@@ -2,16 +2,22 @@
 
 A model's manifest says how its input is made: center square crop, resize to the input size,
 channel order, then (pixel - mean) / std as float32 NHWC.
+
+Decoding is split in two so a request can be bounded before any pixel is decoded: `decode` reads
+only the header (format, size), `to_pixels` decodes one image into the right RGB: every Pillow mode
+(16-bit scaled rather than clipped, transparency over white), EXIF orientation applied as photo
+viewers do, truncated files refused.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from headswap.errors import InvalidInput, ResourceExhausted
 
@@ -19,6 +25,20 @@ ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP"})
 # Our own limit (Settings.max_image_pixels), checked as soon as the header is read and before any
 # pixel is decoded, replaces Pillow's process-wide one so the error can name the image's size.
 Image.MAX_IMAGE_PIXELS = None
+# A file that ends early is refused, never padded with grey (Pillow's default; asserted here
+# because the whole process shares this flag).
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# EXIF orientation tag -> the transpose that shows the image upright (as ImageOps.exif_transpose).
+EXIF_ORIENTATION = 0x0112
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_WITH_ALPHA = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+# Start-of-frame markers of arithmetic-coded JPEGs: they can hold less than one bit per block,
+# so the "too few bytes for the header's size" check below does not apply to them.
+_ARITHMETIC_SOF = tuple(bytes([0xFF, m]) for m in (0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
 
 
 @dataclass(frozen=True)
@@ -50,8 +70,14 @@ class Preprocessing:
         return batch
 
 
+def pixel_count(image: Image.Image) -> int:
+    """Pixels the image will decode to (from its header)."""
+    width, height = image.size
+    return width * height
+
+
 def decode(data: bytes, max_pixels: int, index: int = 0) -> Image.Image:
-    """Open encoded bytes as an image, refusing what is empty, unknown or too large."""
+    """Open encoded bytes (header only), refusing what is empty, unknown, too large or cut short."""
     if not data:
         raise InvalidInput(f"image {index} is empty (0 bytes)")
     try:
@@ -64,6 +90,8 @@ def decode(data: bytes, max_pixels: int, index: int = 0) -> Image.Image:
         if width * height > max_pixels:
             raise ResourceExhausted(f"image {index} is {width}x{height} pixels, over the limit of "
                                     f"{max_pixels} pixels; send a smaller image")
+        if image_format == "JPEG":
+            _refuse_short_jpeg(image, data, index)
     except (InvalidInput, ResourceExhausted):
         raise
     except Exception as err:  # Pillow raises many types for broken input
@@ -72,21 +100,75 @@ def decode(data: bytes, max_pixels: int, index: int = 0) -> Image.Image:
     return image
 
 
-def to_pixels(image: Image.Image, height: int, width: int, index: int = 0) -> np.ndarray:
-    """Center square crop and resize to (height, width): uint8 RGB HWC."""
+def _refuse_short_jpeg(image: Image.Image, data: bytes, index: int) -> None:
+    """A Huffman-coded JPEG spends at least one bit per 8x8 block (its DC code); libjpeg fills
+    missing blocks with grey instead of failing, so a header claiming more blocks than the file
+    has bits (e.g. 6000x6000 over 600x400 of data) is refused here."""
+    header = data[:data.find(b"\xff\xda")] if b"\xff\xda" in data else data
+    if any(marker in header for marker in _ARITHMETIC_SOF):
+        return
+    layers = getattr(image, "layer", None) or [("", 1, 1, 0)]
+    h_max = max(layer[1] for layer in layers) or 1
+    v_max = max(layer[2] for layer in layers) or 1
+    width, height = image.size
+    blocks = sum(math.ceil(math.ceil(width * layer[1] / h_max) / 8) *
+                 math.ceil(math.ceil(height * layer[2] / v_max) / 8) for layer in layers)
+    if len(data) * 8 < blocks:
+        raise InvalidInput(f"image {index} is truncated: its header says {width}x{height} pixels "
+                           f"({blocks} blocks) but its {len(data)} bytes cannot hold that many; "
+                           "send the whole file")
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright), as photo viewers read it."""
     try:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block is ignored, as viewers do
+        return 1
+    return value if isinstance(value, int) and value in _UPRIGHT else 1
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB: 16- and 32-bit integer pixels scaled (0..65535 -> 0..255),
+    not clipped; float pixels taken as 0..255 (Pillow's convention); transparency composed over
+    white; palette, 1-bit, grayscale and CMYK converted by Pillow."""
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode in _SIXTEEN_BIT or mode == "I":
+        wide = np.asarray(image).astype(np.float32)
+        gray = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in _WITH_ALPHA or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_pixels(image: Image.Image, height: int, width: int, index: int = 0) -> np.ndarray:
+    """Center square crop and resize to (height, width), upright: uint8 RGB HWC."""
+    try:
+        upright = orientation(image)
         if image.format == "JPEG":
             # Let libjpeg decode at a reduced scale when the image is much larger than needed.
             image.draft("RGB", (max(width, height) * 2, max(width, height) * 2))
-        rgb = image.convert("RGB")
+        rgb = to_rgb(image)
         w, h = rgb.size
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
-        resized = rgb.resize((width, height), Image.Resampling.BILINEAR,
-                             box=(left, top, left + side, top + side))
+        # The center square of a rotated image is the rotated center square: crop and resize first,
+        # then turn the small result upright (cheap), with the target size swapped for quarter turns.
+        size = (height, width) if upright in (5, 6, 7, 8) else (width, height)
+        resized = rgb.resize(size, Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+        if upright != 1:
+            resized = resized.transpose(_UPRIGHT[upright])
         return np.asarray(resized, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as err:
-        raise InvalidInput(f"image {index} is truncated or corrupt: {err}") from None
+    except Exception as err:  # Pillow raises many types (OSError, ValueError, struct.error...) for broken data
+        raise InvalidInput(f"image {index} is truncated or corrupt: {str(err)[:200]}") from None
 
 
 def load_pixels(data: bytes, height: int, width: int, max_pixels: int, index: int = 0) -> np.ndarray:

@@ -21,7 +21,7 @@ from headswap.config import Settings
 from headswap.errors import CorruptModel, NotFound, Unavailable
 from headswap.inference.batcher import Batcher
 from headswap.inference.memory import return_freed_memory
-from headswap.inference.runtime import ModelRuntime
+from headswap.inference.runtime import ModelRuntime, load_runtime
 from headswap.registry.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class ModelManager:
         """Make the registry's active version of `name` the one new requests take."""
         version = self.registry.active_version(name)
         if version is None:
+            self.registry.resolve(name)  # NotFound, or FailedPrecondition "none is active yet; activate one"
             raise NotFound(f"unknown model {name!r}; models in the registry: "
                            f"{', '.join(self.registry.models()) or 'none'}")
         key = (name, version)
@@ -161,7 +162,8 @@ class ModelManager:
             started = time.monotonic()
             try:
                 path, manifest = self.registry.verified_model_path(name, version)
-                runtime = ModelRuntime(name, version, path, manifest, self.settings.cpu_threads)
+                runtime = load_runtime(name, version, path, manifest, self.settings.cpu_threads,
+                                       spinning=self.settings.intra_op_spinning)
                 runtime.warm_up()
             except CorruptModel as err:
                 self._refused.add(key)
@@ -170,7 +172,8 @@ class ModelManager:
                 raise
             s = self.settings
             batcher = Batcher(runtime.infer, f"{name}:{version}", s.max_batch_size,
-                              s.batch_timeout_ms / 1000.0, s.max_queue)
+                              s.batch_timeout_ms / 1000.0, s.max_queue, stats=runtime.stats,
+                              infer_lone=runtime.infer_lone)
             model = LoadedModel(runtime, batcher)
             with self._lock:
                 self._loaded[key] = model
@@ -192,6 +195,7 @@ class ModelManager:
     def _free(self, model: LoadedModel) -> None:
         model.batcher.close()
         model.runtime.session = None  # drop ORT's arena now, not when the last reference dies
+        model.runtime.lone_session = None
         return_freed_memory()
         log.info("unloaded %s version %s", *model.key)
 
@@ -251,6 +255,12 @@ class ModelManager:
                     log.warning("poll: keeping the current version of %s: %s", name, err)
 
     # --- introspection ---------------------------------------------------------------------
+
+    def resident(self, name: str = "") -> list[ModelRuntime]:
+        """The loaded versions (of `name`, or of every model), for statistics."""
+        with self._lock:
+            return sorted((m.runtime for m in self._loaded.values() if not name or m.key[0] == name),
+                          key=lambda runtime: (runtime.name, runtime.version))
 
     def is_ready(self, name: str, version: int = 0) -> bool:
         with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import onnxruntime as ort
 from headswap import metrics
 from headswap.errors import CorruptModel
 from headswap.inference.images import Preprocessing
+from headswap.inference.spinning import FasterOfTwo
+from headswap.inference.stats import ModelStats
 
 
 @dataclass(frozen=True)
@@ -24,36 +27,67 @@ class Prediction:
     score: float
 
 
+# How ONNX Runtime's intra-op threads wait between ops: "adaptive" keeps a second session whose
+# threads spin during a run, a candidate for requests that run alone (see `infer_lone`).
+SPINNING = ("adaptive", "on", "off")
+
+
 class ModelRuntime:
     """An ONNX Runtime session for one (model, version), reused for every request."""
 
-    def __init__(self, name: str, version: int, path: Path, manifest: dict[str, Any], threads: int) -> None:
+    lone_session: ort.InferenceSession | None = None  # spinning session for lone requests ("adaptive")
+
+    def __init__(self, name: str, version: int, path: Path, manifest: dict[str, Any], threads: int,
+                 spinning: str = "adaptive") -> None:
         self.name = name
         self.version = version
+        self.spinning = spinning
         self.manifest = manifest
         self.labels: list[str] = list(manifest.get("labels") or [])
         self.preprocessing = Preprocessing.from_manifest(manifest)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.enable_mem_pattern = True
-        # Spinning intra-op threads wait hot for the next op; in a server, decoding threads need
-        # those cores, and spinning halved throughput under concurrent load here.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as err:  # onnxruntime raises its own exception types for bad files
-            raise CorruptModel(f"{name} version {version}: ONNX Runtime cannot load {path.name}: {err}") from err
-        self.input_name = self.session.get_inputs()[0].name
-        outputs = {o.name: o for o in self.session.get_outputs()}
+        outputs = self._open(path, threads)
         self.probabilities_output = manifest.get("outputs", {}).get("probabilities", "probabilities")
         if self.probabilities_output not in outputs:
             raise CorruptModel(f"{name} version {version}: the ONNX graph has no output "
                                f"{self.probabilities_output!r} (has {sorted(outputs)})")
         self.ready = threading.Event()
         self.images_counter = metrics.IMAGES.labels(name, str(version))
+        self.stats = ModelStats(name, version)  # Triton-style statistics and latency histograms
         self.size_bytes = path.stat().st_size
+
+    def _open(self, path: Path, threads: int) -> list[str]:
+        """Create the inference session (`self.session`, `self.input_name`); returns the output names.
+        A runtime for another engine (OpenVINO, see `load_runtime`) overrides this and `infer`."""
+        name, version = self.name, self.version
+        try:
+            self.session = ort.InferenceSession(str(path), self._options(threads, spin=self.spinning == "on"),
+                                                providers=["CPUExecutionProvider"])
+            if self.spinning == "adaptive":
+                self.lone_session = ort.InferenceSession(str(path), self._options(threads, spin=True),
+                                                         providers=["CPUExecutionProvider"])
+                self._lone_choice = FasterOfTwo()
+        except Exception as err:  # onnxruntime raises its own exception types for bad files
+            raise CorruptModel(f"{name} version {version}: ONNX Runtime cannot load {path.name}: {err}") from err
+        self.input_name = self.session.get_inputs()[0].name
+        return [o.name for o in self.session.get_outputs()]
+
+    @staticmethod
+    def _options(threads: int, spin: bool) -> ort.SessionOptions:
+        """Session options; `spin`: intra-op threads wait hot for the next op during a run.
+
+        Spinning saves a thread wake-up per parallel op, which a lone request pays in full; under
+        concurrent load the spinning threads take the cores that decoding and gRPC need (it halved
+        throughput here). So a spinning session also stops spinning as soon as its run returns.
+        """
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.enable_mem_pattern = True
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        if spin:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+        return options
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -63,8 +97,42 @@ class ModelRuntime:
         """float32 NHWC model input -> probabilities [N, classes]."""
         return self.session.run([self.probabilities_output], {self.input_name: batch})[0]
 
+    def infer_lone(self, batch: np.ndarray) -> np.ndarray:
+        """`infer` for a batch that runs while nothing else is queued or being decoded: with
+        "adaptive" spinning, on whichever of the sleeping and the spinning session has been faster
+        for lone runs on this machine (see `headswap.inference.spinning`)."""
+        if self.lone_session is None:
+            return self.infer(batch)
+        option = self._lone_choice.pick()
+        session = self.lone_session if option else self.session
+        started = time.perf_counter_ns()
+        probabilities = session.run([self.probabilities_output], {self.input_name: batch})[0]
+        self._lone_choice.record(option, (time.perf_counter_ns() - started) / len(batch))
+        return probabilities
+
     def warm_up(self) -> None:
         """Run one real batch so the first request does not pay for lazy initialisation."""
         h, w, c = self.input_shape
-        self.infer(np.zeros((1, h, w, c), dtype=np.float32))
+        zeros = np.zeros((1, h, w, c), dtype=np.float32)
+        self.infer(zeros)
+        if self.lone_session is not None:  # not timed: a first run pays for lazy initialisation
+            self.lone_session.run([self.probabilities_output], {self.input_name: zeros})
         self.ready.set()
+
+
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def load_runtime(name: str, version: int, path: Path, manifest: dict[str, Any], threads: int,
+                 spinning: str = "adaptive") -> ModelRuntime:
+    """The engine a version's manifest names: ONNX Runtime (default), or OpenVINO for the bf16/int8
+    precision tiers (`headswap.export.precision`), which is an optional extra of the serving install."""
+    runtime = manifest.get("runtime") or "onnxruntime"
+    if runtime == "onnxruntime":
+        return ModelRuntime(name, version, path, manifest, threads, spinning)
+    if runtime == "openvino":
+        from headswap.inference.openvino_runtime import OpenVinoRuntime
+
+        return OpenVinoRuntime(name, version, path, manifest, threads)
+    raise CorruptModel(f"{name} version {version}: its manifest asks for runtime {runtime!r}; "
+                       f"this server runs {', '.join(RUNTIMES)}")

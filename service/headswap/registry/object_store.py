@@ -11,21 +11,25 @@ local disk. The same guarantee comes from three things S3 does give:
 (a second writer gets FileExistsError and takes the next number, as with a taken directory on
 disk), then uploads the files, then `manifest.json` last. Until the manifest exists the prefix is
 a half-written version that the registry never lists or serves; a writer killed midway leaves
-only such a prefix behind. `active.json` is one PUT, replaced whole.
+only such a prefix behind (removed by `remove_abandoned` once older than a grace period).
+`active.json` is one PUT, replaced whole, and updated conditionally (`If-Match` on its ETag,
+retried on conflict) so that two concurrent activations never lose one another's history.
 """
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import os
 import re
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -38,6 +42,9 @@ from headswap.registry.store import MANIFEST
 ENDPOINT_ENV = env_name("s3_endpoint_url")
 CLAIM = ".claim.json"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
+UPDATE_ATTEMPTS = 20
+# Stores without conditional writes (memory://, used by tests) serialise updates in-process.
+_LOCAL_UPDATES = threading.Lock()
 
 
 def storage_options(protocol: str) -> dict[str, Any]:
@@ -186,6 +193,70 @@ class ObjectStore:
             owner = None
         if owner != token:
             raise FileExistsError(f"{self.url}/{key} was claimed by another writer")
+
+    def update_bytes(self, key: str, update: Callable[[bytes | None], bytes]) -> bytes:
+        """Read the object and its ETag, PUT the new content only if the ETag is unchanged
+        (`If-Match`; `If-None-Match: *` when it did not exist), and start over on a conflict."""
+        path = self._path(key)
+        if self.protocol not in ("s3", "s3a"):
+            with _LOCAL_UPDATES:
+                try:
+                    old = self.fs.cat_file(path)
+                except FileNotFoundError:
+                    old = None
+                new = update(old)
+                self.fs.pipe_file(path, new)
+                return new
+        bucket, object_key, _ = self.fs.split_path(path)
+        for attempt in range(UPDATE_ATTEMPTS):
+            try:  # the ETag first, then the body: a change in between makes the PUT fail, as it should
+                etag = self.fs.call_s3("head_object", Bucket=bucket, Key=object_key)["ETag"]
+                old = self.fs.cat_file(path)
+            except FileNotFoundError:
+                etag, old = None, None
+            new = update(old)
+            condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+            try:
+                self.fs.call_s3("put_object", Bucket=bucket, Key=object_key, Body=new, **condition)
+                self.fs.invalidate_cache(path)
+                return new
+            except (FileExistsError, FileNotFoundError, OSError):
+                # 412 PreconditionFailed / 409 ConditionalRequestConflict: someone else wrote first.
+                time.sleep(0.05 * (attempt + 1))
+        raise OSError(f"{self.url}/{key}: {UPDATE_ATTEMPTS} conflicting updates in a row; try again")
+
+    def remove_abandoned(self, max_age_s: float) -> list[str]:
+        """Version prefixes claimed but without a manifest for longer than `max_age_s`: a writer
+        that died midway. Younger ones may still be uploading (from any machine) and stay."""
+        removed = []
+        now = time.time()
+        for model in self.list_dirs(""):
+            for entry in self.list_dirs(model):
+                key = f"{model}/{entry}"
+                if not entry.isdigit() or self.exists(f"{key}/{MANIFEST}"):
+                    continue
+                started = self._claim_time(key)
+                if started is not None and now - started > max_age_s:
+                    self.delete_prefix(key)
+                    removed.append(key)
+        return removed
+
+    def _claim_time(self, key: str) -> float | None:
+        """When a version prefix was claimed (the claim's own time, else its newest object's)."""
+        try:
+            claimed = json.loads(self.read_bytes(f"{key}/{CLAIM}")).get("time", "")
+            return float(calendar.timegm(time.strptime(claimed, "%Y-%m-%dT%H:%M:%SZ")))
+        except (FileNotFoundError, ValueError, TypeError):
+            pass
+        try:
+            entries = self.fs.ls(self._path(key), detail=True, refresh=True)
+        except FileNotFoundError:
+            return None
+        times = [entry.get("LastModified") for entry in entries if entry.get("LastModified")]
+        return max(t.timestamp() for t in times) if times else None
+
+    def staging_dir(self) -> Path | None:
+        return None
 
     def delete_prefix(self, key: str) -> None:
         try:

@@ -7,8 +7,11 @@ Layout, as TF Serving watches a base path:
     <root>/<model>/active.json               {"version": N, "history": [older actives...]}
 
 A version is published whole (see `Store.publish_dir`), "active" is one small object replaced
-atomically, and `verified_model_path` checks the sha256 recorded in the manifest before anyone
-serves the file.
+atomically and updated conditionally (`Store.update_bytes`: two activations at once never drop a
+rollback entry), and `verified_model_path` checks the sha256 recorded in the manifest before
+anyone serves the file. A model serves only once a version has been activated: a first version
+published with activate=false stays dark. `prune` keeps the newest N inactive versions (never
+the active one or its rollback target).
 """
 
 from __future__ import annotations
@@ -25,15 +28,22 @@ from headswap.registry.store import MANIFEST, Store, open_store
 
 MODEL_FILE = "model.onnx"
 ACTIVE_FILE = "active.json"
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+# The one model-name rule (every API checks it where a request enters, and the registry again):
+# names are path segments and metric labels. `\Z`, not `$`: "$" also matches before a final "\n".
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 MANIFEST_FORMAT = 1
+
+
+def shown_name(name: str) -> str:
+    """A caller's name as quoted in a message: repr, cut short (a name may be megabytes)."""
+    return repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"
 
 
 def check_model_name(name: str) -> str:
     """Model names become path segments and metric labels: keep them tame."""
-    if not NAME_PATTERN.match(name or ""):
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise InvalidInput(
-            f"invalid model name {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-', "
+            f"invalid model name {shown_name(str(name))}: use 1-63 lowercase letters, digits, '.', '_' or '-', "
             "starting with a letter or digit")
     return name
 
@@ -62,10 +72,11 @@ def sha256_file(path: Path) -> str:
 class Registry:
     """Versions and active pointers of every model under one store URL."""
 
-    def __init__(self, url: str | Path, cache_dir: Path | None = None) -> None:
+    def __init__(self, url: str | Path, cache_dir: Path | None = None, keep_versions: int = 0) -> None:
         self.store: Store = open_store(str(url))
         self.url = self.store.url
         self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "headswap" / "registry")
+        self.keep_versions = keep_versions  # applied after each publish; 0 keeps every version
         self._verified: dict[tuple[str, int, int], str] = {}
 
     # --- reading ---------------------------------------------------------------------------
@@ -75,6 +86,7 @@ class Registry:
 
     def versions(self, name: str) -> list[int]:
         """Complete versions only: those whose manifest.json has been written."""
+        check_model_name(name)
         found = []
         for entry in self.store.list_dirs(name):
             if entry.isdigit() and self.store.exists(f"{name}/{entry}/{MANIFEST}"):
@@ -82,6 +94,7 @@ class Registry:
         return sorted(found)
 
     def manifest(self, name: str, version: int) -> dict[str, Any]:
+        check_model_name(name)
         try:
             raw = self.store.read_bytes(f"{name}/{version}/{MANIFEST}")
         except FileNotFoundError:
@@ -92,33 +105,39 @@ class Registry:
             raise CorruptModel(f"{name} version {version}: manifest.json is not valid JSON: {err}") from err
 
     def active_state(self, name: str) -> dict[str, Any]:
+        check_model_name(name)
         try:
             return json.loads(self.store.read_bytes(f"{name}/{ACTIVE_FILE}"))
         except FileNotFoundError:
             return {}
 
     def active_version(self, name: str) -> int | None:
-        """The active version; a model never activated serves its newest version."""
+        """The active version; None until one is activated (a version published with
+        activate=false must not start answering just because it is the only one)."""
         version = self.active_state(name).get("version")
-        if version is not None:
-            return int(version)
-        versions = self.versions(name)
-        return versions[-1] if versions else None
+        return int(version) if version is not None else None
 
     def resolve(self, name: str, version: int = 0) -> int:
         """The concrete version a request for (name, version) means; 0 = the active one."""
+        check_model_name(name)
         if version:
             if not self.store.exists(f"{name}/{version}/{MANIFEST}"):
                 raise NotFound(f"model {name!r} has no version {version}; versions: {self.versions(name)}")
             return version
         active = self.active_version(name)
         if active is None:
+            versions = self.versions(name)
+            if versions:
+                raise FailedPrecondition(
+                    f"model {name!r} has versions {versions} but none is active yet; activate one first "
+                    f"(`headswap activate {name} {versions[-1]}`) or ask for a version explicitly")
             known = ", ".join(self.models()) or "none"
             raise NotFound(f"unknown model {name!r}; models in the registry: {known}")
         return active
 
     def verified_model_path(self, name: str, version: int) -> tuple[Path, dict[str, Any]]:
         """The ONNX file and manifest of a version, refusing it if the sha256 does not match."""
+        check_model_name(name)
         manifest = self.manifest(name, version)
         expected = manifest.get("sha256")
         if not expected:
@@ -174,35 +193,78 @@ class Registry:
             staging.rmdir()
         if activate:
             self.activate(name, version)
+        if self.keep_versions:
+            self.prune(name, self.keep_versions)
         return version
 
     def versions_including_incomplete(self, name: str) -> list[int]:
+        check_model_name(name)
         return [int(entry) for entry in self.store.list_dirs(name) if entry.isdigit()]
 
     def activate(self, name: str, version: int) -> None:
         """Point `active` at a complete version; the previous one goes on the rollback history."""
         if not self.store.exists(f"{name}/{version}/{MANIFEST}"):
             raise NotFound(f"model {name!r} has no version {version}; versions: {self.versions(name)}")
-        state = self.active_state(name)
-        current = state.get("version")
-        history = list(state.get("history", []))
-        if current is not None and int(current) != version:
-            history.append(int(current))
-        self._write_active(name, version, history[-50:])
+
+        def change(state: dict[str, Any]) -> tuple[int, list[int]]:
+            current = state.get("version")
+            history = [int(v) for v in state.get("history", [])]
+            if current is not None and int(current) != version:
+                history.append(int(current))
+            return version, history[-50:]
+
+        self._update_active(name, change)
 
     def rollback(self, name: str) -> int:
         """Re-activate the version that was active before the current one."""
-        state = self.active_state(name)
-        history = [v for v in state.get("history", []) if self.store.exists(f"{name}/{v}/{MANIFEST}")]
-        if not history:
-            if not self.versions(name):
-                raise NotFound(f"unknown model {name!r}")
-            raise FailedPrecondition(f"model {name!r} has no earlier active version to roll back to")
-        previous = history.pop()
-        self._write_active(name, previous, history)
-        return previous
 
-    def _write_active(self, name: str, version: int, history: list[int]) -> None:
-        payload = {"version": version, "history": history,
-                   "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        self.store.write_bytes(f"{name}/{ACTIVE_FILE}", json.dumps(payload).encode())
+        def change(state: dict[str, Any]) -> tuple[int, list[int]]:
+            history = [int(v) for v in state.get("history", []) if self.store.exists(f"{name}/{v}/{MANIFEST}")]
+            if not history:
+                if not self.versions(name):
+                    raise NotFound(f"unknown model {name!r}")
+                raise FailedPrecondition(f"model {name!r} has no earlier active version to roll back to")
+            previous = history.pop()
+            return previous, history
+
+        return self._update_active(name, change)
+
+    def _update_active(self, name: str, change: Any) -> int:
+        """Conditional read-modify-write of active.json; `change(state) -> (version, history)`."""
+
+        def update(old: bytes | None) -> bytes:
+            state = json.loads(old) if old else {}
+            version, history = change(state)
+            return json.dumps({"version": version, "history": history,
+                               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+
+        written = self.store.update_bytes(f"{name}/{ACTIVE_FILE}", update)
+        return int(json.loads(written)["version"])
+
+    # --- housekeeping ----------------------------------------------------------------------
+
+    def prune(self, name: str, keep: int) -> list[int]:
+        """Delete all but the newest `keep` inactive versions; the active version and the rollback
+        target (the last history entry) are never deleted. Returns the deleted versions."""
+        if keep <= 0:
+            return []
+        state = self.active_state(name)
+        protected = {int(v) for v in [state.get("version"), *state.get("history", [])[-1:]] if v is not None}
+        inactive = [v for v in self.versions(name) if v not in protected]
+        doomed = inactive[:-keep] if len(inactive) > keep else []
+        for version in doomed:
+            # The manifest first: from then on the version does not exist for anyone.
+            self.store.delete_prefix(f"{name}/{version}/{MANIFEST}")
+            self.store.delete_prefix(f"{name}/{version}")
+        return doomed
+
+    def remove_abandoned(self, max_age_s: float) -> list[str]:
+        """What writers that died midway left in the store (see `Store.remove_abandoned`)."""
+        return self.store.remove_abandoned(max_age_s)
+
+    def staging_dir(self, fallback: Path) -> Path:
+        """Where exports are staged: inside a local registry (same file system, cleaned at
+        start-up), else `fallback` (the work directory); never the system temp directory."""
+        directory = self.store.staging_dir() or Path(fallback)
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory

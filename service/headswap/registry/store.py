@@ -7,14 +7,60 @@ and `publish_dir` makes a version appear complete or not at all.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 MANIFEST = "manifest.json"
+STAGING_DIR = ".staging"  # exports in progress (local registries), beside the models
+EXPORT_PREFIX = "headswap-export-"
+_HOST_SAFE = re.compile(r"[^A-Za-z0-9._]")
+# `.tmp-<version>-<pid>-<random>@<host>`: who is writing a version, so that start-up clean-up can
+# tell a live writer from a dead one. Export staging dirs: `headswap-export-<pid>@<host>-<random>`.
+_TMP_VERSION = re.compile(r"^\.tmp-\d+-(\d+)-[0-9a-f]+@(.+)$")
+_EXPORT_STAGING = re.compile(r"^" + EXPORT_PREFIX + r"(\d+)@(.*)-[A-Za-z0-9_]+$")
+
+
+def host_tag() -> str:
+    """This machine's name as it appears in staging names (no '-' so names stay parseable)."""
+    return _HOST_SAFE.sub("_", socket.gethostname())[:64] or "host"
+
+
+def owner_tag() -> str:
+    return f"{os.getpid()}@{host_tag()}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def abandoned_staging(path: Path, pattern: re.Pattern, max_age_s: float, now: float | None = None) -> bool:
+    """True when a staging directory provably has no live writer: its owning process (on this
+    host) is gone, or it has not changed for `max_age_s`."""
+    match = pattern.match(path.name)
+    try:
+        age = (now or time.time()) - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age > max_age_s:
+        return True
+    if match is None:
+        return False
+    pid, host = int(match.group(1)), match.group(2)
+    return host == host_tag() and not pid_alive(pid)
 
 
 class Store(Protocol):
@@ -43,6 +89,16 @@ class Store(Protocol):
         """A local file with the object's content (the file itself for a local store)."""
 
     def delete_prefix(self, key: str) -> None: ...
+
+    def update_bytes(self, key: str, update: Callable[[bytes | None], bytes]) -> bytes:
+        """Conditional read-modify-write of one small object: `update(old or None)` -> new content;
+        retried when another writer changed the object in between, so no update is lost."""
+
+    def remove_abandoned(self, max_age_s: float) -> list[str]:
+        """Remove what crashed writers left (staging of versions and exports); returns the keys."""
+
+    def staging_dir(self) -> Path | None:
+        """A local directory where exports are staged (None: the caller's work directory)."""
 
 
 class LocalStore:
@@ -88,7 +144,8 @@ class LocalStore:
     def publish_dir(self, local_dir: Path, key: str) -> None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+        pid, host = owner_tag().split("@", 1)
+        staging = target.parent / f".tmp-{target.name}-{pid}-{uuid.uuid4().hex[:8]}@{host}"
         try:
             shutil.copytree(local_dir, staging)
             for file in staging.iterdir():
@@ -112,9 +169,43 @@ class LocalStore:
     def delete_prefix(self, key: str) -> None:
         path = self._path(key)
         if path.is_dir():
-            shutil.rmtree(path)
+            # Out of sight first (a rename), then removed: readers never see half a version.
+            hidden = path.parent / f".tmp-deleting-{path.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(path, hidden)
+            shutil.rmtree(hidden, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+    def update_bytes(self, key: str, update: Callable[[bytes | None], bytes]) -> bytes:
+        """An exclusive lock file beside the object (flock: works across processes, released
+        when a holder dies), then read, write a temporary file and rename it into place."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                old = path.read_bytes() if path.exists() else None
+                new = update(old)
+                self.write_bytes(key, new)
+                return new
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def remove_abandoned(self, max_age_s: float) -> list[str]:
+        removed = []
+        now = time.time()
+        candidates = [(d, _TMP_VERSION) for model in self.root.iterdir() if model.is_dir()
+                      and not model.name.startswith(".") for d in model.glob(".tmp-*") if d.is_dir()]
+        candidates += [(d, _EXPORT_STAGING) for d in (self.root / STAGING_DIR).glob(f"{EXPORT_PREFIX}*") if d.is_dir()]
+        for directory, pattern in candidates:
+            deleting = directory.name.startswith(".tmp-deleting-")
+            if deleting or abandoned_staging(directory, pattern, max_age_s, now):
+                shutil.rmtree(directory, ignore_errors=True)
+                removed.append(str(directory.relative_to(self.root)))
+        return removed
+
+    def staging_dir(self) -> Path | None:
+        return self.root / STAGING_DIR
 
 
 def open_store(url: str) -> Store:

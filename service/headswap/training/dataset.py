@@ -16,8 +16,11 @@ Layout of a job's data (written into a staging directory, renamed into place whe
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -27,7 +30,7 @@ import numpy as np
 from headswap.config import Settings
 from headswap.errors import HeadswapError, InvalidInput, ResourceExhausted
 from headswap.inference.images import load_pixels
-from headswap.training.spec import FineTuneSpec
+from headswap.training.spec import FineTuneSpec, normalize_label
 
 IMAGES_FILE = "images.bin"
 INDEX_FILE = "index.npz"
@@ -35,6 +38,26 @@ INDEX_FILE = "index.npz"
 # draft mode), and proves the image is readable; the worker resizes for real.
 CHECK_SIZE = 16
 MAX_REPORTED = 20
+DECODE_NICE = 10
+
+
+def _lower_priority() -> None:
+    """Upload checks run at a lower CPU priority than inference (Linux: per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICE)
+    except (AttributeError, OSError):
+        pass
+
+
+# One low-priority decode slot for every upload together: a 36 Mpx PNG takes a core for a
+# second, so uploads decode one image at a time, niced, and Classify keeps the other cores and
+# wins the contended one. Uploads are throughput work; Classify has callers waiting.
+_DECODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload-decode", initializer=_lower_priority)
+
+
+def check_image(data: bytes, max_pixels: int, index: int) -> None:
+    """Decode in the shared low-priority slot; raises the decoder's HeadswapError when unusable."""
+    _DECODER.submit(load_pixels, data, CHECK_SIZE, CHECK_SIZE, max_pixels, index).result()
 
 
 @dataclass(frozen=True)
@@ -129,14 +152,17 @@ class DatasetWriter:
             if self.received_bytes > s.max_train_bytes:
                 raise ResourceExhausted(f"too much data: image {index} takes the upload over {s.max_train_bytes} "
                                         "bytes (the server's --max-train-bytes); send fewer or smaller images")
-            label = example.label
-            if not label.strip():
-                raise InvalidInput(f"image {index} has an empty label; every image needs its class name")
-            if len(label) > s.max_label_length:
-                raise InvalidInput(f"image {index} has a label of {len(label)} characters; the limit is "
-                                   f"{s.max_label_length} (--max-label-length): {label[:40]!r}...")
+            if len(example.label) > s.max_label_length:
+                raise InvalidInput(f"image {index} has a label of {len(example.label)} characters; the limit is "
+                                   f"{s.max_label_length} (--max-label-length): {example.label[:40]!r}...")
             try:
-                load_pixels(example.image, CHECK_SIZE, CHECK_SIZE, s.max_image_pixels, index)
+                label = normalize_label(example.label)
+            except InvalidInput as err:
+                raise InvalidInput(f"image {index}: {err}") from None
+            if not label:
+                raise InvalidInput(f"image {index} has an empty label; every image needs its class name")
+            try:
+                check_image(example.image, s.max_image_pixels, index)
             except HeadswapError as err:
                 self.invalid.append((index, str(err)))
                 continue

@@ -9,8 +9,13 @@ database and publishes the new version atomically at its very end. What stays he
 - cancel = SIGTERM to the worker (SIGKILL after a grace period), job CANCELLED;
 - when a worker succeeds: activate the version if asked and good enough (through the
   ModelManager in role `all`, so it answers at once), then the final `done` event;
-- after a crash: jobs left QUEUED/RUNNING are marked FAILED when the next process starts, and the
-  worker of a dead server dies with it (PR_SET_PDEATHSIG), so no stray version appears later.
+- after a crash: jobs left QUEUED/RUNNING are marked FAILED when the next process starts (the
+  work directory is locked by then: server.py), their uploaded images are removed, and the
+  worker of a dead server dies with it (PR_SET_PDEATHSIG), so no stray version appears later;
+- bounds on what callers can pile up: uploads streaming at once (`upload_slots`), jobs queued or
+  running (--max-queued-jobs), bytes of uploads kept in the work directory (--max-work-dir-bytes);
+- jobs remember their submitter; `owner=` restricts get/list/cancel/watch to one submitter's
+  jobs (someone else's job is NotFound, as if absent).
 
 Name rules (checked when the upload starts and again when the job is created):
 the new name must be a valid registry name, must not be the base model itself, must not be an
@@ -27,7 +32,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -35,13 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from headswap.admission import Slots
 from headswap.config import Settings
-from headswap.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
+from headswap.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
 from headswap.metrics import JOBS, JOBS_RUNNING
 from headswap.registry.registry import Registry, check_model_name, model_name_for_source
 from headswap.training.dataset import DatasetWriter, Example, Upload
 from headswap.training.spec import FineTuneSpec
 from headswap.training.store import INTERRUPTED, JobEvent, JobRecord, JobState, JobStore
+from headswap.training.warm_worker import WarmWorker
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +98,23 @@ class JobManager:
             log.warning("job %s was interrupted by a restart; marked failed", job_id)
         for leftover in self.jobs_dir.glob(".incoming-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+        for job_dir in self.jobs_dir.iterdir():  # nothing runs yet: no job still needs its images
+            if job_dir.is_dir() and not job_dir.name.startswith("."):
+                self._cleanup(job_dir.name)
+        self.upload_slots = Slots("uploads already streaming", settings.max_uploads, "--max-uploads")
+        self.watch_slots = Slots("WatchJob streams already open", settings.max_watchers, "--max-watchers")
+        self._inflight_bytes: dict[str, int] = {}  # upload id -> bytes received so far
         self._lock = threading.Condition()
         self._queue: collections.deque[str] = collections.deque()
         self._running: dict[str, subprocess.Popen] = {}
         self._cancelling: set[str] = set()
         self._stopping = False
         self._scheduler: threading.Thread | None = None
+        # The warm worker (warm_worker.py): started by the scheduler once a FineTune request has
+        # come in (servers that never train never pay for it), then kept ready between jobs.
+        self._warm: WarmWorker | None = None
+        self._want_warm = False
+        self._warm_base: dict[str, Any] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -134,27 +151,46 @@ class JobManager:
                 f"{base.name} comes from {base.source}, whose layers cannot be unfrozen. Train the head only "
                 "(unfreeze_top_layers=0) or start from a builtin: or keras: model")
         self._check_name(spec, base)
+        self._check_queue()
+        self._prepare_worker(base)
         return spec, base
 
-    def submit(self, config: dict[str, Any], batches: Iterable[Iterable[Example]]) -> Submission:
+    def _prepare_worker(self, base: BaseModel) -> None:
+        """Have a warm worker ready, with this base's ONNX session open, by the time the upload ends."""
+        s = self.settings
+        preload = {"model_dir": s.model_dir, "cache_dir": str(self.registry.cache_dir), "name": base.name,
+                   "version": base.version, "threads": s.cpu_threads}
+        with self._lock:
+            self._warm_base = preload
+            warm = self._warm
+            if not self._want_warm:
+                self._want_warm = True
+                self._lock.notify_all()
+        if warm is not None and warm.alive():
+            warm.preload(preload)
+
+    def submit(self, config: dict[str, Any], batches: Iterable[Iterable[Example]], submitter: str = "") -> Submission:
         """Receive and validate the whole upload, store it, queue the job; returns its id."""
         spec, base = self.prepare(config)
         job_id = uuid.uuid4().hex[:12]
         writer = DatasetWriter(self.jobs_dir / f".incoming-{job_id}", self.settings, spec.skip_invalid_images)
         try:
             for batch in batches:
+                batch = list(batch)
+                self._reserve_bytes(job_id, sum(len(example.image) for example in batch))
                 writer.add(batch)
             upload = writer.finish(spec)
             with self._lock:
                 if self._stopping:
                     raise FailedPrecondition("the server is shutting down; send the job again later")
                 self._check_name(spec, base)  # another upload for the name may have finished meanwhile
+                self._check_queue()
                 job_dir = self.jobs_dir / job_id
                 self._write_job_file(writer.directory, job_id, spec, base, upload)
                 os.rename(writer.directory, job_dir)
                 try:
                     self.store.create(job_id, spec.name, base.name, spec.to_dict(), upload.num_images,
-                                      upload.num_classes, _received_message(upload))
+                                      upload.num_classes, _received_message(upload), submitter=submitter)
                 except BaseException:
                     shutil.rmtree(job_dir, ignore_errors=True)
                     raise
@@ -163,20 +199,23 @@ class JobManager:
         except BaseException:
             writer.discard()
             raise
+        finally:
+            with self._lock:
+                self._inflight_bytes.pop(job_id, None)
         log.info("job %s queued: %s from %s, %d images, %d classes%s", job_id, spec.name, base.name,
                  upload.num_images, upload.num_classes,
                  f", skipped {len(upload.skipped)} undecodable" if upload.skipped else "")
         return Submission(job_id, upload.num_images, upload.num_classes, upload.skipped)
 
-    def get(self, job_id: str) -> JobRecord:
-        return self.store.get(job_id)
+    def get(self, job_id: str, owner: str | None = None) -> JobRecord:
+        return self.store.get(job_id, owner)
 
-    def list(self) -> list[JobRecord]:
-        return self.store.list()
+    def list(self, owner: str | None = None) -> list[JobRecord]:
+        return self.store.list(owner)
 
-    def cancel(self, job_id: str) -> JobRecord:
+    def cancel(self, job_id: str, owner: str | None = None) -> JobRecord:
         """Cancel a queued or running job; the running worker is stopped, nothing is published."""
-        job = self.store.get(job_id)
+        job = self.store.get(job_id, owner)
         if job.state.terminal:
             raise FailedPrecondition(f"job {job_id} has already finished ({job.state.name}); nothing to cancel")
         with self._lock:
@@ -196,9 +235,10 @@ class JobManager:
         self.store.finish(job_id, JobState.CANCELLED, message="cancelled")
         return self.store.get(job_id)
 
-    def watch(self, job_id: str, is_active: Callable[[], bool], poll_s: float = 0.2) -> Iterator[JobEvent]:
+    def watch(self, job_id: str, is_active: Callable[[], bool], poll_s: float = 0.2,
+              owner: str | None = None) -> Iterator[JobEvent]:
         """Every event of the job from the first, then new ones as they come, until the last."""
-        self.store.get(job_id)  # NotFound for an unknown job
+        self.store.get(job_id, owner)  # NotFound for an unknown job (or someone else's)
         sequence = 0
         while is_active():
             events = self.store.events_after(job_id, sequence)
@@ -211,6 +251,36 @@ class JobManager:
                 time.sleep(poll_s)
 
     # --- checks ----------------------------------------------------------------------------
+
+    def _check_queue(self) -> None:
+        limit = self.settings.max_queued_jobs
+        count = self.store.unfinished()
+        if count >= limit:
+            raise ResourceExhausted(f"{count} jobs are already queued or running; the limit is {limit} "
+                                    "(--max-queued-jobs); wait for one to finish or cancel one")
+
+    def stored_bytes(self) -> int:
+        """Bytes of uploaded images kept in the work directory: queued and running jobs' data
+        (finished jobs' images are removed) plus what uploads in progress have received."""
+        on_disk = 0
+        for path in self.jobs_dir.glob("*/images.bin"):
+            try:
+                on_disk += path.stat().st_size
+            except FileNotFoundError:
+                pass
+        with self._lock:
+            return on_disk + sum(self._inflight_bytes.values())
+
+    def _reserve_bytes(self, upload_id: str, size: int) -> None:
+        """Count a batch against --max-work-dir-bytes before it is written."""
+        limit = self.settings.max_work_dir_bytes
+        used = self.stored_bytes()
+        if used + size > limit:
+            raise ResourceExhausted(f"the work directory holds {used} bytes of uploads and this batch adds {size}; "
+                                    f"the limit is {limit} (--max-work-dir-bytes); wait for queued jobs to "
+                                    "finish or send less")
+        with self._lock:
+            self._inflight_bytes[upload_id] = self._inflight_bytes.get(upload_id, 0) + size
 
     def resolve_base(self, base_model: str) -> BaseModel:
         """A registry model name, or a source (builtin:/keras:/hub:) already exported to the registry."""
@@ -288,7 +358,9 @@ class JobManager:
             "explicit_validation": upload.explicit_validation,
             "runtime": {"model_dir": s.model_dir, "cache_dir": str(self.registry.cache_dir),
                         "db": str(self.store.path), "threads": s.cpu_threads,
-                        "max_image_pixels": s.max_image_pixels},
+                        "max_image_pixels": s.max_image_pixels,
+                        "embedding_cache_dir": str(self.jobs_dir.parent / "embedding-cache"),
+                        "embedding_cache_bytes": s.embedding_cache_mb << 20},
         }
         (directory / JOB_FILE).write_text(json.dumps(job, indent=2))
 
@@ -297,13 +369,23 @@ class JobManager:
     def _schedule(self) -> None:
         """One job at a time, in arrival order. Runs in its own thread: it is the workers' parent
         thread, so PR_SET_PDEATHSIG ties them to this process."""
+        try:
+            self._schedule_jobs()
+        finally:
+            if self._warm is not None:
+                self._warm.stop()
+
+    def _schedule_jobs(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not self._stopping:
-                    self._lock.wait()
+                while not self._queue and not self._stopping and not self._needs_warm_worker():
+                    self._lock.wait(timeout=5.0)  # also notices a warm worker that died while idle
                 if self._stopping:
                     return
-                job_id = self._queue.popleft()
+                job_id = self._queue.popleft() if self._queue else None
+            if job_id is None:
+                self._ready_worker()
+                continue
             JOBS_RUNNING.inc()
             try:
                 self._run(job_id)
@@ -315,22 +397,37 @@ class JobManager:
             JOBS.labels(self.store.get(job_id).state.name.lower()).inc()
             self._cleanup(job_id)
 
+    def _needs_warm_worker(self) -> bool:
+        return self._want_warm and (self._warm is None or not self._warm.usable())
+
+    def _ready_worker(self) -> WarmWorker:
+        """The warm worker, started afresh if there is none, it died (a cancel kills it) or it
+        has run its share of jobs. Scheduler thread only (PR_SET_PDEATHSIG follows this thread)."""
+        if self._warm is not None and not self._warm.usable():
+            self._warm.stop()
+            self._warm = None
+        if self._warm is None:
+            self._warm = WarmWorker(self.jobs_dir.parent / "warm-worker.log")
+            log.info("warm training worker pid %d starting", self._warm.pid)
+            with self._lock:
+                base = self._warm_base
+            if base is not None:
+                self._warm.preload(base)
+        return self._warm
+
     def _run(self, job_id: str) -> None:
         job_dir = self.jobs_dir / job_id
-        with open(job_dir / WORKER_LOG, "ab") as worker_log, self._lock:
+        with self._lock:
             if self._stopping:
                 return
-            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
-                   "PYTHONUNBUFFERED": "1"}
-            proc = subprocess.Popen([sys.executable, "-m", "headswap.training.worker", str(job_dir),
-                                     "--parent-pid", str(os.getpid())],
-                                    stdout=worker_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, start_new_session=True)
-            self._running[job_id] = proc
-        if not self.store.start(job_id, proc.pid):  # cancelled between queue and start
-            _stop_process(proc)
-        log.info("job %s: worker pid %d started", job_id, proc.pid)
-        code = proc.wait()
+        worker = self._ready_worker()
+        with self._lock:
+            self._running[job_id] = worker.proc
+        if self.store.start(job_id, worker.pid):
+            log.info("job %s: running in warm worker pid %d", job_id, worker.pid)
+            code = worker.run(job_dir)
+        else:  # cancelled between queue and start: the worker stays ready for the next job
+            code = 3
         with self._lock:
             self._running.pop(job_id, None)
             cancelled = job_id in self._cancelling
@@ -345,8 +442,7 @@ class JobManager:
         elif code == 0 and job.version:
             self._succeed(job)
         else:
-            error = job.error or _tail(job_dir / WORKER_LOG) or f"the worker exited with code {code}"
-            self.store.finish(job_id, JobState.FAILED, error=error)
+            self.store.finish(job_id, JobState.FAILED, error=_failure_reason(code, job.error, job_dir / WORKER_LOG))
         log.info("job %s: %s", job_id, self.store.get(job_id).state.name)
 
     def _succeed(self, job: JobRecord) -> None:
@@ -369,6 +465,14 @@ class JobManager:
                 message += f"; not activated: {err}"
         elif spec.activate:
             message += f"; not activated: below min_val_accuracy {spec.min_val_accuracy:.4f}"
+        if self.settings.keep_versions:
+            try:
+                pruned = self.registry.prune(job.model, self.settings.keep_versions)
+                if pruned:
+                    log.info("job %s: removed old versions %s of %s (--keep-versions %d)", job.job_id, pruned,
+                             job.model, self.settings.keep_versions)
+            except Exception:  # retention is housekeeping: the job itself succeeded
+                log.exception("job %s: pruning old versions of %s failed", job.job_id, job.model)
         self.store.finish(job.job_id, JobState.SUCCEEDED, message=message, activated=activated)
 
     def _cleanup(self, job_id: str) -> None:
@@ -394,6 +498,21 @@ def _stop_process(proc: subprocess.Popen) -> None:
         proc.wait()
     except ProcessLookupError:
         pass
+
+
+def _failure_reason(code: int, error: str, worker_log: Path) -> str:
+    """Why a worker failed: its own account, else the signal that killed it, else its log's tail."""
+    if error:
+        return error
+    if code < 0:
+        number = -code
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "unknown signal"
+        usual = "; out of memory is the usual cause" if number == signal.SIGKILL else ""
+        return f"worker killed by signal {number} ({name}{usual})"
+    return _tail(worker_log) or f"the worker exited with code {code}"
 
 
 def _tail(path: Path, lines: int = 5) -> str:

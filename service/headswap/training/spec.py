@@ -7,11 +7,14 @@ turns that into explicit defaults here, once, so the trainer never guesses.
 from __future__ import annotations
 
 import dataclasses
+import math
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
 from headswap.config import DEFAULT_MODEL_SOURCE
 from headswap.errors import InvalidInput
+from headswap.registry.registry import check_model_name
 
 DEFAULT_EPOCHS = 10
 DEFAULT_LEARNING_RATE = 5e-3
@@ -20,6 +23,29 @@ DEFAULT_VALIDATION_SPLIT = 0.2
 DEFAULT_FINETUNE_EPOCHS = 2
 DEFAULT_FINETUNE_LEARNING_RATE = 1e-4
 MAX_EPOCHS = 1000
+MAX_HIDDEN_UNITS = 4096
+PRECISIONS = ("fp32", "bf16", "int8")
+MAX_BATCH_SIZE = 4096
+MAX_SEED = 2**31 - 1  # every RNG involved (numpy, Python, TensorFlow) accepts it
+# No Keras backbone we can fine-tune has more layers than this (EfficientNetB7: ~800); the
+# trainer checks the real count of the base when it cuts the model.
+MAX_UNFREEZE_LAYERS = 1000
+MAX_CLASS_WEIGHT = 1e6
+MAX_CLASS_WEIGHTS = 10_000
+MAX_BASE_MODEL_LENGTH = 1024
+# Invisible characters that some scripts need inside words (ZWNJ, ZWJ): allowed in labels.
+_ALLOWED_FORMAT = {"\u200c", "\u200d"}
+
+
+def normalize_label(label: str) -> str:
+    """One spelling per class: Unicode NFC, surrounding blanks stripped; control and other
+    invisible characters refused (`a` and `a\\x00` would be two classes shown alike)."""
+    text = unicodedata.normalize("NFC", str(label)).strip()
+    bad = sorted({c for c in text if unicodedata.category(c).startswith("C") and c not in _ALLOWED_FORMAT})
+    if bad:
+        raise InvalidInput(f"label {text[:40]!r} contains control or invisible characters "
+                           f"{', '.join(f'U+{ord(c):04X}' for c in bad[:5])}; labels must be printable text")
+    return text
 
 
 @dataclass(frozen=True)
@@ -44,11 +70,22 @@ class FineTuneSpec:
     min_val_accuracy: float = 0.0
     skip_invalid_images: bool = False
     label_smoothing: float = 0.0
+    hidden_units: int = 0  # 0 = linear head; N = Dense(N, relu) before the output (the seeds' recipe: 256)
+    precision: str = "fp32"
 
     @classmethod
     def from_request(cls, values: dict[str, Any]) -> "FineTuneSpec":
         """Build from the request's fields (0/empty = default) and check every range."""
         v = dict(values)
+        problems: list[str] = []
+        weights: dict[str, float] = {}
+        for key, weight in dict(v.get("class_weights") or {}).items():
+            try:
+                weights[normalize_label(key)] = float(weight)
+            except InvalidInput as err:
+                problems.append(f"class_weights: {err}")
+        if problems:
+            raise InvalidInput("invalid fine-tune config: " + "; ".join(problems))
         spec = cls(
             name=str(v.get("name") or "").strip(),
             base_model=str(v.get("base_model") or "").strip() or DEFAULT_MODEL_SOURCE,
@@ -58,7 +95,7 @@ class FineTuneSpec:
             dropout=float(v.get("dropout") or 0.0),
             validation_split=float(v.get("validation_split") or DEFAULT_VALIDATION_SPLIT),
             balance_classes=bool(v.get("balance_classes")),
-            class_weights={str(k): float(w) for k, w in dict(v.get("class_weights") or {}).items()},
+            class_weights=weights,
             early_stopping_patience=int(v.get("early_stopping_patience") or 0),
             seed=int(v.get("seed") or 0),
             unfreeze_top_layers=int(v.get("unfreeze_top_layers") or 0),
@@ -68,6 +105,8 @@ class FineTuneSpec:
             min_val_accuracy=float(v.get("min_val_accuracy") or 0.0),
             skip_invalid_images=bool(v.get("skip_invalid_images")),
             label_smoothing=float(v.get("label_smoothing") or 0.0),
+            hidden_units=int(v.get("hidden_units") or 0),
+            precision=str(v.get("precision") or "fp32").strip().lower(),
         )
         spec.check()
         return spec
@@ -77,28 +116,53 @@ class FineTuneSpec:
         problems = []
         if not self.name:
             problems.append("name is required (the registry name of the new model)")
+        else:
+            try:
+                check_model_name(self.name)
+            except InvalidInput as err:
+                problems.append(f"name: {err}")
+        if len(self.base_model) > MAX_BASE_MODEL_LENGTH or \
+                any(unicodedata.category(c).startswith("C") for c in self.base_model):
+            problems.append(f"base_model must be a registry name or a source (builtin:, keras:, hub:) of at most "
+                            f"{MAX_BASE_MODEL_LENGTH} printable characters, got {self.base_model[:60]!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        if not 0 <= self.unfreeze_top_layers <= MAX_UNFREEZE_LAYERS:
+            problems.append(f"unfreeze_top_layers must be between 0 and {MAX_UNFREEZE_LAYERS}, "
+                            f"got {self.unfreeze_top_layers}")
+        if not 0 <= self.early_stopping_patience <= MAX_EPOCHS:
+            problems.append(f"early_stopping_patience must be between 0 and {MAX_EPOCHS}, "
+                            f"got {self.early_stopping_patience}")
         if not 1 <= self.epochs <= MAX_EPOCHS:
             problems.append(f"epochs must be between 1 and {MAX_EPOCHS}, got {self.epochs}")
         for key in ("learning_rate", "finetune_learning_rate"):
             value = getattr(self, key)
             if not 0 < value <= 1:
                 problems.append(f"{key} must be in (0, 1], got {value}")
-        if not 1 <= self.batch_size <= 4096:
-            problems.append(f"batch_size must be between 1 and 4096, got {self.batch_size}")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            problems.append(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got {self.batch_size}")
         for key in ("dropout", "validation_split", "label_smoothing"):
             value = getattr(self, key)
             if not 0 <= value < 1:
                 problems.append(f"{key} must be in [0, 1), got {value}")
         if not 0 <= self.min_val_accuracy <= 1:
             problems.append(f"min_val_accuracy must be in [0, 1], got {self.min_val_accuracy}")
-        for key in ("early_stopping_patience", "unfreeze_top_layers"):
-            if getattr(self, key) < 0:
-                problems.append(f"{key} must not be negative")
         if not 1 <= self.finetune_epochs <= MAX_EPOCHS:
             problems.append(f"finetune_epochs must be between 1 and {MAX_EPOCHS}, got {self.finetune_epochs}")
-        bad_weights = {k: w for k, w in self.class_weights.items() if not w > 0}
+        if not 0 <= self.hidden_units <= MAX_HIDDEN_UNITS:
+            problems.append(f"hidden_units must be between 0 and {MAX_HIDDEN_UNITS} (0 = no hidden layer), "
+                            f"got {self.hidden_units}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        bad_weights = {k: w for k, w in self.class_weights.items()
+                       if not (math.isfinite(w) and 0 < w <= MAX_CLASS_WEIGHT)}
         if bad_weights:
-            problems.append(f"class_weights must be positive: {bad_weights}")
+            shown = dict(list(bad_weights.items())[:5])
+            problems.append(f"class_weights values must be in (0, {MAX_CLASS_WEIGHT:g}], got {shown}")
+        if len(self.class_weights) > MAX_CLASS_WEIGHTS:
+            problems.append(f"class_weights may name at most {MAX_CLASS_WEIGHTS} labels, got {len(self.class_weights)}")
+        if any(not k for k in self.class_weights):
+            problems.append("class_weights keys must be non-empty labels")
         if problems:
             raise InvalidInput("invalid fine-tune config: " + "; ".join(problems))
 

@@ -98,6 +98,7 @@ class JobRecord:
     worker_pid: int
     num_images: int
     num_classes: int
+    submitter: str = ""  # who sent the job (the credential's name; "" without authentication)
     last_event: JobEvent | None = None
 
     @property
@@ -122,7 +123,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     activated INTEGER NOT NULL DEFAULT 0,
     worker_pid INTEGER NOT NULL DEFAULT 0,
     num_images INTEGER NOT NULL DEFAULT 0,
-    num_classes INTEGER NOT NULL DEFAULT 0
+    num_classes INTEGER NOT NULL DEFAULT 0,
+    submitter TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
@@ -145,6 +147,9 @@ class JobStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            if "submitter" not in columns:  # a database from before jobs had owners
+                db.execute("ALTER TABLE jobs ADD COLUMN submitter TEXT NOT NULL DEFAULT ''")
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -171,13 +176,13 @@ class JobStore:
     # --- writing ---------------------------------------------------------------------------
 
     def create(self, job_id: str, name: str, base_model: str, config: dict[str, Any], num_images: int,
-               num_classes: int, message: str) -> None:
+               num_classes: int, message: str, submitter: str = "") -> None:
         now = time.time()
         with self._write() as db:
             db.execute("INSERT INTO jobs (job_id, state, name, base_model, phase, created, config_json, "
-                       "num_images, num_classes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       "num_images, num_classes, submitter) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (job_id, int(JobState.QUEUED), name, base_model, Phase.QUEUED, now, json.dumps(config),
-                        num_images, num_classes))
+                        num_images, num_classes, submitter))
             self._append(db, JobEvent(job_id, JobState.QUEUED, Phase.RECEIVING, message=message, time=now))
 
     def start(self, job_id: str, pid: int) -> bool:
@@ -265,19 +270,25 @@ class JobStore:
 
     # --- reading ---------------------------------------------------------------------------
 
-    def get(self, job_id: str) -> JobRecord:
+    def get(self, job_id: str, owner: str | None = None) -> JobRecord:
+        """One job; NotFound when it does not exist or (with `owner`) belongs to someone else:
+        another caller's job ids are not even confirmed to exist."""
         with self._connect() as db:
             row = db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise NotFound(f"unknown job {job_id!r}; `headswap jobs` lists the known ones")
+            if row is None or (owner is not None and dict(zip(_JOB_COLUMNS, row))["submitter"] != owner):
+                raise NotFound(f"unknown job {str(job_id)[:64]!r}; `headswap jobs` lists the known ones")
             last = db.execute("SELECT data FROM events WHERE job_id = ? ORDER BY sequence DESC LIMIT 1",
                               (job_id,)).fetchone()
         return self._record(row, last[0] if last else None)
 
-    def list(self) -> list[JobRecord]:
-        """Every job, newest first."""
+    def list(self, owner: str | None = None) -> list[JobRecord]:
+        """Every job (or every job of `owner`), newest first."""
         with self._connect() as db:
-            rows = db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs ORDER BY created DESC").fetchall()
+            if owner is None:
+                rows = db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs ORDER BY created DESC").fetchall()
+            else:
+                rows = db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE submitter = ? "
+                                  "ORDER BY created DESC", (owner,)).fetchall()
             lasts = dict(db.execute("SELECT e.job_id, e.data FROM events e JOIN (SELECT job_id, MAX(sequence) s "
                                     "FROM events GROUP BY job_id) m ON e.job_id = m.job_id AND e.sequence = m.s"))
         return [self._record(row, lasts.get(row[0])) for row in rows]
@@ -287,6 +298,13 @@ class JobStore:
             rows = db.execute("SELECT data FROM events WHERE job_id = ? AND sequence > ? ORDER BY sequence",
                               (job_id, sequence)).fetchall()
         return [_event(data) for (data,) in rows]
+
+    def unfinished(self) -> int:
+        """How many jobs are QUEUED or RUNNING."""
+        with self._connect() as db:
+            (count,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)",
+                                  (int(JobState.QUEUED), int(JobState.RUNNING))).fetchone()
+        return int(count)
 
     def active_names(self) -> dict[str, str]:
         """Model name -> job id for every QUEUED or RUNNING job."""

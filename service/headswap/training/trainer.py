@@ -1,26 +1,33 @@
-"""Fine-tuning: features once, head many times; optional phase 2; export backbone + head to ONNX.
+"""Fine-tuning: features once, head many times; optional phase 2; publish backbone + head as ONNX.
 
-Runs in the worker subprocess (TensorFlow + Keras 3). The steps:
+Runs in the worker subprocess on any Keras 3 backend (`KERAS_BACKEND`: TensorFlow or JAX); only
+the backend-independent Keras API is used. The steps:
 
-1. Feature extraction. Each image is decoded once (at the base's input size, with the
-   manifest's preprocessing) and run through the frozen backbone once: with ONNX Runtime on the
-   base version's own ONNX file (its `embedding` output), or with the Keras backbone when the
-   Keras backend has a GPU and ONNX Runtime has none. On the 2-core CPU machine ORT is several
-   times faster than Keras `predict` (see docs/training.md).
-2. Head training: Dropout -> Dense softmax, trained for every epoch on the cached embeddings;
-   an epoch over thousands of images takes milliseconds instead of a full backbone pass.
-3. Phase 2 (unfreeze_top_layers > 0, Keras backbones only): the backbone is cut below its top N
-   layers (moved down to the nearest point where one tensor flows), the activations at the cut
-   are computed once and cached, and the top part + head train on them at a low learning rate
-   with BatchNormalization frozen (inference mode).
-4. Export: backbone + head as one function -> tf2onnx -> parity check against TensorFlow ->
-   `Registry.publish` (atomic, not activated: the server decides about activation).
+1. Feature extraction. Each image's embedding is looked up in the content-addressed cache
+   (`embedding_cache.py`: base version + sha256 of the image bytes); only the misses are
+   decoded (at the base's input size, with the manifest's preprocessing) and run through the
+   frozen backbone once: with ONNX Runtime on the base version's own ONNX file (its `embedding`
+   output; the session stays open in a warm worker), or with the Keras backbone when the Keras
+   backend has a GPU and ONNX Runtime has none.
+2. Head training: Dropout -> [Dense(hidden_units, relu) -> Dropout] -> Dense softmax, trained
+   for every epoch on the embeddings; an epoch over thousands of images takes milliseconds.
+3. Head only: the head is appended to the base's ONNX graph after its `embedding` output
+   (`compose.py`: the `onnx` package, no tf2onnx, no TensorFlow), parity-checked against the
+   Keras head on the validation embeddings, and published.
+4. Phase 2 (unfreeze_top_layers > 0, Keras backbones, TensorFlow backend): the backbone is cut
+   below its top N layers, the activations at the cut are computed once, the top part + head
+   train on them at a low learning rate with BatchNormalization frozen, and backbone + head go
+   through tf2onnx with a parity check against TensorFlow.
+
+Publishing is `Registry.publish` (atomic, not activated: the server decides about activation).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +41,9 @@ import numpy as np
 from headswap.errors import FailedPrecondition, InvalidInput
 from headswap.inference.images import Preprocessing, load_pixels
 from headswap.registry.registry import Registry
+from headswap.training import compose
 from headswap.training.dataset import StoredDataset
+from headswap.training.embedding_cache import EmbeddingCache, image_key
 from headswap.training.spec import FineTuneSpec
 from headswap.training.store import Phase
 
@@ -43,6 +52,8 @@ log = logging.getLogger(__name__)
 EXTRACT_BATCH = 32
 GPU_EXTRACT_BATCH = 128
 REPORT_INTERVAL_S = 0.5
+HASH_CHUNK = 256
+DEFAULT_CACHE_MB = 1024
 
 
 class Stopped(Exception):
@@ -130,6 +141,18 @@ def run_batches(fn: Callable[[np.ndarray], np.ndarray], batches: Iterator[np.nda
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
 
+_EMBEDDERS: dict[tuple[str, str, int], Callable[[np.ndarray], np.ndarray]] = {}
+
+
+def cached_ort_embedder(model_path: Path, sha256: str, output: str, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """`ort_embedder`, kept open in this (warm) worker between jobs: keyed by the file's content."""
+    key = (sha256, output, threads)
+    if key not in _EMBEDDERS:
+        _EMBEDDERS.clear()  # one base at a time: a session holds the whole backbone in memory
+        _EMBEDDERS[key] = ort_embedder(model_path, output, threads)
+    return _EMBEDDERS[key]
+
+
 def ort_embedder(model_path: Path, output: str, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     """The base version's ONNX graph in ONNX Runtime, returning its embedding output."""
     import onnxruntime as ort
@@ -163,6 +186,39 @@ def ort_has_gpu() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def extract_features(dataset: StoredDataset, positions: np.ndarray, pre: Preprocessing, max_pixels: int,
+                     embedder: Callable[[np.ndarray], np.ndarray], batch_size: int, threads: int,
+                     report: Reporter, cache: EmbeddingCache, embedding_size: int | None) -> tuple[np.ndarray, int]:
+    """Embeddings of the images at `positions` (in that order) and how many came from the cache.
+
+    Only cache misses are decoded and run through the backbone; their embeddings are stored."""
+    keys: list[str] = []
+    for start in range(0, len(positions), HASH_CHUNK):
+        keys += [image_key(data) for data in dataset.read(positions[start:start + HASH_CHUNK])]
+    cached = cache.get_many(keys, embedding_size)
+    missing = np.asarray([i for i in range(len(positions)) if i not in cached], dtype=np.int64)
+    started = time.monotonic()
+    if len(missing):
+        if cached:
+            report(Phase.EXTRACTING_FEATURES, message=f"{len(cached)} of {len(positions)} embeddings from the cache")
+        new = run_batches(embedder, pixel_batches(dataset, positions[missing], pre, max_pixels, batch_size, threads),
+                          len(missing), report, Phase.EXTRACTING_FEATURES)
+        cache.put_many([keys[i] for i in missing], new)
+    else:
+        new = np.zeros((0, embedding_size or 0), np.float32)
+    size = new.shape[1] if len(missing) else len(next(iter(cached.values())))
+    features = np.empty((len(positions), size), np.float32)
+    if len(missing):
+        features[missing] = new
+    for i, embedding in cached.items():
+        features[i] = embedding
+    if not len(missing):
+        rate = len(positions) / max(time.monotonic() - started, 1e-9)
+        report(Phase.EXTRACTING_FEATURES, images_per_second=rate, eta_seconds=0.0,
+               message=f"{len(positions)}/{len(positions)} images (all from the embedding cache)")
+    return features, len(cached)
+
+
 # --- 2. head -------------------------------------------------------------------------------
 
 
@@ -188,14 +244,18 @@ class ProgressCallback(keras.callbacks.Callback):
                     eta_seconds=elapsed / done * (self.epochs - done))
 
 
-def build_head(embedding_size: int, num_classes: int, dropout: float) -> keras.Model:
-    """Dropout -> Dense softmax on the raw embedding.
+def build_head(embedding_size: int, num_classes: int, dropout: float, hidden_units: int = 0) -> keras.Model:
+    """Dropout -> [Dense(hidden_units, relu) -> Dropout] -> Dense softmax on the raw embedding.
 
+    Only Dense and Dropout layers, so that `compose.py` can append it to the base's ONNX graph.
     No per-feature standardisation: measured on the digits, it amplified the near-constant
     embedding dimensions and cost 5-8 points of accuracy against the raw features.
     """
     inputs = keras.Input((embedding_size,), name="head_input")
     x = keras.layers.Dropout(dropout, name="head_dropout")(inputs) if dropout > 0 else inputs
+    if hidden_units:
+        x = keras.layers.Dense(hidden_units, activation="relu", name="head_hidden")(x)
+        x = keras.layers.Dropout(dropout, name="head_hidden_dropout")(x) if dropout > 0 else x
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="head_dense")(x)
     return keras.Model(inputs, outputs, name="head")
 
@@ -291,11 +351,15 @@ def classification_metrics(probabilities: np.ndarray, y_true: np.ndarray, labels
 
 def run(job: TrainingJob, report: Reporter) -> Result:
     """Train and publish; returns the stored version and its metrics."""
-    from headswap.export import onnx_export, sources
-
     spec, runtime = job.spec, job.runtime
     timings: dict[str, float] = {}
-    keras.utils.set_random_seed(spec.seed)
+    backend = keras.backend.backend()
+    if spec.unfreeze_top_layers and backend != "tensorflow":
+        raise FailedPrecondition(f"phase 2 (unfreeze_top_layers={spec.unfreeze_top_layers}) is exported with "
+                                 f"tf2onnx and needs the TensorFlow Keras backend; this trainer runs {backend!r}. "
+                                 "Train the head only (unfreeze_top_layers=0), or run the trainer with "
+                                 "KERAS_BACKEND=tensorflow")
+    set_random_seed(spec.seed)
     registry = Registry(runtime["model_dir"], cache_dir=Path(runtime["cache_dir"]))
     base_name, base_version = job.base["name"], int(job.base["version"])
     base_path, base_manifest = registry.verified_model_path(base_name, base_version)
@@ -309,43 +373,61 @@ def run(job: TrainingJob, report: Reporter) -> Result:
     y_train, y_val = dataset.label_ids[train_pos], dataset.label_ids[val_pos]
     threads = int(runtime.get("threads") or 2)
     max_pixels = int(runtime.get("max_image_pixels") or 40_000_000)
+    cache = EmbeddingCache(Path(runtime.get("embedding_cache_dir") or job.directory.parent.parent / "embedding-cache"),
+                           base_name, base_version, str(base_manifest["sha256"]),
+                           int(runtime.get("embedding_cache_bytes", DEFAULT_CACHE_MB << 20)))
+    embedding_size = base_manifest.get("outputs", {}).get("embedding_size")
 
     started = time.monotonic()
     built = None
     use_keras = keras_gpu() and not ort_has_gpu()
     if use_keras:  # a GPU for Keras but not for ORT: the backbone runs in Keras
-        built = sources.build(job.base["source"], job.base.get("weights") or None)
+        from headswap.export import sources
+
+        built = sources.build(job.base["source"], job.base.get("weights") or None,
+                              for_export=bool(spec.unfreeze_top_layers))
         embed_model = feature_model_of(built.backbone) if isinstance(built.backbone, keras.Model) else None
         embedder = (embed_model.predict_on_batch if embed_model is not None
                     else lambda batch: np.asarray(_embedding(built.backbone, batch)))
     else:
-        embedder = ort_embedder(base_path, base_manifest["outputs"]["embedding"], threads)
+        embedder = cached_ort_embedder(base_path, str(base_manifest["sha256"]),
+                                       base_manifest["outputs"]["embedding"], threads)
     report(Phase.EXTRACTING_FEATURES, message=f"{len(order)} images through {base_name} "
            f"({'keras' if use_keras else 'onnxruntime'})")
     batch = GPU_EXTRACT_BATCH if use_keras else EXTRACT_BATCH  # a GPU wants bigger batches
-    features = run_batches(embedder, pixel_batches(dataset, order, pre, max_pixels, batch, threads), len(order),
-                           report, Phase.EXTRACTING_FEATURES)
+    precompile = None if use_keras or not embedding_size else \
+        start_precompile(spec, int(embedding_size), y_train, y_val, labels)
+    try:
+        features, cache_hits = extract_features(dataset, order, pre, max_pixels, embedder, batch, threads, report,
+                                                cache, embedding_size)
+    except BaseException:
+        if precompile is not None:  # a warm worker must not carry a fit into its next job
+            precompile.join()
+        raise
     x_train, x_val = features[:len(train_pos)], features[len(train_pos):]
     timings["extract_seconds"] = time.monotonic() - started
     timings["extract_images_per_second"] = len(order) / max(timings["extract_seconds"], 1e-9)
 
     started = time.monotonic()
-    head = build_head(x_train.shape[1], len(labels), spec.dropout)
+    if precompile is not None:
+        precompile.join()
+        set_random_seed(spec.seed)  # the throwaway head drew from the same generators
+    _COMPILED.add((x_train.shape[1], len(labels), spec.hidden_units, spec.dropout > 0, spec.label_smoothing,
+                   bool(spec.class_weights or spec.balance_classes), spec.batch_size, len(y_train), len(y_val)))
+    head = build_head(x_train.shape[1], len(labels), spec.dropout, spec.hidden_units)
     history = {"head": fit(head, x_train, y_train, x_val, y_val, spec, spec.learning_rate, spec.epochs,
                            Phase.TRAINING_HEAD, report, labels)}
     val_probabilities = np.asarray(head.predict(x_val, batch_size=256, verbose=0))
     timings["head_seconds"] = time.monotonic() - started
 
-    if built is None:
-        started = time.monotonic()
-        report(Phase.EXPORTING if not spec.unfreeze_top_layers else Phase.FINE_TUNING,
-               message=f"building the {job.base['source']} backbone in Keras")
-        built = sources.build(job.base["source"], job.base.get("weights") or None)
-        timings["build_seconds"] = time.monotonic() - started
-
     phase2: dict[str, Any] = {}
     if spec.unfreeze_top_layers:
+        from headswap.export import sources
+
         started = time.monotonic()
+        if built is None:
+            report(Phase.FINE_TUNING, message=f"building the {job.base['source']} backbone in Keras")
+            built = sources.build(job.base["source"], job.base.get("weights") or None)
         features_model = feature_model_of(built.backbone)
         bottom, top, unfrozen = split_top(features_model, spec.unfreeze_top_layers)
         trainable = unfreeze(top)
@@ -363,25 +445,18 @@ def run(job: TrainingJob, report: Reporter) -> Result:
         phase2 = {"unfrozen_layers": unfrozen, "trainable_weights": trainable, "cut_layer": top.layers[1].name,
                   "cut_shape": list(cut.shape[1:])}
         timings["fine_tune_seconds"] = time.monotonic() - started
-        backbone_fn: Any = features_model
-    else:
-        backbone_fn = built.backbone
 
     metrics = classification_metrics(val_probabilities, y_val, labels)
     metrics.update(num_train=int(len(train_pos)), num_val=int(len(val_pos)),
                    train_accuracy=round(history.get("fine_tune", history["head"])["accuracy"][-1], 6),
-                   epochs_run=len(history["head"]["accuracy"]))
+                   epochs_run=len(history["head"]["accuracy"]), embedding_cache_hits=int(cache_hits),
+                   embedding_cache_misses=int(len(order) - cache_hits), keras_backend=backend)
 
     started = time.monotonic()
-
-    def classifier(images: Any) -> dict[str, Any]:
-        embedding = _embedding(backbone_fn, images)
-        return {"embedding": embedding, "probabilities": head(embedding, training=False)}
-
     manifest_base = {
         "kind": "fine-tune",
-        "source": built.source,
-        "weights": built.weights,
+        "source": built.source if built is not None else base_manifest.get("source", job.base["source"]),
+        "weights": built.weights if built is not None else base_manifest.get("weights"),
         "labels": labels,
         "preprocessing": base_manifest["preprocessing"],
         "base_model": {"name": base_name, "version": base_version, "source": job.base["source"]},
@@ -390,16 +465,175 @@ def run(job: TrainingJob, report: Reporter) -> Result:
                      "feature_extractor": "keras" if use_keras else "onnxruntime",
                      "timings": {k: round(v, 3) for k, v in timings.items()}},
     }
-    # The last progress write: a cancel after this point may still see the version published.
-    report(Phase.EXPORTING, message="tf2onnx conversion, parity check, publish")
-    version = onnx_export.export_keras_model(classifier, input_size, manifest_base, registry, job.spec.name,
-                                             activate=False)
+    if spec.unfreeze_top_layers:
+        # The last progress write: a cancel after this point may still see the version published.
+        report(Phase.EXPORTING, message="tf2onnx conversion, parity check, publish")
+        version = export_phase2(features_model, head, input_size, manifest_base, registry, spec)
+        metrics["export_method"] = "tf2onnx"
+    else:
+        report(Phase.EXPORTING, message="appending the head to the base's ONNX graph, parity check, publish")
+        version = publish_composed(base_path, base_manifest, head, x_val, val_probabilities, manifest_base, registry,
+                                   spec)
+        metrics["export_method"] = "composed"
     timings["export_seconds"] = time.monotonic() - started
     metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
     metrics["phase2"] = phase2
-    log.info("job %s: stored %s version %d, validation accuracy %.4f, timings %s", job.job_id, job.spec.name,
-             version, metrics["val_accuracy"], metrics["timings"])
+    # Proof for the tests and the docs: a head-only job under JAX never loads TensorFlow.
+    metrics["tensorflow_imported"] = "tensorflow" in sys.modules
+    log.info("job %s: stored %s version %d, validation accuracy %.4f, cache hits %d/%d, timings %s", job.job_id,
+             job.spec.name, version, metrics["val_accuracy"], cache_hits, len(order), metrics["timings"])
     return Result(job.spec.name, version, metrics)
+
+
+COMPILATION_CACHE_BYTES = 256 << 20
+
+
+def configure_backend(cache_dir: Path) -> None:
+    """JAX: keep compiled XLA programs on disk (bounded, in the work directory).
+
+    Every job builds a new head model, and JAX would compile its train step again (seconds on a
+    small CPU); the programs depend only on the shapes, so a head of the same shape as an
+    earlier one (the next job on the same images, a new learning rate) skips compilation.
+    TensorFlow has no such cache and is left alone."""
+    if keras.backend.backend() != "jax":
+        return
+    import jax
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # JAX's own size bound needs the `filelock` package; bounding it here at start is enough.
+    files = sorted((p.stat().st_mtime, p.stat().st_size, p) for p in cache_dir.rglob("*") if p.is_file())
+    total = sum(size for _, size, _ in files)
+    for _, size, path in files:
+        if total <= COMPILATION_CACHE_BYTES:
+            break
+        path.unlink(missing_ok=True)
+        total -= size
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def warm_up() -> None:
+    """Train and run a tiny head once, so that the first real job does not pay for the backend's
+    one-time start (JAX: backend and tracing machinery; TensorFlow: its runtime)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((8, 16), dtype=np.float32), np.arange(8) % 2
+    head = build_head(16, 2, 0.0)
+    spec = FineTuneSpec(name="warm-up", epochs=1, batch_size=4)
+    fit(head, x, y, x, y, spec, 1e-3, 1, Phase.TRAINING_HEAD, lambda phase, **fields: None, ["a", "b"])
+    head.predict(x, batch_size=8, verbose=0)
+    keras.backend.clear_session()
+
+
+_COMPILED: set[tuple] = set()
+
+
+def start_precompile(spec: FineTuneSpec, embedding_size: int, y_train: np.ndarray, y_val: np.ndarray,
+                     labels: list[str]) -> threading.Thread | None:
+    """JAX: compile the head's train/eval programs while the backbone extracts features.
+
+    The programs depend only on shapes and constants (sizes, classes, hidden units, batch size,
+    label smoothing, class weights), all known before the first embedding: a throwaway head fit
+    on zeros of those shapes puts them in the compilation cache, and the real fit finds them
+    there. Skipped when this worker already compiled the same signature."""
+    if keras.backend.backend() != "jax":
+        return None
+    signature = (embedding_size, len(labels), spec.hidden_units, spec.dropout > 0, spec.label_smoothing,
+                 bool(spec.class_weights or spec.balance_classes), spec.batch_size, len(y_train), len(y_val))
+    if signature in _COMPILED:
+        return None
+
+    def compile_head() -> None:
+        try:
+            head = build_head(embedding_size, len(labels), spec.dropout, spec.hidden_units)
+            dummy = FineTuneSpec(**{**spec.to_dict(), "epochs": 1, "early_stopping_patience": 0})
+            fit(head, np.zeros((len(y_train), embedding_size), np.float32), y_train,
+                np.zeros((len(y_val), embedding_size), np.float32), y_val, dummy, spec.learning_rate, 1,
+                Phase.TRAINING_HEAD, lambda phase, **fields: None, labels)
+            head.predict(np.zeros((len(y_val), embedding_size), np.float32), batch_size=256, verbose=0)
+            _COMPILED.add(signature)
+        except Exception:  # only an optimisation: the real fit compiles for itself
+            log.exception("precompiling the head failed")
+
+    thread = threading.Thread(target=compile_head, name="precompile-head", daemon=True)
+    thread.start()
+    return thread
+
+
+def set_random_seed(seed: int) -> None:
+    """`keras.utils.set_random_seed`, without importing TensorFlow under another backend.
+
+    Keras also seeds TensorFlow whenever it is installed (for tf.data), which imports it: a
+    JAX head-only job would then carry TensorFlow's memory and start-up for nothing."""
+    if keras.backend.backend() == "tensorflow" or "tensorflow" in sys.modules:
+        keras.utils.set_random_seed(seed)
+        return
+    sys.modules["tensorflow"] = None  # type: ignore[assignment]  # `import tensorflow` fails: not seeded
+    try:
+        keras.utils.set_random_seed(seed)
+    finally:
+        if sys.modules.get("tensorflow", 0) is None:
+            del sys.modules["tensorflow"]
+
+
+def publish_composed(base_path: Path, base_manifest: dict[str, Any], head: keras.Model, x_val: np.ndarray,
+                     val_probabilities: np.ndarray, manifest_base: dict[str, Any], registry: Registry,
+                     spec: FineTuneSpec) -> int:
+    """Head-only: base ONNX graph + head as ONNX nodes, parity on the validation embeddings, publish."""
+    import onnx
+
+    from headswap.registry.store import EXPORT_PREFIX, owner_tag
+
+    started = time.monotonic()
+    staging = registry.staging_dir(registry.cache_dir.parent / "staging")
+    with tempfile.TemporaryDirectory(prefix=f"{EXPORT_PREFIX}{owner_tag()}-", dir=staging) as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        shape = compose.compose(base_path, compose.dense_layers_of(head), onnx_path)
+        composed = time.monotonic()
+        parity = compose.check_parity(onnx_path, x_val, val_probabilities)
+        manifest = {
+            **manifest_base,
+            "input": base_manifest["input"],
+            "outputs": {"probabilities": compose.PROBABILITIES, "embedding": compose.EMBEDDING,
+                        "embedding_size": shape["embedding_size"]},
+            "parity": {"max_abs_diff": parity["max_abs_diff"], "samples": parity["samples"],
+                       "against": "keras head on the validation embeddings",
+                       "base_parity": base_manifest.get("parity", {})},
+            "export": {"method": "composed", "base_sha256": base_manifest["sha256"],
+                       "compose_seconds": round(composed - started, 3),
+                       "parity_seconds": round(time.monotonic() - composed, 3),
+                       "keras": keras.__version__, "keras_backend": keras.backend.backend(),
+                       "onnx": onnx.__version__},
+        }
+        onnx_path, manifest = apply_precision(onnx_path, manifest, spec)
+        return registry.publish(spec.name, onnx_path, manifest, activate=False)
+
+
+def apply_precision(onnx_path: Path, manifest: dict[str, Any], spec: FineTuneSpec) -> tuple[Path, dict[str, Any]]:
+    """The one place where a fine-tune's published file may become a lower-precision tier.
+
+    fp32 (the default) publishes the file as it is. bf16/int8 are the precision tier of issue 10
+    (`headswap.export.precision`); until that module is wired in here, such a job is refused
+    before anything is published rather than silently stored as fp32.
+    """
+    if spec.precision == "fp32":
+        return onnx_path, manifest
+    raise FailedPrecondition(f"precision {spec.precision!r} is not available for fine-tunes on this server yet; "
+                             "train with precision fp32")
+
+
+def export_phase2(features_model: keras.Model, head: keras.Model, input_size: tuple[int, int],
+                  manifest_base: dict[str, Any], registry: Registry, spec: FineTuneSpec) -> int:
+    """Phase 2 changed the backbone: backbone + head through tf2onnx, parity against TensorFlow."""
+    from headswap.export import onnx_export
+
+    def classifier(images: Any) -> dict[str, Any]:
+        embedding = _embedding(features_model, images)
+        return {"embedding": embedding, "probabilities": head(embedding, training=False)}
+
+    if spec.precision != "fp32":
+        apply_precision(Path(), manifest_base, spec)  # refuses before the (slow) conversion
+    return onnx_export.export_keras_model(classifier, input_size, manifest_base, registry, spec.name, activate=False)
 
 
 def _embedding(backbone: Any, images: Any) -> Any:

@@ -1,7 +1,11 @@
-"""The training worker: `python -m headswap.training.worker JOB_DIR --parent-pid PID`.
+"""The training worker: `python -m headswap.training.worker JOB_DIR --parent-pid PID`, or warm:
+`python -m headswap.training.worker --warm --parent-pid PID --control-fd FD`.
 
-A subprocess so that TensorFlow (its memory, its threads, a crash) never touches the serving
-process. It reports progress into the job database, only while the job is RUNNING and owned by
+A subprocess so that TensorFlow or JAX (its memory, its threads, a crash) never touches the
+serving process. A warm worker (`warm_worker.py` is the server's side) imports the trainer once,
+then reads JSON lines on stdin: `{"preload": BASE}` opens that base's ONNX session while idle,
+`{"job": JOB_DIR}` runs a job with its output in the job's worker.log, and answers
+`{"code": N}` on the control pipe. It exits when stdin closes. It reports progress into the job database, only while the job is RUNNING and owned by
 its pid (a cancel or a restart makes every further write fail, and the worker stops), publishes
 the new version atomically at its very end, and records the result. It dies with the server
 (PR_SET_PDEATHSIG): a crashed server leaves no worker behind to publish a version later.
@@ -69,14 +73,9 @@ def wait_for_ownership(store: JobStore, job_id: str, pid: int) -> bool:
     return False
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("job_dir", type=Path)
-    parser.add_argument("--parent-pid", type=int, default=0)
-    args = parser.parse_args(argv)
-    die_with_parent(args.parent_pid)
-    logs.configure("INFO")
-    job_file = json.loads((args.job_dir / "job.json").read_text())
+def run_job(job_dir: Path) -> int:
+    """Run one job (exit code semantics as the module says)."""
+    job_file = json.loads((job_dir / "job.json").read_text())
     store = JobStore(job_file["runtime"]["db"])
     job_id, pid = job_file["job_id"], os.getpid()
     if not wait_for_ownership(store, job_id, pid):
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from headswap.training import trainer  # TensorFlow starts here, after the cheap checks
 
     try:
-        result = trainer.run(trainer.TrainingJob.load(args.job_dir, job_file), StoreReporter(store, job_id, pid))
+        result = trainer.run(trainer.TrainingJob.load(job_dir, job_file), StoreReporter(store, job_id, pid))
     except trainer.Stopped as err:
         log.info("%s", err)
         return 3
@@ -102,6 +101,87 @@ def main(argv: list[str] | None = None) -> int:
                     result.model, result.version)
         return 3
     return 0
+
+
+def preload(base: dict[str, Any]) -> None:
+    """Open a base version's ONNX session now, so the next job on it starts extracting at once."""
+    from headswap.registry.registry import Registry
+    from headswap.training import trainer
+
+    registry = Registry(base["model_dir"], cache_dir=Path(base["cache_dir"]))
+    path, manifest = registry.verified_model_path(base["name"], int(base["version"]))
+    trainer.cached_ort_embedder(path, str(manifest["sha256"]), manifest["outputs"]["embedding"],
+                                int(base.get("threads") or 2))
+    log.info("warm worker %d: %s version %d ready", os.getpid(), base["name"], int(base["version"]))
+
+
+def serve_warm(control_fd: int, work_dir: Path) -> int:
+    """Import once, then run jobs from stdin until it closes; each job's output goes to its log."""
+    import keras
+
+    from headswap.training import trainer  # the point: pay for the import (and a first fit) now
+
+    trainer.configure_backend(work_dir / "compilation-cache")
+    started = time.monotonic()
+    trainer.set_random_seed(0)
+    trainer.warm_up()
+    log.info("warm worker %d: first fit done in %.1f s", os.getpid(), time.monotonic() - started)
+    log.info("warm worker %d ready (Keras %s, backend %s)", os.getpid(), keras.__version__, keras.backend.backend())
+    control = os.fdopen(control_fd, "w", buffering=1)
+    idle_out = os.dup(1)
+    for line in sys.stdin:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            log.error("warm worker: not a JSON line: %r", line[:200])
+            continue
+        if "preload" in message:
+            try:
+                preload(message["preload"])
+            except Exception:  # the job will open it (or fail with a clear error) itself
+                log.exception("warm worker: preload failed")
+            continue
+        job_dir = Path(message["job"])
+        with open(job_dir / "worker.log", "ab", buffering=0) as job_log:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(job_log.fileno(), 1)
+            os.dup2(job_log.fileno(), 2)
+            try:
+                code = run_job(job_dir)
+            except Exception:
+                log.exception("job in %s crashed the worker loop", job_dir)
+                code = 1
+            finally:
+                keras.backend.clear_session()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(idle_out, 1)
+                os.dup2(idle_out, 2)
+        control.write(json.dumps({"code": code}) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("job_dir", type=Path, nargs="?")
+    parser.add_argument("--parent-pid", type=int, default=0)
+    parser.add_argument("--warm", action="store_true", help="wait for jobs on stdin (see the module docstring)")
+    parser.add_argument("--control-fd", type=int, default=-1, help="warm: where exit codes are written")
+    parser.add_argument("--work-dir", type=Path, default=None, help="warm: the server's work directory")
+    args = parser.parse_args(argv)
+    die_with_parent(args.parent_pid)
+    logs.configure("INFO")
+    if args.warm:
+        if args.control_fd < 0:
+            parser.error("--warm needs --control-fd")
+        return serve_warm(args.control_fd, args.work_dir or Path.cwd())
+    if args.job_dir is None:
+        parser.error("JOB_DIR is required without --warm")
+    from headswap.training import trainer
+
+    trainer.configure_backend(args.job_dir.resolve().parent.parent / "compilation-cache")
+    return run_job(args.job_dir)
 
 
 if __name__ == "__main__":

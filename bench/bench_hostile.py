@@ -1,0 +1,326 @@
+#!/usr/bin/env python3
+"""Hostile-caller benchmark (issue 8): a victim's latency while an attacker abuses the server.
+
+    .venv/bin/python bench/bench_hostile.py [--seconds 10] [--model-dir REG] [--attacks tiny256,bigpng,...]
+
+One server (the built-in EfficientNet-Lite0, exported into a temporary registry unless
+--model-dir is given). A victim client classifies one real photo (coffee, 600x400 JPEG) in a
+loop; a health checker calls grpc.health.v1 Check. First alone (steady), then while an attacker
+runs each abuse from the issue:
+
+- tiny256:  Classify with 256 copies of a 1x1 PNG, in a loop (2 attackers);
+- bigpng:   Classify with 6000x6000 PNGs (36 Mpx each) and a 3 s deadline (2 attackers); also
+            reports the server's CPU use in the second after the attack stops;
+- names:    Classify with a new unique model name per call (4 attackers); reports /metrics size;
+- aliases:  Classify rotating aliases of the real model (efficientnet-lite0/, ./efficientnet-lite0,
+            efficientnet-lite0/1/.., the model directory's absolute path) (4 attackers);
+- idle:     200 FineTune streams opened and left idle;
+- uploads:  4 FineTune streams each uploading 36 Mpx PNGs (cancelled before they finish, so no
+            job is trained).
+
+Prints, per phase: victim p50/p99 (ms) and their ratio to steady, victim errors, health p99,
+attacker status codes, and the server's resident memory. Figures, not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import prepare_registry, start_server  # noqa: E402
+
+from headswap.protocol import headswap_v1_pb2 as pb  # noqa: E402
+from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc  # noqa: E402
+
+MODEL = "efficientnet-lite0"
+ATTACKS = ("tiny256", "bigpng", "names", "aliases", "idle", "uploads")
+
+
+def encoded(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def victim_photo() -> bytes:
+    from skimage import data
+
+    return encoded(Image.fromarray(data.coffee()), "JPEG", quality=90)
+
+
+def big_png(side: int = 6000) -> bytes:
+    ramp = (np.add.outer(np.arange(side), np.arange(side)) % 256).astype(np.uint8)
+    return encoded(Image.fromarray(np.stack([ramp, ramp[::-1], ramp.T], axis=-1)), "PNG", compress_level=1)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+class Phase:
+    """Victim + health checker for `seconds`, while `attack` (if any) runs in its own threads."""
+
+    def __init__(self, target: str, pid: int, photo: bytes, seconds: float) -> None:
+        self.target, self.pid, self.photo, self.seconds = target, pid, photo, seconds
+
+    def run(self, attack=None) -> dict:
+        stop = threading.Event()
+        latencies: list[float] = []
+        health_latencies: list[float] = []
+        errors: collections.Counter = collections.Counter()
+        attacker_codes: collections.Counter = collections.Counter()
+        peak = [rss_mb(self.pid)]
+        channel = grpc.insecure_channel(self.target)
+        stub = pb_grpc.InferenceStub(channel)
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(self.target))
+
+        def victim() -> None:
+            request = pb.ClassifyRequest(images=[self.photo], top_k=1)
+            while not stop.is_set():
+                started = time.perf_counter()
+                try:
+                    stub.Classify(request, timeout=10)
+                    latencies.append(time.perf_counter() - started)
+                except grpc.RpcError as err:
+                    errors[err.code().name] += 1
+
+        def checker() -> None:
+            while not stop.is_set():
+                started = time.perf_counter()
+                try:
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    health_latencies.append(time.perf_counter() - started)
+                except grpc.RpcError as err:
+                    errors[f"health {err.code().name}"] += 1
+                stop.wait(0.1)
+
+        def sampler() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], rss_mb(self.pid))
+                stop.wait(0.25)
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (victim, checker, sampler)]
+        attackers = attack(self.target, stop, attacker_codes) if attack else []
+        time.sleep(0.5 if attack else 0)  # let the attack take hold before measuring
+        latencies.clear()
+        for thread in threads:
+            thread.start()
+        time.sleep(self.seconds)
+        stop.set()
+        for thread in threads + attackers:
+            thread.join(30)
+        cpu_before = cpu_seconds(self.pid)
+        time.sleep(1.0)
+        after_cpu = cpu_seconds(self.pid) - cpu_before
+        channel.close()
+        return {"p50": percentile(latencies, 50) * 1000, "p99": percentile(latencies, 99) * 1000,
+                "calls": len(latencies), "errors": dict(errors), "health_p99": percentile(health_latencies, 99) * 1000,
+                "attacker": dict(attacker_codes), "rss": rss_mb(self.pid), "peak_rss": peak[0], "cpu_after": after_cpu}
+
+
+def looping(target: str, stop: threading.Event, codes: collections.Counter, threads: int, make_call) -> list:
+    """`threads` attackers each calling make_call(stub, i) until stop."""
+
+    def attacker(n: int) -> None:
+        channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 256 << 20)])
+        stub = pb_grpc.InferenceStub(channel)
+        i = 0
+        while not stop.is_set():
+            try:
+                make_call(stub, n * 1_000_000 + i)
+                codes["OK"] += 1
+            except grpc.RpcError as err:
+                codes[err.code().name] += 1
+            i += 1
+        channel.close()
+
+    started = [threading.Thread(target=attacker, args=(n,), daemon=True) for n in range(threads)]
+    for thread in started:
+        thread.start()
+    return started
+
+
+def attack_tiny256(target, stop, codes):
+    tiny = encoded(Image.new("RGB", (1, 1), (200, 30, 40)), "PNG")
+    request = pb.ClassifyRequest(images=[tiny] * 256, top_k=1)
+    return looping(target, stop, codes, 2, lambda stub, i: stub.Classify(request, timeout=60))
+
+
+def attack_bigpng(target, stop, codes):
+    big = big_png()
+    admitted = pb.ClassifyRequest(images=[big] * 3, top_k=1)  # 108 Mpx: under the 120 Mpx request budget
+    flood = pb.ClassifyRequest(images=[big] * 48, top_k=1)  # the issue's request: refused by the budget
+
+    def call(stub, i):
+        stub.Classify(flood if i % 4 == 3 else admitted, timeout=3)
+
+    return looping(target, stop, codes, 2, call)
+
+
+def attack_names(target, stop, codes):
+    return looping(target, stop, codes, 4, lambda stub, i: stub.Classify(
+        pb.ClassifyRequest(images=[b"x"], model=f"model-{i}"), timeout=10))
+
+
+def attack_aliases(model_dir: Path):
+    aliases = [f"{MODEL}/", f"./{MODEL}", f"{MODEL}/1/..", str(model_dir / MODEL), f"{MODEL}//"]
+
+    def attack(target, stop, codes):
+        photo = encoded(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG")
+        return looping(target, stop, codes, 4, lambda stub, i: stub.Classify(
+            pb.ClassifyRequest(images=[photo], model=aliases[i % len(aliases)]), timeout=10))
+
+    return attack
+
+
+def attack_idle(target, stop, codes, streams: int = 200):
+    channel = grpc.insecure_channel(target)
+    call = channel.stream_unary("/headswap.v1.Training/FineTune", request_serializer=None,
+                                response_deserializer=None)
+
+    def idle():
+        stop.wait()
+        return
+        yield  # a generator that sends nothing until the phase ends
+
+    futures = [call.future(idle(), timeout=120) for _ in range(streams)]
+
+    def collect() -> None:
+        stop.wait()
+        for future in futures:
+            future.cancel()
+        for future in futures:
+            try:
+                future.result(timeout=10)
+                codes["OK"] += 1
+            except grpc.FutureCancelledError:
+                codes["CANCELLED (by us, still open at the end)"] += 1
+            except grpc.RpcError as err:
+                codes[err.code().name] += 1
+            except Exception as err:  # a future that never finished
+                codes[type(err).__name__] += 1
+        channel.close()
+
+    thread = threading.Thread(target=collect, daemon=True)
+    thread.start()
+    return [thread]
+
+
+def attack_uploads(target, stop, codes, streams: int = 4):
+    big = big_png()
+    config = pb.FineTuneRequest(config=pb.FineTuneConfig(base_model=MODEL, name="bench-hostile-upload", epochs=1))
+
+    def upload() -> None:
+        channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 256 << 20)])
+        stub = pb_grpc.TrainingStub(channel)
+        while not stop.is_set():
+            def requests():
+                yield config
+                for i in range(200):  # never finishes normally: cancelled when the phase ends
+                    if stop.is_set():
+                        return
+                    yield pb.FineTuneRequest(batch=pb.ExampleBatch(examples=[
+                        pb.Example(image=big, label=f"class{i % 2}")]))
+                stop.wait()
+
+            future = stub.FineTune.future(requests(), timeout=120)
+            stop.wait()
+            future.cancel()
+            try:
+                future.result(timeout=10)
+                codes["OK"] += 1
+            except grpc.FutureCancelledError:
+                codes["CANCELLED (by us)"] += 1
+            except grpc.RpcError as err:
+                codes[err.code().name] += 1
+        channel.close()
+
+    threads = [threading.Thread(target=upload, daemon=True) for _ in range(streams)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def metrics_bytes(log_path: Path) -> int:
+    match = re.search(r"metrics on (\d+)", log_path.read_text(errors="replace"))
+    if not match:
+        return -1
+    with urllib.request.urlopen(f"http://127.0.0.1:{match.group(1)}/metrics", timeout=30) as response:
+        return len(response.read())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
+    parser.add_argument("--model-dir", type=Path, help="an existing registry holding efficientnet-lite0")
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated subset of {ATTACKS}")
+    args = parser.parse_args()
+    chosen = [a for a in args.attacks.split(",") if a]
+    unknown = set(chosen) - set(ATTACKS)
+    if unknown:
+        parser.error(f"unknown attacks {sorted(unknown)}; choose from {ATTACKS}")
+
+    work = Path(tempfile.mkdtemp(prefix="bench-hostile-"))
+    try:
+        model_dir = prepare_registry(work, args.model_dir)
+        proc, port = start_server(model_dir, work, "--metrics-port", "0", "--threads", "2")
+        target = f"127.0.0.1:{port}"
+        try:
+            photo = victim_photo()
+            phase = Phase(target, proc.pid, photo, args.seconds)
+            for _ in range(20):  # warm-up
+                pb_grpc.InferenceStub(grpc.insecure_channel(target)).Classify(
+                    pb.ClassifyRequest(images=[photo], top_k=1), timeout=30)
+            steady = phase.run()
+            rows = [("steady", steady)]
+            metrics_before = metrics_bytes(work / "server.log")
+            attacks = {"tiny256": attack_tiny256, "bigpng": attack_bigpng, "names": attack_names,
+                       "aliases": attack_aliases(model_dir), "idle": attack_idle, "uploads": attack_uploads}
+            for name in chosen:
+                rows.append((name, phase.run(attacks[name])))
+            print(f"\nvictim: Classify of one 600x400 JPEG in a loop; {args.seconds:.0f} s per phase; "
+                  f"server pid {proc.pid}")
+            print(f"{'phase':9} {'p50 ms':>8} {'p99 ms':>8} {'p50 x':>6} {'p99 x':>6} {'calls':>6} "
+                  f"{'health p99':>10} {'RSS MB':>7} {'peak':>6} {'CPU-s 1s after':>14}  victim errors / attacker codes")
+            for name, r in rows:
+                print(f"{name:9} {r['p50']:8.1f} {r['p99']:8.1f} {r['p50'] / steady['p50']:6.2f} "
+                      f"{r['p99'] / steady['p99']:6.2f} {r['calls']:6d} {r['health_p99']:10.1f} {r['rss']:7.0f} "
+                      f"{r['peak_rss']:6.0f} {r['cpu_after']:14.2f}  {r['errors'] or '-'} / {r['attacker'] or '-'}")
+            if "names" in chosen:
+                print(f"/metrics: {metrics_before} bytes before the attacks, {metrics_bytes(work / 'server.log')} after")
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

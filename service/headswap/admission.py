@@ -1,0 +1,37 @@
+"""Bounded admission: at most N calls of one kind at once, the next one refused at the door.
+
+The gRPC server runs handlers on one thread pool. A call that may wait on its caller for long
+(an upload stream, a WatchJob stream) holds a thread while it waits, so each such kind gets a
+fixed number of slots: the pool is sized to hold every kind's slots plus a reserve (server.py),
+and slow or idle callers can never take the threads health checks and inference need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+from headswap.errors import ResourceExhausted
+
+
+class Slots:
+    """A counter with a limit; `take()` refuses with RESOURCE_EXHAUSTED instead of waiting."""
+
+    def __init__(self, what: str, limit: int, setting: str) -> None:
+        self.what, self.limit, self.setting = what, limit, setting
+        self._lock = threading.Lock()
+        self.in_use = 0
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[None]:
+        with self._lock:
+            if self.in_use >= self.limit:
+                raise ResourceExhausted(f"{self.in_use} {self.what}; the limit is {self.limit} "
+                                        f"({self.setting}); try again when one has finished")
+            self.in_use += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_use -= 1

@@ -1,0 +1,238 @@
+"""The fast precision tiers: bf16 and int8 versions of an fp32 ONNX model, with gated accuracy.
+
+Runtime per tier, chosen by measurement on an AVX-512 BF16/VNNI CPU (2 threads, EfficientNet-Lite0;
+see bench/bench_serving.py --precision): OpenVINO f32 ran 0.91x ONNX Runtime, OpenVINO bf16 1.46x at
+batch 1 and 1.78x at batch 8; an int8 QDQ file from ONNX Runtime's static quantizer ran 1.25x in
+ONNX Runtime (slower at batch 8) and 1.85x in OpenVINO. So both tiers are served by OpenVINO:
+- bf16: the fp32 file unchanged, compiled by OpenVINO with a bf16 inference precision;
+- int8: ONNX Runtime's static quantizer (QDQ, per-channel int8 weights, uint8 activations),
+  calibrated on real images, then compiled by OpenVINO.
+
+Every tier is measured against the fp32 model before it is published, and refused below the gate:
+- zero-shot: top-1 agreement with fp32 on held-out real photos (never the calibration photos);
+  images on which fp32 itself is unsure (top-1 probability below `Gate.min_confidence`) are
+  reported but not gated: their top-1 is a near tie that any rounding may flip;
+- fine-tune: validation accuracy of the tier against the fp32 model's, on the job's own
+  validation images (calibrated on its training images).
+The figures go into the manifest (`accuracy`), and into the refusal message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from headswap.errors import FailedPrecondition, InvalidInput
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "int8")
+RUNTIME = {"fp32": "onnxruntime", "bf16": "openvino", "int8": "openvino"}
+INT8_FILE = "model.int8.onnx"
+EVAL_BATCH = 16
+MIN_GATED_IMAGES = 20  # fewer confident held-out images than this measure nothing
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What a tier must keep of the fp32 model's answers to be published."""
+
+    min_agreement: float = 0.99  # zero-shot: share of gated held-out images with fp32's top-1
+    min_confidence: float = 0.5  # zero-shot: fp32 top-1 probability for a held-out image to be gated
+    max_accuracy_drop: float = 0.005  # fine-tune: validation accuracy lost, as a fraction (0.005 = 0.5 points)
+
+    def check(self) -> "Gate":
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise InvalidInput(f"min_agreement must be between 0 and 1, got {self.min_agreement}")
+        if not 0.0 <= self.min_confidence < 1.0:
+            raise InvalidInput(f"min_confidence must be between 0 and 1 (exclusive), got {self.min_confidence}")
+        if not 0.0 <= self.max_accuracy_drop <= 1.0:
+            raise InvalidInput(f"max_accuracy_drop must be between 0 and 1, got {self.max_accuracy_drop}")
+        return self
+
+
+class PrecisionRefused(FailedPrecondition):
+    """A tier that misses its accuracy gate, or that this machine cannot build: nothing is published."""
+
+
+def check_precision(precision: str) -> str:
+    precision = (precision or "fp32").strip().lower()
+    if precision not in PRECISIONS:
+        raise InvalidInput(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def make_tier(onnx_path: Path, precision: str, calibration: np.ndarray, heldout: np.ndarray,
+              labels: np.ndarray | None = None, gate: Gate = Gate(), threads: int = 0) -> tuple[Path, dict[str, Any]]:
+    """Build the `precision` tier of an fp32 ONNX model and gate it; returns (file to publish, manifest fields).
+
+    `calibration` and `heldout` are model inputs (float32 NHWC, already normalised) from disjoint
+    images. With `labels` (one class index per held-out image) the gate is the validation-accuracy
+    drop (fine-tune); without, top-1 agreement with fp32 (zero-shot). The int8 file is written
+    beside `onnx_path`. Raises PrecisionRefused with the measured figures when the gate is missed.
+    """
+    precision = check_precision(precision)
+    gate.check()
+    if precision == "fp32":
+        return onnx_path, {"precision": "fp32", "runtime": RUNTIME["fp32"]}
+    from headswap.inference import openvino_runtime
+
+    try:
+        capabilities = openvino_runtime.cpu_capabilities()
+    except openvino_runtime.OpenVinoMissing as err:
+        raise PrecisionRefused(f"the {precision} tier runs in OpenVINO: {err}") from None
+    needed = {"bf16": "BF16", "int8": "INT8"}[precision]
+    if needed not in capabilities:
+        raise PrecisionRefused(f"this CPU has no native {precision} (OpenVINO reports {', '.join(capabilities)}): "
+                               f"a {precision} tier would run no faster than fp32; export fp32")
+    if len(heldout) == 0 or (precision == "int8" and len(calibration) == 0):
+        raise PrecisionRefused(f"the {precision} tier needs calibration and held-out images; got "
+                               f"{len(calibration)} and {len(heldout)}")
+    started = time.monotonic()
+    quantization: dict[str, Any] = {}
+    if precision == "int8":
+        tier_path = onnx_path.with_name(INT8_FILE)
+        quantization = quantize_int8(onnx_path, tier_path, calibration)
+    else:
+        tier_path = onnx_path  # OpenVINO runs the fp32 file in bf16
+    built = time.monotonic()
+    reference = ort_probabilities(onnx_path, heldout, threads)
+    compiled = openvino_runtime.compile_model(tier_path, precision, threads)
+    tier = openvino_probabilities(compiled, heldout)
+    accuracy = measure(reference, tier, labels, gate)
+    accuracy["seconds"] = round(time.monotonic() - built, 2)
+    accuracy["gate"] = {k: v for k, v in asdict(gate).items()
+                        if (k == "max_accuracy_drop") == (labels is not None)}
+    message = gate_failure(precision, accuracy, gate, labels is not None)
+    if message:
+        raise PrecisionRefused(message)
+    fields: dict[str, Any] = {"precision": precision, "runtime": RUNTIME[precision], "accuracy": accuracy}
+    if quantization:
+        fields["quantization"] = {**quantization, "seconds": round(built - started, 2)}
+    log.info("%s tier passed its gate: %s", precision, {k: v for k, v in accuracy.items() if k != "gate"})
+    return tier_path, fields
+
+
+def measure(reference: np.ndarray, tier: np.ndarray, labels: np.ndarray | None, gate: Gate) -> dict[str, Any]:
+    """Agreement of the tier's top-1 with fp32's, and the accuracy of both when labels are known."""
+    ref_top1, tier_top1 = reference.argmax(axis=1), tier.argmax(axis=1)
+    agree = ref_top1 == tier_top1
+    confident = reference.max(axis=1) >= gate.min_confidence
+    figures: dict[str, Any] = {
+        "heldout_images": int(len(reference)),
+        "top1_agreement": round(float(agree.mean()), 6),
+        "max_abs_diff": round(float(np.max(np.abs(reference - tier))), 6),
+    }
+    if labels is None:
+        figures.update(gated_images=int(confident.sum()),
+                       gated_top1_agreement=round(float(agree[confident].mean()), 6) if confident.any() else 0.0,
+                       gated_disagreements=int((~agree & confident).sum()))
+    else:
+        labels = np.asarray(labels)
+        fp32_accuracy = float((ref_top1 == labels).mean())
+        tier_accuracy = float((tier_top1 == labels).mean())
+        figures.update(fp32_accuracy=round(fp32_accuracy, 6), accuracy=round(tier_accuracy, 6),
+                       accuracy_drop=round(fp32_accuracy - tier_accuracy, 6))
+    return figures
+
+
+def gate_failure(precision: str, figures: dict[str, Any], gate: Gate, fine_tune: bool) -> str:
+    """The refusal message with the figures, or '' when the tier passes."""
+    if fine_tune:
+        if figures["accuracy_drop"] <= gate.max_accuracy_drop + 1e-12:
+            return ""
+        return (f"the {precision} tier loses {100 * figures['accuracy_drop']:.2f} points of validation accuracy "
+                f"({100 * figures['fp32_accuracy']:.2f}% fp32 -> {100 * figures['accuracy']:.2f}% {precision} on "
+                f"{figures['heldout_images']} validation images; gate: at most "
+                f"{100 * gate.max_accuracy_drop:.2f} points); nothing published: train with precision fp32")
+    if figures["gated_images"] >= MIN_GATED_IMAGES and figures["gated_top1_agreement"] >= gate.min_agreement - 1e-12:
+        return ""
+    return (f"the {precision} tier agrees with fp32's top-1 on {100 * figures['gated_top1_agreement']:.1f}% of "
+            f"{figures['gated_images']} held-out real images where fp32 is confident (top-1 probability >= "
+            f"{gate.min_confidence:g}; gate: >= {100 * gate.min_agreement:.1f}% over at least {MIN_GATED_IMAGES} "
+            f"images), {100 * figures['top1_agreement']:.1f}% of all {figures['heldout_images']}; "
+            f"nothing published: export fp32, or lower the gate (--min-agreement)")
+
+
+def quantize_int8(source: Path, target: Path, calibration: np.ndarray) -> dict[str, Any]:
+    """ONNX Runtime's static quantizer: QDQ, per-channel int8 weights, uint8 activations (min-max over
+    the calibration images). The file stays a standard ONNX graph (QuantizeLinear/DequantizeLinear)."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    input_name = _input_name(source)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches: Iterable[np.ndarray] = iter(_batches(calibration))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)  # type: ignore[call-overload]
+            return None if batch is None else {input_name: batch}
+
+    prepared = target.with_name("model.prepared.onnx")
+    try:
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    except Exception as err:  # the quantizer raises anything from ValueError to onnx errors
+        raise PrecisionRefused(f"ONNX Runtime's quantizer could not quantize the model: "
+                               f"{type(err).__name__}: {err}") from err
+    finally:
+        prepared.unlink(missing_ok=True)
+    return {"method": "onnxruntime static, QDQ, per-channel int8 weights, uint8 activations, min-max",
+            "calibration_images": int(len(calibration))}
+
+
+def _input_name(path: Path) -> str:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+
+
+def _batches(images: np.ndarray) -> Iterable[np.ndarray]:
+    for start in range(0, len(images), EVAL_BATCH):
+        yield np.ascontiguousarray(images[start:start + EVAL_BATCH], dtype=np.float32)
+
+
+def ort_probabilities(path: Path, images: np.ndarray, threads: int = 0) -> np.ndarray:
+    """The fp32 reference: ONNX Runtime on the fp32 file, as the fp32 tier is served."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(["probabilities"], {name: batch})[0] for batch in _batches(images)])
+
+
+def openvino_probabilities(compiled: Any, images: np.ndarray) -> np.ndarray:
+    request = compiled.create_infer_request()
+    output = compiled.output("probabilities")
+    return np.concatenate([np.array(request.infer({0: batch})[output], copy=True) for batch in _batches(images)])
+
+
+def zero_shot_tier(onnx_path: Path, precision: str, manifest: dict[str, Any], gate: Gate = Gate(),
+                   threads: int = 0) -> tuple[Path, dict[str, Any]]:
+    """A zero-shot export's tier: calibrated on the shipped photos, gated on the other (held-out) photos."""
+    from headswap.export.calibration_images import photo_sets
+    from headswap.inference.images import Preprocessing
+
+    if check_precision(precision) == "fp32":
+        return make_tier(onnx_path, precision, np.empty((0,)), np.empty((0,)), gate=gate, threads=threads)
+    pre = Preprocessing.from_manifest(manifest)
+    calibration, heldout = photo_sets(pre.height, pre.width)
+    path, fields = make_tier(onnx_path, precision, pre.normalize(calibration.pixels), pre.normalize(heldout.pixels),
+                             gate=gate, threads=threads)
+    fields["accuracy"].update(against="fp32 (onnxruntime) on held-out photos shipped with scikit-image/scikit-learn",
+                              heldout_photos=sorted(set(heldout.sources)))
+    if "quantization" in fields:
+        fields["quantization"]["calibration_photos"] = sorted(set(calibration.sources))
+    return path, fields

@@ -1,0 +1,86 @@
+"""OpenVINO as the engine of the fast precision tiers (bf16, int8): measured faster than ONNX Runtime
+on an AVX-512 BF16/VNNI CPU (see `headswap.export.precision`).
+
+OpenVINO is an optional extra of the serving install (`pip install 'headswap[openvino]'`): a server
+without it refuses such a version with a message that says so (the previous version keeps serving)
+rather than serving it slowly in fp32. The export's accuracy gate compiles the model through
+`compile_model` here too, so the figures in the manifest come from the engine the server runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headswap.errors import CorruptModel
+from headswap.inference.runtime import ModelRuntime
+
+INSTALL_HINT = "install the serving extra with pip install 'headswap[openvino]'"
+# The OpenVINO inference precision behind each tier. int8 is carried by the QDQ nodes of the file;
+# f32 keeps whatever the graph does not quantize in full precision.
+INFERENCE_PRECISION = {"bf16": "bf16", "int8": "f32"}
+
+
+class OpenVinoMissing(CorruptModel):
+    """A version that needs OpenVINO on a server that does not have it."""
+
+
+def import_openvino() -> Any:
+    """The openvino module, or OpenVinoMissing with what to install."""
+    try:
+        import openvino
+    except ImportError as err:
+        raise OpenVinoMissing(f"OpenVINO is not installed ({err}); {INSTALL_HINT}") from None
+    return openvino
+
+
+def cpu_capabilities() -> list[str]:
+    """What OpenVINO's CPU plugin reports it can run natively here (e.g. FP32, BF16, INT8)."""
+    openvino = import_openvino()
+    return [str(c) for c in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+def compile_model(path: Path, precision: str, threads: int) -> Any:
+    """Compile an ONNX file for the CPU at the tier's precision, one stream of `threads` threads.
+    One stream: the dynamic batcher already gathers concurrent requests into one call."""
+    if precision not in INFERENCE_PRECISION:
+        raise CorruptModel(f"precision {precision!r} has no OpenVINO setting; "
+                           f"expected one of {', '.join(INFERENCE_PRECISION)}")
+    openvino = import_openvino()
+    core = openvino.Core()
+    config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision], "NUM_STREAMS": "1",
+              "PERFORMANCE_HINT": "LATENCY"}
+    if threads > 0:
+        config["INFERENCE_NUM_THREADS"] = str(threads)
+    return core.compile_model(core.read_model(str(path)), "CPU", config)
+
+
+class OpenVinoRuntime(ModelRuntime):
+    """A compiled OpenVINO model for one (model, version); same interface as the ONNX Runtime one."""
+
+    def _open(self, path: Path, threads: int) -> list[str]:
+        precision = str(self.manifest.get("precision") or "")
+        try:
+            import_openvino()
+        except OpenVinoMissing as err:
+            raise OpenVinoMissing(f"{self.name} version {self.version} is a {precision or 'non-fp32'} tier that "
+                                  f"runs in OpenVINO, and {err}; or activate an fp32 version") from None
+        try:
+            self.session = compile_model(path, precision, threads)
+        except CorruptModel as err:
+            raise CorruptModel(f"{self.name} version {self.version}: {err}") from None
+        except Exception as err:  # OpenVINO raises RuntimeError for unreadable or unsupported files
+            raise CorruptModel(f"{self.name} version {self.version}: OpenVINO cannot load {path.name}: {err}") from err
+        self.input_name = self.session.inputs[0].get_any_name()
+        self._request = self.session.create_infer_request()
+        self._lock = threading.Lock()  # an infer request runs one call at a time
+        return [name for output in self.session.outputs for name in output.get_names()]
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """float32 NHWC model input -> probabilities [N, classes] (a copy: the request reuses its buffers)."""
+        with self._lock:
+            result = self._request.infer({self.input_name: batch})
+            return np.array(result[self.probabilities_output], dtype=np.float32, copy=True)

@@ -1,0 +1,267 @@
+"""Fast fine-tunes (issue 11): the head composed into the base's ONNX graph, a warm worker, the
+content-addressed embedding cache, hidden_units, and the head-only path on both Keras backends.
+
+The composition and the cache are checked directly on the exported EfficientNet-Lite0 and real
+photos; the rest through a real server (one per Keras backend) and real gRPC clients, on
+scikit-learn's handwritten digits.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import BUILTIN_NAME, ServerProcess, start_server
+from headswap.errors import FailedPrecondition
+from headswap.inference.images import Preprocessing, load_pixels
+from headswap.protocol import headswap_v1_pb2 as pb
+from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
+from headswap.registry.registry import Registry
+from headswap.training import compose
+from headswap.training.embedding_cache import EmbeddingCache, image_key
+from test_finetune import digit_png, held_out_accuracy, stream, wait_for, watch, worker_pids
+
+DONE = pb.JOB_STATE_SUCCEEDED
+
+
+# --- composing the head into the base graph (pure ONNX + numpy) -----------------------------
+
+
+def _session(path_or_bytes) -> ort.InferenceSession:
+    return ort.InferenceSession(path_or_bytes, providers=["CPUExecutionProvider"])
+
+
+def _dense(rng: np.random.Generator, inputs: int, outputs: int, activation: str) -> compose.DenseWeights:
+    return compose.DenseWeights(rng.normal(0, 0.05, (inputs, outputs)).astype(np.float32),
+                                rng.normal(0, 0.1, outputs).astype(np.float32), activation)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_composed_graph_is_the_base_embedding_followed_by_the_head(exported_registry, photos, tmp_path, hidden):
+    """On real photos: the composed file's embedding is the base's, its probabilities are the
+    head applied to that embedding (numpy reference), outputs keep their order, nothing of the
+    ImageNet classifier is left, and the base file is untouched."""
+    registry = Registry(exported_registry)
+    base_path, manifest = registry.verified_model_path(BUILTIN_NAME, 1)
+    before = base_path.read_bytes()
+    rng = np.random.default_rng(hidden)
+    layers = ([_dense(rng, 1280, hidden, "relu")] if hidden else []) + \
+        [_dense(rng, hidden or 1280, 3, "softmax")]
+    out = tmp_path / "composed.onnx"
+    shape = compose.compose(base_path, layers, out)
+    assert shape == {"num_classes": 3, "embedding_size": 1280}
+    assert base_path.read_bytes() == before
+
+    pre = Preprocessing.from_manifest(manifest)
+    images = pre.normalize(np.stack([load_pixels(data, pre.height, pre.width, 10**8) for data in photos.values()]))
+    base_embedding = _session(str(base_path)).run(["embedding"], {"image": images})[0]
+    session = _session(str(out))
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "embedding"]
+    probabilities, embedding = session.run(None, {"image": images})
+    np.testing.assert_allclose(embedding, base_embedding, atol=1e-6)
+    hidden_out = base_embedding
+    for layer in layers[:-1]:
+        hidden_out = np.maximum(hidden_out @ layer.kernel + layer.bias, 0)
+    expected = _softmax(hidden_out @ layers[-1].kernel + layers[-1].bias)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    model = onnx.load(str(out))
+    initializer_shapes = [tuple(t.dims) for t in model.graph.initializer]
+    assert (1280, 1000) not in initializer_shapes and (1000,) not in initializer_shapes  # classifier gone
+    assert os.path.getsize(out) < os.path.getsize(base_path)
+
+
+def test_parity_refuses_a_head_that_disagrees(exported_registry, tmp_path):
+    base_path, _ = Registry(exported_registry).verified_model_path(BUILTIN_NAME, 1)
+    rng = np.random.default_rng(0)
+    layer = _dense(rng, 1280, 4, "softmax")
+    out = tmp_path / "composed.onnx"
+    compose.compose(base_path, [layer], out)
+    embeddings = rng.random((12, 1280), dtype=np.float32)
+    expected = _softmax(embeddings @ layer.kernel + layer.bias)
+    parity = compose.check_parity(out, embeddings, expected)
+    assert parity["max_abs_diff"] <= 1e-5 and parity["samples"] == 12
+    with pytest.raises(compose.CompositionError, match="disagree"):
+        compose.check_parity(out, embeddings, expected + 2e-4)
+    with pytest.raises(compose.CompositionError, match="1280"):
+        compose.compose(base_path, [_dense(rng, 64, 2, "softmax")], tmp_path / "bad.onnx")
+    with pytest.raises(FailedPrecondition, match="softmax"):
+        compose.compose(base_path, [_dense(rng, 1280, 2, "relu")], tmp_path / "bad.onnx")
+
+
+# --- the embedding cache -------------------------------------------------------------------
+
+
+def test_embedding_cache_round_trip_lru_eviction_and_torn_files(tmp_path):
+    cache = EmbeddingCache(tmp_path, "base", 1, "ab" * 32, max_bytes=3 * 16)
+    keys = [image_key(bytes([i]) * 10) for i in range(4)]
+    vectors = np.arange(16, dtype=np.float32).reshape(4, 4)
+    assert cache.put_many(keys[:3], vectors[:3]) == 3
+    found = cache.get_many(keys, size=4)
+    assert sorted(found) == [0, 1, 2] and np.array_equal(found[1], vectors[1])
+    # Key 0 is the least recently used once 1 and 2 are read again; a fourth entry evicts it.
+    time.sleep(0.02)
+    cache.get_many(keys[1:3], size=4)
+    time.sleep(0.02)
+    cache.put_many(keys[3:], vectors[3:])
+    assert cache.evict() == 16
+    assert sorted(cache.get_many(keys, size=4)) == [1, 2, 3] and cache.size_bytes() == 48
+    # A torn write (wrong size) is a miss and goes away; a crashed temp file is swept.
+    torn = cache.directory / keys[1][:2] / f"{keys[1]}.f32"
+    torn.write_bytes(b"\0" * 6)
+    (torn.parent / ".tmp-crashed").write_bytes(b"\0" * 8)
+    assert 1 not in cache.get_many(keys, size=4) and not torn.exists()
+    cache.evict()
+    assert not (torn.parent / ".tmp-crashed").exists()
+    # Another base version never sees these entries; a size of 0 disables the cache.
+    assert EmbeddingCache(tmp_path, "base", 2, "cd" * 32, 1 << 20).get_many(keys, size=4) == {}
+    off = EmbeddingCache(tmp_path / "off", "base", 1, "ab" * 32, 0)
+    assert off.put_many(keys, vectors) == 0 and off.get_many(keys) == {}
+
+
+# --- through the server, on each Keras backend ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digit_sets() -> tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]:
+    """150 training digits (15 per class) and 200 held-out ones, as PNGs."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    train, test = train_test_split(np.arange(len(data.target)), train_size=150, test_size=200, random_state=1,
+                                   stratify=data.target)
+    pick = lambda idx: [(digit_png(data.images[i]), str(data.target[i])) for i in idx]  # noqa: E731
+    return pick(train), pick(test)
+
+
+def warm_workers(server: ServerProcess) -> list[int]:
+    return [pid for pid, cmd in worker_pids().items()
+            if f"--parent-pid {server.proc.pid}" in cmd and "--warm" in cmd]
+
+
+@pytest.fixture(scope="module", params=["tensorflow", "jax"])
+def backend_server(request, exported_registry, tmp_path_factory) -> Iterator[tuple[str, ServerProcess, Path]]:
+    import shutil
+
+    backend = request.param
+    if backend == "jax":
+        pytest.importorskip("jax", reason="the test extra installs jax[cpu]; CI runs both backends")
+    work = tmp_path_factory.mktemp(f"fast-{backend}")
+    registry = work / "registry"
+    shutil.copytree(exported_registry, registry)
+    server = start_server(registry, work / "server", env={"KERAS_BACKEND": backend})
+    yield backend, server, registry
+    server.stop()
+
+
+def test_head_only_finetune_composes_caches_and_stays_warm(backend_server, digit_sets):
+    """Head only on 150 digits: composed (no tf2onnx; no TensorFlow at all under JAX), parity
+    recorded, answers Classify; a second job on the same images with other hyper-parameters and a
+    hidden layer takes every embedding from the cache and runs in the same warm worker."""
+    backend, server, registry_dir = backend_server
+    train, test = digit_sets
+    stub = pb_grpc.TrainingStub(server.channel())
+    first = stub.FineTune(stream(pb.FineTuneConfig(name="digits-fast", epochs=15, seed=0, activate=True), train),
+                          timeout=300)
+    events = watch(server, first.job_id)
+    assert events[-1].state == DONE, events[-1].message + "\n" + server.log()[-3000:]
+    metrics = json.loads(events[-1].metrics_json)
+    assert metrics["keras_backend"] == backend and metrics["export_method"] == "composed"
+    assert metrics["embedding_cache_hits"] == 0 and metrics["embedding_cache_misses"] == 150
+    if backend == "jax":
+        assert metrics["tensorflow_imported"] is False
+    phases = [e.phase for e in events]
+    assert "exporting" in phases and any("appending the head" in e.message for e in events)
+    accuracy, labels, version = held_out_accuracy(server, "digits-fast", test)
+    print(f"{backend}: head-only fine-tune on 150 digits, held-out accuracy {accuracy:.3f}, "
+          f"timings {metrics['timings']}")
+    assert version == 1 and labels <= {str(d) for d in range(10)} and accuracy >= 0.8
+
+    registry = Registry(registry_dir)
+    manifest = registry.manifest("digits-fast", 1)
+    assert manifest["export"]["method"] == "composed" and manifest["export"]["keras_backend"] == backend
+    assert manifest["parity"]["max_abs_diff"] <= 1e-4 and manifest["parity"]["samples"] == metrics["num_val"]
+    assert "tensorflow" not in manifest["export"]
+    assert manifest["base_model"]["name"] == BUILTIN_NAME
+    base_path, _ = registry.verified_model_path(BUILTIN_NAME, 1)
+    new_path, _ = registry.verified_model_path("digits-fast", 1)
+    assert onnx.load(str(new_path)).producer_name == "headswap"
+    assert os.path.getsize(new_path) < os.path.getsize(base_path)  # backbone reused, classifier dropped
+
+    warm = wait_for(lambda: warm_workers(server), timeout=60)
+    assert len(warm) == 1
+    if backend == "jax":  # the worker process itself, not just the job's report
+        assert "tensorflow" not in Path(f"/proc/{warm[0]}/maps").read_text().lower()
+    assert "tensorflow" not in Path(f"/proc/{server.proc.pid}/maps").read_text().lower()
+
+    config = pb.FineTuneConfig(name="digits-fast", epochs=8, learning_rate=0.01, hidden_units=32, seed=1,
+                               activate=True)
+    second = stub.FineTune(stream(config, train), timeout=300)
+    events = watch(server, second.job_id)
+    assert events[-1].state == DONE, events[-1].message + "\n" + server.log()[-3000:]
+    metrics = json.loads(events[-1].metrics_json)
+    assert metrics["embedding_cache_hits"] == 150 and metrics["embedding_cache_misses"] == 0
+    assert any("all from the embedding cache" in e.message for e in events)
+    assert warm_workers(server) == warm  # the same process ran both jobs
+    manifest = registry.manifest("digits-fast", 2)
+    assert manifest["training"]["config"]["hidden_units"] == 32
+    assert [tuple(t.dims) for t in onnx.load(str(registry.verified_model_path("digits-fast", 2)[0])).graph.initializer
+            if t.name.startswith(compose.PREFIX)] == [(1280, 32), (32,), (32, 10), (10,)]
+    accuracy, _, version = held_out_accuracy(server, "digits-fast", test)
+    assert version == 2 and accuracy >= 0.7
+
+
+def test_cancel_kills_the_warm_worker_and_a_fresh_one_takes_over(backend_server, digit_sets):
+    backend, server, _ = backend_server
+    if backend != "jax":
+        pytest.skip("the warm worker's life cycle is the same on both backends; checked once, on the cheaper one")
+    train, _ = digit_sets
+    stub = pb_grpc.TrainingStub(server.channel())
+    before = wait_for(lambda: warm_workers(server), timeout=60)
+    job = stub.FineTune(stream(pb.FineTuneConfig(name="cancel-fast", epochs=1000), train[:60]), timeout=120)
+    wait_for(lambda: stub.GetJob(pb.GetJobRequest(job_id=job.job_id)).phase == "training_head", timeout=180)
+    assert stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id), timeout=60).state == pb.JOB_STATE_CANCELLED
+    wait_for(lambda: not Path(f"/proc/{before[0]}").exists(), timeout=30)
+    after = wait_for(lambda: warm_workers(server), timeout=120)
+    assert after and after[0] != before[0]
+    again = stub.FineTune(stream(pb.FineTuneConfig(name="cancel-fast", epochs=2), train), timeout=120)
+    events = watch(server, again.job_id)
+    assert events[-1].state == DONE, events[-1].message
+    assert json.loads(events[-1].metrics_json)["embedding_cache_hits"] == 150  # the cache outlives workers
+
+
+@pytest.mark.parametrize("value, text", [(-1, "hidden_units must be between 0 and 4096"),
+                                         (5000, "hidden_units must be between 0 and 4096")])
+def test_hidden_units_out_of_range_is_refused(backend_server, digit_sets, value, text):
+    _, server, _ = backend_server
+    train, _ = digit_sets
+    with pytest.raises(grpc.RpcError) as info:
+        pb_grpc.TrainingStub(server.channel()).FineTune(
+            stream(pb.FineTuneConfig(name="bad-hidden", hidden_units=value), train[:20]), timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in info.value.details()
+
+
+def test_cli_has_hidden_units():
+    out = subprocess.run([sys.executable, "-m", "headswap.cli", "finetune", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "--hidden-units" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "headswap.cli", "finetune", ".", "--name", "x", "--hidden-units",
+                          "5000"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--hidden-units" in out.stderr

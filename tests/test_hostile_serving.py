@@ -1,0 +1,261 @@
+"""Issue 8, the serving half: what hostile or careless callers did to the server, tried again.
+
+Each test starts a real server and attacks it the way the issue describes, over real gRPC; each
+would fail on the code before the fix (noted per test). KServe calls use tritonclient's own
+protobuf modules (this process must not import headswap.protocol.kserve_v2_pb2).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from conftest import BUILTIN_NAME
+from headswap.protocol import headswap_v1_pb2 as pb
+from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
+from hostile import big_png, cpu_seconds, metrics_text, raw_call, rss_mb, tiny_png
+
+ESPRESSO = 967
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def classify(server, images, timeout=120, **kwargs) -> pb.ClassifyResponse:
+    return pb_grpc.InferenceStub(server.channel()).Classify(pb.ClassifyRequest(images=images, **kwargs),
+                                                            timeout=timeout)
+
+
+def code_of(call, *args, **kwargs) -> grpc.StatusCode:
+    try:
+        call(*args, **kwargs)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as err:
+        return err.code()
+
+
+def assert_clean_log(server) -> None:
+    log = server.log()
+    assert "Traceback" not in log and "crashed" not in log, log[-3000:]
+
+
+# --- item 1: one small request must not take gigabytes ------------------------------------------
+
+def test_many_tiny_images_go_in_bounded_chunks_and_memory_stays_flat(server_factory, registry_copy, photos):
+    """Before: 256 x 1x1 PNG in one Classify took the server from 163 MB to 3.4 GB (one ORT batch of 256)."""
+    server = server_factory(registry_copy, "--max-batch-size", "8")
+    for _ in range(10):  # steady state: ordinary traffic, the arena at its usual batches
+        classify(server, [photos["coffee"]] * 8, top_k=1)
+    steady = rss_mb(server.proc.pid)
+    tiny = tiny_png()
+    kserve = service_pb2_grpc.GRPCInferenceServiceStub(server.channel())
+    pixels = np.zeros((256, 224, 224, 3), dtype=np.uint8).tobytes()
+    peak = steady
+    for round_ in range(6):
+        response = classify(server, [tiny] * 256, top_k=1)
+        assert len(response.results) == 256
+        infer = service_pb2.ModelInferRequest(model_name=BUILTIN_NAME, raw_input_contents=[pixels], inputs=[
+            service_pb2.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=[256, 224, 224, 3])])
+        assert len(kserve.ModelInfer(infer, timeout=120).raw_output_contents[0]) == 256 * 1000 * 4
+        peak = max(peak, rss_mb(server.proc.pid))
+    final = rss_mb(server.proc.pid)
+    assert final - steady < 150, f"resident memory went from {steady:.0f} MB to {final:.0f} MB (peak {peak:.0f})"
+    # No ONNX Runtime call ever saw more than --max-batch-size images.
+    text = metrics_text(server.metrics_port)
+    le8 = sum(float(v) for v in re.findall(r'headswap_batch_size_bucket\{le="8\.0",model="[^"]+"\} (\S+)', text))
+    total = sum(float(v) for v in re.findall(r'headswap_batch_size_count\{model="[^"]+"\} (\S+)', text))
+    assert total > 0 and le8 == total, f"{total - le8} batches larger than 8"
+    assert_clean_log(server)
+
+
+def test_request_pixel_budget_is_checked_from_headers(server_factory, registry_copy, photos):
+    """Before: no per-request pixel bound (only per image)."""
+    server = server_factory(registry_copy, "--max-request-pixels", "40000000")
+    with pytest.raises(grpc.RpcError) as err:
+        classify(server, [big_png()] * 2, top_k=1)  # 72 Mpx in all
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "72000000" in err.value.details() and "40000000" in err.value.details()
+    assert classify(server, [photos["coffee"]], top_k=1).results[0].predictions[0].index == ESPRESSO
+
+
+def test_concurrent_inference_calls_are_bounded(server_factory, registry_copy, photos):
+    """Before: no admission bound; inference calls could take every gRPC worker thread."""
+    server = server_factory(registry_copy, "--max-inference-calls", "1", "--max-request-pixels", "400000000")
+    errors: list[grpc.StatusCode] = []
+    slow = threading.Thread(target=lambda: errors.append(code_of(classify, server, [big_png()] * 6, top_k=1)))
+    slow.start()
+    try:
+        refused = None
+        for _ in range(100):  # until the slow call holds the only slot
+            time.sleep(0.05)
+            code = code_of(classify, server, [photos["coffee"]], top_k=1)
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                refused = code
+                break
+        assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED
+        health = health_pb2_grpc.HealthStub(server.channel())
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == SERVING
+    finally:
+        slow.join(120)
+    assert errors == [grpc.StatusCode.OK]
+    assert_clean_log(server)
+
+
+# --- item 3: decoding respects deadlines, cancellation and the SIGTERM grace period -------------
+
+def test_decoding_stops_soon_after_the_deadline(server_factory, registry_copy):
+    """Before: 48 x 36 Mpx with a 3 s deadline kept both cores busy for 17 s."""
+    server = server_factory(registry_copy, "--max-request-pixels", "2000000000")
+    pid = server.proc.pid
+    with pytest.raises(grpc.RpcError) as err:
+        classify(server, [big_png()] * 24, timeout=1.5, top_k=1)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(1.5)  # about one large decode after the deadline, plus slack for a busy machine
+    before = cpu_seconds(pid)
+    time.sleep(2.0)
+    used = cpu_seconds(pid) - before
+    assert used < 0.5, f"the server still used {used:.2f} CPU-seconds over 2 s after the caller's deadline"
+    assert_clean_log(server)
+
+
+def test_cancelled_call_stops_decoding(server_factory, registry_copy):
+    """Before: a cancelled call decoded on to the end."""
+    server = server_factory(registry_copy, "--max-request-pixels", "2000000000")
+    stub = pb_grpc.InferenceStub(server.channel())
+    future = stub.Classify.future(pb.ClassifyRequest(images=[big_png()] * 24, top_k=1), timeout=120)
+    time.sleep(1.5)
+    future.cancel()
+    time.sleep(1.5)
+    before = cpu_seconds(server.proc.pid)
+    time.sleep(2.0)
+    used = cpu_seconds(server.proc.pid) - before
+    assert used < 0.5, f"the server still used {used:.2f} CPU-seconds over 2 s after the call was cancelled"
+    assert_clean_log(server)
+
+
+def test_sigterm_drain_respects_the_grace_period(server_factory, registry_copy):
+    """Before: SIGTERM with a large request in flight took 15 s against a 10 s grace period."""
+    server = server_factory(registry_copy, "--max-request-pixels", "2000000000", "--grace-period-s", "1")
+    stub = pb_grpc.InferenceStub(server.channel())
+    future = stub.Classify.future(pb.ClassifyRequest(images=[big_png()] * 40, top_k=1), timeout=300)
+    time.sleep(1.5)
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    code = server.proc.wait(60)
+    took = time.monotonic() - started
+    assert code == 0
+    assert took < 1 + 5, f"exit took {took:.1f} s with a 1 s grace period"
+    with pytest.raises(grpc.RpcError):
+        future.result()
+
+
+# --- item 4: one model-name rule at every API -------------------------------------------------
+
+BAD_NAMES = ["../../etc/passwd", "/etc/passwd", "..", ".", "efficientnet\x00lite0", "x" * 300,
+             "efficientnet-lite0/", "./efficientnet-lite0", "efficientnet-lite0/1/..", "EfficientNet-Lite0",
+             "efficientnet-lite0\n", " efficientnet-lite0"]
+REFUSED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
+
+
+def test_model_names_outside_the_rule_are_refused_everywhere(server_factory, registry_copy, photos):
+    """Before: INTERNAL plus a traceback for ../../etc/passwd, NUL, 300 characters; aliases
+    (efficientnet-lite0/, ./efficientnet-lite0, the absolute path) loaded as separate models."""
+    server = server_factory(registry_copy)
+    channel = server.channel()
+    inference, models = pb_grpc.InferenceStub(channel), pb_grpc.ModelsStub(channel)
+    kserve = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+    image = service_pb2.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
+    for name in BAD_NAMES + [str(registry_copy / BUILTIN_NAME)]:
+        calls = {
+            "Classify": lambda: inference.Classify(pb.ClassifyRequest(images=[photos["coffee"]], model=name), timeout=30),
+            "GetModel": lambda: models.GetModel(pb.GetModelRequest(name=name), timeout=30),
+            "ActivateModel": lambda: models.ActivateModel(pb.ActivateModelRequest(name=name, version=1), timeout=30),
+            "RollbackModel": lambda: models.RollbackModel(pb.RollbackModelRequest(name=name), timeout=30),
+            "ModelInfer": lambda: kserve.ModelInfer(service_pb2.ModelInferRequest(
+                model_name=name, inputs=[image], raw_input_contents=[len(photos["coffee"]).to_bytes(4, "little")
+                                                                     + photos["coffee"]]), timeout=30),
+            "ModelMetadata": lambda: kserve.ModelMetadata(service_pb2.ModelMetadataRequest(name=name), timeout=30),
+            "RepositoryModelLoad": lambda: kserve.RepositoryModelLoad(
+                service_pb2.RepositoryModelLoadRequest(model_name=name), timeout=30),
+        }
+        for method, call in calls.items():
+            code = code_of(call)
+            assert code in REFUSED, f"{method}({name[:40]!r}) answered {code}"
+        ready = kserve.ModelReady(service_pb2.ModelReadyRequest(name=name), timeout=30)
+        assert not ready.ready
+        assert code_of(health.Check, health_pb2.HealthCheckRequest(service=name), timeout=5) == \
+            grpc.StatusCode.NOT_FOUND
+    # The real model was loaded once and still serves; nothing else was ever loaded.
+    assert classify(server, [photos["coffee"]], top_k=1).results[0].predictions[0].index == ESPRESSO
+    assert health.Check(health_pb2.HealthCheckRequest(service=BUILTIN_NAME), timeout=5).status == SERVING
+    log = server.log()
+    assert len(re.findall(r"loaded \S+ version", log)) == 1, log[-3000:]
+    assert_clean_log(server)
+
+
+# --- item 5: metric labels only from registry models ------------------------------------------
+
+def test_unknown_model_names_share_one_metric_label(server_factory, registry_copy, photos):
+    """Before: 40,000 unique names grew /metrics from 8 KB to 113 MB."""
+    server = server_factory(registry_copy)
+    inference = pb_grpc.InferenceStub(server.channel())
+    kserve = service_pb2_grpc.GRPCInferenceServiceStub(server.channel())
+    classify(server, [photos["coffee"]], top_k=1)
+    tiny = tiny_png()
+    before = len(metrics_text(server.metrics_port))
+    for i in range(1500):
+        code = code_of(inference.Classify, pb.ClassifyRequest(images=[tiny], model=f"no-such-model-{i}"), timeout=10)
+        assert code == grpc.StatusCode.NOT_FOUND
+        code = code_of(kserve.ModelMetadata, service_pb2.ModelMetadataRequest(name=f"nope-{i}"), timeout=10)
+        assert code == grpc.StatusCode.NOT_FOUND
+    text = metrics_text(server.metrics_port)
+    assert "no-such-model-" not in text and "nope-" not in text
+    assert 'model="_unknown"' in text and f'model="{BUILTIN_NAME}"' in text
+    assert len(text) < before + 20_000, f"/metrics grew from {before} to {len(text)} bytes"
+
+
+# --- item 10 on the inference side: versions and bodies no caller can turn into INTERNAL -------
+
+def test_kserve_version_strings_and_malformed_bodies(shared_server):
+    """Before: model_version "²" or 5000 digits, and a garbage protobuf body, answered INTERNAL."""
+    kserve = service_pb2_grpc.GRPCInferenceServiceStub(shared_server.channel())
+    for version in ["²", "9" * 5000, "-1", "0", "1.0", " 1", "1\n", "١"]:
+        for call, request in ((kserve.ModelMetadata, service_pb2.ModelMetadataRequest(name=BUILTIN_NAME,
+                                                                                        version=version)),
+                              (kserve.ModelReady, service_pb2.ModelReadyRequest(name=BUILTIN_NAME, version=version))):
+            assert code_of(call, request, timeout=10) == grpc.StatusCode.INVALID_ARGUMENT, version[:20]
+    channel = shared_server.channel()
+    for method in ("/headswap.v1.Inference/Classify", "/headswap.v1.Models/GetModel",
+                   "/inference.GRPCInferenceService/ModelInfer", "/grpc.health.v1.Health/Check"):
+        for body in (b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x08" + b"\xff" * 11):  # never valid protobuf
+            assert raw_call(channel, method, body) == grpc.StatusCode.INVALID_ARGUMENT, (method, body)
+    # Field 3 is Classify's `model` (a string): invalid UTF-8 there is a malformed body too.
+    assert raw_call(channel, "/headswap.v1.Inference/Classify", b"\x1a\x02\xc3\x28") == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
+    assert_clean_log(shared_server)
+
+
+def test_malformed_stream_messages(shared_server):
+    """A garbage frame inside a request stream: INVALID_ARGUMENT, for our services and grpc's own."""
+    channel = shared_server.channel()
+    for method, kind in (("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "stream_stream"),
+                         ("/headswap.v1.Training/FineTune", "stream_unary")):
+        call = getattr(channel, kind)(method, request_serializer=None, response_deserializer=None)
+        try:
+            result = call(iter([b"\xff\xff\xff\xff"]), timeout=30)
+            if kind == "stream_stream":
+                list(result)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            code = err.code()
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code)
+    assert_clean_log(shared_server)

@@ -1,0 +1,50 @@
+"""Adaptive intra-op spinning: the lone-run chooser, and a server in every spinning mode."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import BUILTIN_NAME
+from headswap.inference.spinning import PROBE_EVERY, RARE_FACTOR, FasterOfTwo
+from headswap.protocol import headswap_v1_pb2 as pb
+from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
+
+
+def run(chooser: FasterOfTwo, costs: tuple[float, float], runs: int) -> list[int]:
+    picks = []
+    for _ in range(runs):
+        option = chooser.pick()
+        chooser.record(option, costs[option])
+        picks.append(option)
+    return picks
+
+
+def test_chooser_measures_both_then_keeps_the_faster_and_probes_the_other():
+    chooser = FasterOfTwo()
+    picks = run(chooser, (10.0, 8.0), 2 + 4 * PROBE_EVERY)
+    assert picks[:2] == [0, 1]  # each measured once
+    rest = picks[2:]
+    assert rest.count(0) == 4 and rest.count(1) == len(rest) - 4  # the faster, with periodic probes
+
+
+def test_chooser_follows_a_change_of_conditions():
+    chooser = FasterOfTwo()
+    run(chooser, (10.0, 8.0), 100)  # spinning faster (a quiet machine)
+    picks = run(chooser, (10.0, 40.0), 20 * PROBE_EVERY)  # spinning now 4x slower (contended)
+    late = picks[-4 * PROBE_EVERY:]
+    assert late.count(0) > late.count(1)
+    # a clear loser is probed rarely
+    assert late.count(1) <= -(-len(late) // (PROBE_EVERY * RARE_FACTOR)) + 1
+
+
+@pytest.mark.parametrize("mode", ["off", "on", "adaptive"])
+def test_server_classifies_in_every_spinning_mode(server_factory, registry_copy, photos, mode):
+    server = server_factory(registry_copy, "--intra-op-spinning", mode)
+    stub = pb_grpc.InferenceStub(server.channel())
+    for _ in range(3):  # adaptive: the first lone runs measure both sessions
+        response = stub.Classify(pb.ClassifyRequest(images=[photos["chelsea"], photos["coffee"]], top_k=1),
+                                 timeout=60)
+        assert response.model == BUILTIN_NAME
+        assert response.results[0].predictions[0].index in range(281, 286)  # a cat
+        assert response.results[1].predictions[0].index == 967  # espresso
+    assert "Traceback" not in server.log()
