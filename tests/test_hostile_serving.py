@@ -259,3 +259,63 @@ def test_malformed_stream_messages(shared_server):
             code = err.code()
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code)
     assert_clean_log(shared_server)
+
+
+# --- the pure logic underneath: fair decode slots, rank-ordered batches ------------------------
+
+def test_decode_slots_keep_one_slot_for_small_images():
+    from headswap.inference.decoding import LARGE_IMAGE_PIXELS, DecodeSlots
+
+    slots = DecodeSlots(2)
+    large = LARGE_IMAGE_PIXELS + 1
+    entered = threading.Event()
+
+    def second_large() -> None:
+        with slots.hold(large, lambda: None):
+            entered.set()
+
+    with slots.hold(large, lambda: None):
+        waiter = threading.Thread(target=second_large)
+        waiter.start()
+        time.sleep(0.2)
+        assert not entered.is_set()  # a second large image waits for the large slot...
+        with slots.hold(100, lambda: None):  # ...while a small one still gets the other slot
+            pass
+    waiter.join(5)
+    assert entered.is_set()
+
+    def stop() -> None:
+        raise TimeoutError("caller gone")
+
+    with slots.hold(large, lambda: None):
+        with pytest.raises(TimeoutError):
+            with slots.hold(large, stop):  # a waiter whose caller is gone leaves the queue
+                pass
+
+
+def test_batcher_runs_a_requests_first_chunk_before_others_later_chunks():
+    from headswap.inference.batcher import Batcher
+
+    started = threading.Event()
+    release = threading.Event()
+    order: list[float] = []
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        order.append(float(batch[0, 0]))
+        started.set()
+        release.wait(10)
+        return np.zeros((len(batch), 2), dtype=np.float32)
+
+    batcher = Batcher(infer, "rank-test", max_batch=8, timeout_s=0.0, max_queue=1000)
+    try:
+        chunk = lambda tag, n=8: np.full((n, 1), tag, dtype=np.float32)  # noqa: E731
+        first = batcher.submit(chunk(0), announced=False)  # occupies the worker
+        assert started.wait(5)
+        later = [batcher.submit(chunk(1), announced=False, rank=8 * (i + 1)) for i in range(3)]
+        victim = batcher.submit(chunk(2, 1), announced=False, rank=0)
+        release.set()
+        for future in [first, victim, *later]:
+            future.result(10)
+    finally:
+        batcher.close()
+    assert order[:2] == [0.0, 2.0], order  # the one-image request ran next, before the 256-image one's rest

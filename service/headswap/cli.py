@@ -62,22 +62,36 @@ def serve(**flags: Any) -> None:
 @click.option("--name", default=None, help="Registry name (default: derived from SOURCE).")
 @click.option("--model-dir", default=None, envvar="HEADSWAP_MODEL_DIR", help="Registry location [default: models].")
 @click.option("--no-activate", is_flag=True, help="Store the version without making it active.")
-def export(source: str, weights: str | None, name: str | None, model_dir: str | None, no_activate: bool) -> None:
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32", show_default=True,
+              help="fp32, or a fast tier served by OpenVINO (bf16; int8 calibrated on photos that ship with "
+                   "scikit-image), published only if it passes the accuracy gate.")
+@click.option("--min-agreement", type=click.FloatRange(0.0, 1.0), default=0.99, show_default=True,
+              help="Accuracy gate of a bf16/int8 tier: agreement with fp32's answers on held-out photos.")
+def export(source: str, weights: str | None, name: str | None, model_dir: str | None, no_activate: bool,
+           precision: str, min_agreement: float) -> None:
     """Convert SOURCE (builtin:NAME, keras:APP, hub:HANDLE) to ONNX and store it in the registry."""
     from headswap import logs
     from headswap.errors import HeadswapError
     from headswap.export.onnx_export import export_source
+    from headswap.export.precision import Gate
     from headswap.registry.registry import Registry
 
     logs.configure("INFO")
     registry = Registry(model_dir or Settings().model_dir)
     try:
-        model, version = export_source(source, registry, name=name, weights=weights, activate=not no_activate)
+        model, version = export_source(source, registry, name=name, weights=weights, activate=not no_activate,
+                                       precision=precision, gate=Gate(min_agreement=min_agreement))
     except HeadswapError as err:
         raise click.ClickException(str(err)) from None
     manifest = registry.manifest(model, version)
+    tier = ""
+    if manifest.get("accuracy"):
+        accuracy = manifest["accuracy"]
+        tier = (f", {manifest['precision']} in {manifest['runtime']}: top-1 agreement with fp32 "
+                f"{100 * accuracy['gated_top1_agreement']:.1f}% on {accuracy['gated_images']} confident held-out "
+                f"photos, {100 * accuracy['top1_agreement']:.1f}% on all {accuracy['heldout_images']}")
     click.echo(f"stored {model} version {version} in {registry.url} "
-               f"(parity max abs diff {manifest['parity']['max_abs_diff']:.2e})")
+               f"(parity max abs diff {manifest['parity']['max_abs_diff']:.2e}{tier})")
 
 
 @main.command()

@@ -37,6 +37,7 @@ class ExportError(FailedPrecondition):
 
 
 Backbone = Callable[[Any], dict[str, Any]]
+Tier = Callable[[Path, dict[str, Any]], tuple[Path, dict[str, Any]]]
 
 
 def _run(fn_or_model: Backbone, images: Any) -> dict[str, Any]:
@@ -175,11 +176,14 @@ def check_parity(fn_or_model: Backbone, onnx_path: str | Path, input_size: tuple
 
 
 def export_keras_model(model_or_fn: Backbone, input_size: tuple[int, int], manifest_base: dict[str, Any],
-                       registry: Registry, name: str, activate: bool = True, opset: int = DEFAULT_OPSET) -> int:
+                       registry: Registry, name: str, activate: bool = True, opset: int = DEFAULT_OPSET,
+                       tier: Tier | None = None) -> int:
     """Convert, check parity on sample images and publish one version; returns its number.
 
     `manifest_base` carries at least `labels` and `preprocessing` (the exporter adds `input`,
     `outputs`, `parity`); the fine-tune trainer passes backbone + new head as one model.
+    `tier` turns the checked fp32 file into a precision tier (`headswap.export.precision`): it
+    returns the file to publish and the manifest fields to add, or refuses.
     """
     check_model_name(name)
     labels = list(manifest_base.get("labels") or [])
@@ -209,6 +213,9 @@ def export_keras_model(model_or_fn: Backbone, input_size: tuple[int, int], manif
                        "parity_seconds": round(time.monotonic() - converted, 2),
                        "tensorflow": tf.__version__, "keras": keras.__version__, "onnx": onnx.__version__},
         }
+        if tier is not None:
+            onnx_path, fields = tier(onnx_path, manifest)
+            manifest.update(fields)
         version = registry.publish(name, onnx_path, manifest, activate=activate)
     log.info("exported %s version %d: convert %.1f s, parity max abs diff %.2e over %d samples",
              name, version, converted - started, parity["max_abs_diff"], parity["samples"])
@@ -216,8 +223,18 @@ def export_keras_model(model_or_fn: Backbone, input_size: tuple[int, int], manif
 
 
 def export_source(source: str, registry: Registry, name: str | None = None, weights: str | None = None,
-                  activate: bool = True) -> tuple[str, int]:
-    """Build a source (builtin:, keras:, hub:), export it to ONNX and publish it: (name, version)."""
+                  activate: bool = True, precision: str = "fp32", gate: Any = None) -> tuple[str, int]:
+    """Build a source (builtin:, keras:, hub:), export it to ONNX and publish it: (name, version).
+
+    `precision` bf16/int8 publishes the fast tier instead of fp32, if it passes `gate`
+    (a `precision.Gate`; default: >= 99% agreement with fp32 on held-out photos).
+    """
+    from headswap.export import precision as tiers
+
+    precision = tiers.check_precision(precision)
+    gate = gate or tiers.Gate()
+    gate.check()
+    tiers.check_available(precision)
     parsed = sources.parse_source(source)
     name = check_model_name(name or sources.default_model_name(parsed))
     started = time.monotonic()
@@ -225,5 +242,10 @@ def export_source(source: str, registry: Registry, name: str | None = None, weig
     log.info("built %s in %.1f s", parsed, time.monotonic() - started)
     manifest_base = {"kind": "zero-shot", "source": built.source, "weights": built.weights,
                      "labels": built.labels, "preprocessing": built.preprocessing}
-    version = export_keras_model(built.backbone, built.input_size, manifest_base, registry, name, activate=activate)
+    tier = None
+    if precision != "fp32":
+        def tier(path: Path, manifest: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+            return tiers.zero_shot_tier(path, precision, manifest, gate)
+    version = export_keras_model(built.backbone, built.input_size, manifest_base, registry, name, activate=activate,
+                                 tier=tier)
     return name, version

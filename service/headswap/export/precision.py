@@ -10,8 +10,9 @@ ONNX Runtime (slower at batch 8) and 1.85x in OpenVINO. So both tiers are served
 
 Every tier is measured against the fp32 model before it is published, and refused below the gate:
 - zero-shot: top-1 agreement with fp32 on held-out real photos (never the calibration photos);
-  images on which fp32 itself is unsure (top-1 probability below `Gate.min_confidence`) are
-  reported but not gated: their top-1 is a near tie that any rounding may flip;
+  images on which fp32 itself is unsure (top-1 probability below `Gate.min_confidence`) do not
+  count for top-1 (their top-1 is a near tie that any rounding flips), but on every held-out image
+  fp32's top-1 must stay within the tier's top 5 (this catches a tier that is broken, not rounded);
 - fine-tune: validation accuracy of the tier against the fp32 model's, on the job's own
   validation images (calibrated on its training images).
 The figures go into the manifest (`accuracy`), and into the refusal message.
@@ -67,6 +68,23 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def check_available(precision: str) -> None:
+    """Refuse early (before a slow export or training) a tier this machine cannot build or run fast."""
+    precision = check_precision(precision)
+    if precision == "fp32":
+        return
+    from headswap.inference import openvino_runtime
+
+    try:
+        capabilities = openvino_runtime.cpu_capabilities()
+    except openvino_runtime.OpenVinoMissing as err:
+        raise PrecisionRefused(f"the {precision} tier runs in OpenVINO: {err}") from None
+    needed = {"bf16": "BF16", "int8": "INT8"}[precision]
+    if needed not in capabilities:
+        raise PrecisionRefused(f"this CPU has no native {precision} (OpenVINO reports {', '.join(capabilities)}): "
+                               f"a {precision} tier would run no faster than fp32; use precision fp32")
+
+
 def make_tier(onnx_path: Path, precision: str, calibration: np.ndarray, heldout: np.ndarray,
               labels: np.ndarray | None = None, gate: Gate = Gate(), threads: int = 0) -> tuple[Path, dict[str, Any]]:
     """Build the `precision` tier of an fp32 ONNX model and gate it; returns (file to publish, manifest fields).
@@ -82,14 +100,7 @@ def make_tier(onnx_path: Path, precision: str, calibration: np.ndarray, heldout:
         return onnx_path, {"precision": "fp32", "runtime": RUNTIME["fp32"]}
     from headswap.inference import openvino_runtime
 
-    try:
-        capabilities = openvino_runtime.cpu_capabilities()
-    except openvino_runtime.OpenVinoMissing as err:
-        raise PrecisionRefused(f"the {precision} tier runs in OpenVINO: {err}") from None
-    needed = {"bf16": "BF16", "int8": "INT8"}[precision]
-    if needed not in capabilities:
-        raise PrecisionRefused(f"this CPU has no native {precision} (OpenVINO reports {', '.join(capabilities)}): "
-                               f"a {precision} tier would run no faster than fp32; export fp32")
+    check_available(precision)
     if len(heldout) == 0 or (precision == "int8" and len(calibration) == 0):
         raise PrecisionRefused(f"the {precision} tier needs calibration and held-out images; got "
                                f"{len(calibration)} and {len(heldout)}")
@@ -129,7 +140,9 @@ def measure(reference: np.ndarray, tier: np.ndarray, labels: np.ndarray | None, 
         "max_abs_diff": round(float(np.max(np.abs(reference - tier))), 6),
     }
     if labels is None:
-        figures.update(gated_images=int(confident.sum()),
+        top5 = np.argpartition(-tier, 4, axis=1)[:, :5] if tier.shape[1] > 5 else np.argsort(-tier, axis=1)
+        figures.update(top1_in_top5=round(float((top5 == ref_top1[:, None]).any(axis=1).mean()), 6),
+                       gated_images=int(confident.sum()),
                        gated_top1_agreement=round(float(agree[confident].mean()), 6) if confident.any() else 0.0,
                        gated_disagreements=int((~agree & confident).sum()))
     else:
@@ -150,27 +163,36 @@ def gate_failure(precision: str, figures: dict[str, Any], gate: Gate, fine_tune:
                 f"({100 * figures['fp32_accuracy']:.2f}% fp32 -> {100 * figures['accuracy']:.2f}% {precision} on "
                 f"{figures['heldout_images']} validation images; gate: at most "
                 f"{100 * gate.max_accuracy_drop:.2f} points); nothing published: train with precision fp32")
-    if figures["gated_images"] >= MIN_GATED_IMAGES and figures["gated_top1_agreement"] >= gate.min_agreement - 1e-12:
+    floor = gate.min_agreement - 1e-12
+    if (figures["gated_images"] >= MIN_GATED_IMAGES and figures["gated_top1_agreement"] >= floor
+            and figures["top1_in_top5"] >= floor):
         return ""
-    return (f"the {precision} tier agrees with fp32's top-1 on {100 * figures['gated_top1_agreement']:.1f}% of "
-            f"{figures['gated_images']} held-out real images where fp32 is confident (top-1 probability >= "
-            f"{gate.min_confidence:g}; gate: >= {100 * gate.min_agreement:.1f}% over at least {MIN_GATED_IMAGES} "
-            f"images), {100 * figures['top1_agreement']:.1f}% of all {figures['heldout_images']}; "
-            f"nothing published: export fp32, or lower the gate (--min-agreement)")
+    return (f"the {precision} tier misses its accuracy gate: it agrees with fp32's top-1 on "
+            f"{100 * figures['gated_top1_agreement']:.1f}% of {figures['gated_images']} held-out real images where "
+            f"fp32 is confident (top-1 probability >= {gate.min_confidence:g}) and keeps fp32's top-1 in its top 5 "
+            f"on {100 * figures['top1_in_top5']:.1f}% of all {figures['heldout_images']} (top-1 agreement on all: "
+            f"{100 * figures['top1_agreement']:.1f}%); gate: >= {100 * gate.min_agreement:.1f}% for both, over at "
+            f"least {MIN_GATED_IMAGES} confident images. Nothing published: export fp32, or lower the gate "
+            f"(--min-agreement)")
 
 
 def quantize_int8(source: Path, target: Path, calibration: np.ndarray) -> dict[str, Any]:
-    """ONNX Runtime's static quantizer: QDQ, per-channel int8 weights, uint8 activations (min-max over
-    the calibration images). The file stays a standard ONNX graph (QuantizeLinear/DequantizeLinear)."""
+    """ONNX Runtime's static quantizer: QDQ, per-channel int8 weights, uint8 activations with ranges at
+    the 99.999th percentile over the calibration images (min-max let rare outliers widen the ranges of the
+    projection convolutions; measured: 78.4% against 76.9% top-1 agreement). The file stays a standard
+    ONNX graph (QuantizeLinear/DequantizeLinear)."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     input_name = _input_name(source)
+    # The histogram calibrators stack per-batch outputs: every batch must have the same size.
+    batch = min(EVAL_BATCH, len(calibration))
+    calibration = calibration[:len(calibration) // batch * batch]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches: Iterable[np.ndarray] = iter(_batches(calibration))
+            self.batches: Iterable[np.ndarray] = iter(_batches(calibration, batch))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.batches, None)  # type: ignore[call-overload]
@@ -181,13 +203,14 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray) -> dict[s
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.Percentile,
+                        extra_options={"CalibPercentile": 99.999})
     except Exception as err:  # the quantizer raises anything from ValueError to onnx errors
         raise PrecisionRefused(f"ONNX Runtime's quantizer could not quantize the model: "
                                f"{type(err).__name__}: {err}") from err
     finally:
         prepared.unlink(missing_ok=True)
-    return {"method": "onnxruntime static, QDQ, per-channel int8 weights, uint8 activations, min-max",
+    return {"method": "onnxruntime static, QDQ, per-channel int8 weights, uint8 activations, percentile 99.999",
             "calibration_images": int(len(calibration))}
 
 
@@ -197,9 +220,9 @@ def _input_name(path: Path) -> str:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
 
 
-def _batches(images: np.ndarray) -> Iterable[np.ndarray]:
-    for start in range(0, len(images), EVAL_BATCH):
-        yield np.ascontiguousarray(images[start:start + EVAL_BATCH], dtype=np.float32)
+def _batches(images: np.ndarray, size: int = EVAL_BATCH) -> Iterable[np.ndarray]:
+    for start in range(0, len(images), size):
+        yield np.ascontiguousarray(images[start:start + size], dtype=np.float32)
 
 
 def ort_probabilities(path: Path, images: np.ndarray, threads: int = 0) -> np.ndarray:

@@ -17,8 +17,6 @@ saved ~40 MB but ran about 2x slower per image, and per-run arena shrinkage abou
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -27,6 +25,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from headswap.admission import Slots
 from headswap.config import Settings
 from headswap.errors import Cancelled, DeadlineExceeded, InvalidInput, ResourceExhausted
 from headswap.inference.decoding import DecodeSlots
@@ -76,7 +75,9 @@ class Classifier:
         # Bounds concurrent decoding: past the core count, more decoders only steal CPU from
         # inference and lengthen everyone's latency. Slots are taken per image, in arrival order.
         self._decoders = DecodeSlots(settings.decode_threads)
-        self._calls = threading.BoundedSemaphore(settings.max_inference_calls)
+        # At most max_inference_calls requests at once: the rest are refused at once, never queued on
+        # threads that health checks and other callers need (the pool is sized for it in server.py).
+        self._calls = Slots("inference calls in progress", settings.max_inference_calls, "--max-inference-calls")
 
     def classify(self, images: list[bytes], top_k: int, model: str = "", version: int = 0,
                  deadline: float | None = None, should_stop: ShouldStop | None = None
@@ -146,18 +147,6 @@ class Classifier:
 
         return self._run(model, version, chunks, deadline, should_stop)
 
-    @contextlib.contextmanager
-    def _admitted(self) -> Iterator[None]:
-        """At most max_inference_calls requests at once: the rest are refused at once, never queued
-        on threads that health checks and other callers need."""
-        if not self._calls.acquire(blocking=False):
-            raise ResourceExhausted(f"the server is handling {self.settings.max_inference_calls} inference "
-                                    "calls already (--max-inference-calls); retry later")
-        try:
-            yield
-        finally:
-            self._calls.release()
-
     def _run(self, model: str, version: int, chunks: Chunks, deadline: float | None,
              should_stop: ShouldStop | None) -> Answer:
         name = model or self.default_model
@@ -169,7 +158,7 @@ class Classifier:
             if should_stop is not None and should_stop():
                 raise Cancelled("the call was cancelled; its work was stopped")
 
-        with self._admitted(), self.manager.lease(name, version) as loaded:
+        with self._calls.take(), self.manager.lease(name, version) as loaded:
             started_ns = time.perf_counter_ns()
             try:
                 return self._run_loaded(loaded, chunks(loaded, check), check, deadline, started_ns)

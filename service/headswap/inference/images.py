@@ -129,15 +129,18 @@ def orientation(image: Image.Image) -> int:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB: 16- and 32-bit integer pixels scaled (0..65535 -> 0..255),
-    not clipped; float pixels taken as 0..255 (Pillow's convention); transparency composed over
+    """Any Pillow mode -> 8-bit RGB: 16- and 32-bit integer pixels scaled (0..65535 -> 0..255, the
+    high byte), not clipped; float pixels taken as 0..255 (Pillow's convention); transparency composed over
     white; palette, 1-bit, grayscale and CMYK converted by Pillow."""
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
         return image
     if mode in _SIXTEEN_BIT or mode == "I":
-        wide = np.asarray(image).astype(np.float32)
-        gray = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+        # The high byte, as Pillow itself reads 16-bit RGB PNGs (65535 -> 255, 257*k -> k).
+        wide = np.asarray(image)
+        if mode == "I":
+            wide = np.clip(wide, 0, 65535)
+        gray = (wide >> 8).astype(np.uint8)
         return Image.fromarray(gray, "L").convert("RGB")
     if mode == "F":
         values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=255.0, neginf=0.0)
