@@ -11,7 +11,10 @@ Part 0, the interactive loop (issue 11 targets), on `--fast-images` digits with 
   c. job 2, the same images with other hyper-parameters: target <= 0.3 x job 1 (embeddings
      come from the cache, the head's programs from the compilation cache).
   The worker runs on `--backend` (KERAS_BACKEND): on a GPU node with JAX's CUDA wheels the
-  trainer uses whatever accelerator the backend sees; the timings say which extractor ran.
+  trainer uses whatever accelerator the backend sees; the timings say which extractor ran. On a
+  machine without TensorFlow (such a GPU node), pass `--model-dir` with a registry exported
+  elsewhere (`headswap export builtin:efficientnet-lite0 --model-dir DIR`): exporting needs tf2onnx.
+  For the second target with "a few hundred" images, run with `--fast-images 300`.
 
 Same data (scikit-learn's handwritten digits, rendered as 64x64 ink-on-paper PNGs, 20% held
 out stratified), same epochs, same head (Dense softmax on EfficientNet-Lite0's 1280-d embedding),

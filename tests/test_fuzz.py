@@ -180,6 +180,21 @@ def test_kserve_tensors(channel, datatype, shape, raw, in_contents, version, inp
     assert code == grpc.StatusCode.OK or code in CALLER_ERRORS | {grpc.StatusCode.DEADLINE_EXCEEDED}, code
 
 
+@FUZZ
+@given(images=st.lists(mutated_images(), min_size=1, max_size=3), extra=st.binary(max_size=8),
+       claimed=st.integers(0, 5))
+def test_kserve_bytes_tensors_of_mutated_images(channel, images, extra, claimed):
+    """Triton's BYTES layout (4-byte length, then the bytes) with mutated photos, a shape that may
+    disagree with the element count, and trailing garbage."""
+    raw = b"".join(struct.pack("<I", len(image)) + image for image in images) + extra
+    tensor = service_pb2.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[claimed])
+    request = service_pb2.ModelInferRequest(model_name=BUILTIN_NAME, inputs=[tensor], raw_input_contents=[raw])
+    code = code_of(service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer, request, timeout=60)
+    assert code == grpc.StatusCode.OK or code in CALLER_ERRORS, code
+    if claimed != len(images) or extra:
+        assert code != grpc.StatusCode.OK
+
+
 def test_kserve_cases_left_the_server_healthy(server):
     assert_healthy(server)
 

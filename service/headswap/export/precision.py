@@ -36,6 +36,8 @@ PRECISIONS = ("fp32", "bf16", "int8")
 RUNTIME = {"fp32": "onnxruntime", "bf16": "openvino", "int8": "openvino"}
 INT8_FILE = "model.int8.onnx"
 EVAL_BATCH = 16
+FLOAT_OPS = ("Softmax", "Gemm", "MatMul")  # int8: kept in float (see quantize_int8)
+MAX_CALIBRATION_IMAGES = 128  # the quantizer holds their activations in memory
 MIN_GATED_IMAGES = 20  # fewer confident held-out images than this measure nothing
 
 
@@ -177,18 +179,25 @@ def gate_failure(precision: str, figures: dict[str, Any], gate: Gate, fine_tune:
 
 
 def quantize_int8(source: Path, target: Path, calibration: np.ndarray) -> dict[str, Any]:
-    """ONNX Runtime's static quantizer: QDQ, per-channel int8 weights, uint8 activations with ranges at
-    the 99.999th percentile over the calibration images (min-max let rare outliers widen the ranges of the
-    projection convolutions; measured: 78.4% against 76.9% top-1 agreement). The file stays a standard
-    ONNX graph (QuantizeLinear/DequantizeLinear)."""
+    """ONNX Runtime's static quantizer: QDQ, per-channel int8 weights, uint8 activations with min-max
+    ranges over (at most MAX_CALIBRATION_IMAGES of) the calibration images. The file stays a standard ONNX
+    graph (QuantizeLinear/DequantizeLinear). Measured on the built-in model: percentile ranges agreed
+    with fp32 a little more often (78.4% against 76.9% top-1 on all held-out photos) but kept every
+    activation of every image in memory (GBs); neither passes the default gate."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    import onnx
+
     input_name = _input_name(source)
-    # The histogram calibrators stack per-batch outputs: every batch must have the same size.
-    batch = min(EVAL_BATCH, len(calibration))
-    calibration = calibration[:len(calibration) // batch * batch]
+    # The classifier head (Gemm/MatMul) and Softmax stay float: quantized probabilities step by 1/255
+    # and no longer sum to 1, and the head is a sliver of the work.
+    graph = onnx.load(str(source), load_external_data=False).graph
+    float_nodes = [node.name for node in graph.node if node.op_type in FLOAT_OPS]
+    if len(calibration) > MAX_CALIBRATION_IMAGES:  # spread over every photo, not the first few
+        calibration = calibration[np.linspace(0, len(calibration) - 1, MAX_CALIBRATION_IMAGES).astype(int)]
+    batch = EVAL_BATCH
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -199,18 +208,21 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray) -> dict[s
             return None if batch is None else {input_name: batch}
 
     prepared = target.with_name("model.prepared.onnx")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # the quantizer logs a line per adjusted weight channel
     try:
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.Percentile,
-                        extra_options={"CalibPercentile": 99.999})
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=float_nodes)
     except Exception as err:  # the quantizer raises anything from ValueError to onnx errors
         raise PrecisionRefused(f"ONNX Runtime's quantizer could not quantize the model: "
                                f"{type(err).__name__}: {err}") from err
     finally:
+        root.setLevel(level)
         prepared.unlink(missing_ok=True)
-    return {"method": "onnxruntime static, QDQ, per-channel int8 weights, uint8 activations, percentile 99.999",
+    return {"method": "onnxruntime static, QDQ, per-channel int8 weights, uint8 activations, min-max; head and softmax in float",
             "calibration_images": int(len(calibration))}
 
 

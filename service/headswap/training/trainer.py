@@ -53,7 +53,13 @@ EXTRACT_BATCH = 32
 GPU_EXTRACT_BATCH = 128
 REPORT_INTERVAL_S = 0.5
 HASH_CHUNK = 256
+TIER_CALIBRATION_IMAGES = 64  # precision tiers: training images to calibrate int8 on
+TIER_HELDOUT_IMAGES = 512  # ...and validation images the accuracy gate measures
 DEFAULT_CACHE_MB = 1024
+
+
+# A precision tier step: the checked fp32 file and its manifest -> the file to publish, fields to add.
+Tier = Callable[[Path, dict[str, Any]], tuple[Path, dict[str, Any]]]
 
 
 class Stopped(Exception):
@@ -359,6 +365,10 @@ def run(job: TrainingJob, report: Reporter) -> Result:
                                  f"tf2onnx and needs the TensorFlow Keras backend; this trainer runs {backend!r}. "
                                  "Train the head only (unfreeze_top_layers=0), or run the trainer with "
                                  "KERAS_BACKEND=tensorflow")
+    if spec.precision != "fp32":  # refused before any work when this machine cannot build the tier
+        from headswap.export import precision as tiers
+
+        tiers.check_available(spec.precision)
     set_random_seed(spec.seed)
     registry = Registry(runtime["model_dir"], cache_dir=Path(runtime["cache_dir"]))
     base_name, base_version = job.base["name"], int(job.base["version"])
@@ -452,6 +462,15 @@ def run(job: TrainingJob, report: Reporter) -> Result:
                    epochs_run=len(history["head"]["accuracy"]), embedding_cache_hits=int(cache_hits),
                    embedding_cache_misses=int(len(order) - cache_hits), keras_backend=backend)
 
+    def tier_samples() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Calibration images (training) and held-out images with labels (validation), normalised."""
+        def pixels(positions: np.ndarray) -> np.ndarray:
+            return np.concatenate(list(pixel_batches(dataset, positions, pre, max_pixels, EXTRACT_BATCH, threads)))
+
+        held = val_pos[:TIER_HELDOUT_IMAGES]
+        return pixels(train_pos[:TIER_CALIBRATION_IMAGES]), pixels(held), dataset.label_ids[held]
+
+    tier = precision_tier(spec, tier_samples)
     started = time.monotonic()
     manifest_base = {
         "kind": "fine-tune",
@@ -468,12 +487,12 @@ def run(job: TrainingJob, report: Reporter) -> Result:
     if spec.unfreeze_top_layers:
         # The last progress write: a cancel after this point may still see the version published.
         report(Phase.EXPORTING, message="tf2onnx conversion, parity check, publish")
-        version = export_phase2(features_model, head, input_size, manifest_base, registry, spec)
+        version = export_phase2(features_model, head, input_size, manifest_base, registry, spec, tier)
         metrics["export_method"] = "tf2onnx"
     else:
         report(Phase.EXPORTING, message="appending the head to the base's ONNX graph, parity check, publish")
         version = publish_composed(base_path, base_manifest, head, x_val, val_probabilities, manifest_base, registry,
-                                   spec)
+                                   spec, tier)
         metrics["export_method"] = "composed"
     timings["export_seconds"] = time.monotonic() - started
     metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
@@ -578,7 +597,7 @@ def set_random_seed(seed: int) -> None:
 
 def publish_composed(base_path: Path, base_manifest: dict[str, Any], head: keras.Model, x_val: np.ndarray,
                      val_probabilities: np.ndarray, manifest_base: dict[str, Any], registry: Registry,
-                     spec: FineTuneSpec) -> int:
+                     spec: FineTuneSpec, tier: Tier | None = None) -> int:
     """Head-only: base ONNX graph + head as ONNX nodes, parity on the validation embeddings, publish."""
     import onnx
 
@@ -605,25 +624,33 @@ def publish_composed(base_path: Path, base_manifest: dict[str, Any], head: keras
                        "keras": keras.__version__, "keras_backend": keras.backend.backend(),
                        "onnx": onnx.__version__},
         }
-        onnx_path, manifest = apply_precision(onnx_path, manifest, spec)
+        if tier is not None:
+            onnx_path, fields = tier(onnx_path, manifest)
+            manifest.update(fields)
         return registry.publish(spec.name, onnx_path, manifest, activate=False)
 
 
-def apply_precision(onnx_path: Path, manifest: dict[str, Any], spec: FineTuneSpec) -> tuple[Path, dict[str, Any]]:
-    """The one place where a fine-tune's published file may become a lower-precision tier.
+def precision_tier(spec: FineTuneSpec,
+                   samples: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Tier | None:
+    """The one place where a fine-tune's published file becomes a precision tier (issue 10).
 
-    fp32 (the default) publishes the file as it is. bf16/int8 are the precision tier of issue 10
-    (`headswap.export.precision`); until that module is wired in here, such a job is refused
-    before anything is published rather than silently stored as fp32.
+    fp32 (the default): None, the checked file is published as it is. bf16/int8: the tier is built
+    from the checked fp32 file and gated on the job's own validation images (accuracy drop, see
+    `headswap.export.precision`); a tier that misses its gate fails the job, nothing is published.
     """
     if spec.precision == "fp32":
-        return onnx_path, manifest
-    raise FailedPrecondition(f"precision {spec.precision!r} is not available for fine-tunes on this server yet; "
-                             "train with precision fp32")
+        return None
+    from headswap.export import precision as tiers
+
+    def tier(onnx_path: Path, manifest: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+        calibration, heldout, labels = samples()
+        return tiers.make_tier(onnx_path, spec.precision, calibration, heldout, labels)
+
+    return tier
 
 
 def export_phase2(features_model: keras.Model, head: keras.Model, input_size: tuple[int, int],
-                  manifest_base: dict[str, Any], registry: Registry, spec: FineTuneSpec) -> int:
+                  manifest_base: dict[str, Any], registry: Registry, spec: FineTuneSpec, tier: Tier | None) -> int:
     """Phase 2 changed the backbone: backbone + head through tf2onnx, parity against TensorFlow."""
     from headswap.export import onnx_export
 
@@ -631,9 +658,8 @@ def export_phase2(features_model: keras.Model, head: keras.Model, input_size: tu
         embedding = _embedding(features_model, images)
         return {"embedding": embedding, "probabilities": head(embedding, training=False)}
 
-    if spec.precision != "fp32":
-        apply_precision(Path(), manifest_base, spec)  # refuses before the (slow) conversion
-    return onnx_export.export_keras_model(classifier, input_size, manifest_base, registry, spec.name, activate=False)
+    return onnx_export.export_keras_model(classifier, input_size, manifest_base, registry, spec.name, activate=False,
+                                          tier=tier)
 
 
 def _embedding(backbone: Any, images: Any) -> Any:

@@ -5,8 +5,10 @@ A subprocess so that TensorFlow or JAX (its memory, its threads, a crash) never 
 serving process. A warm worker (`warm_worker.py` is the server's side) imports the trainer once,
 then reads JSON lines on stdin: `{"preload": BASE}` opens that base's ONNX session while idle,
 `{"job": JOB_DIR}` runs a job with its output in the job's worker.log, and answers
-`{"code": N}` on the control pipe. It exits when stdin closes. It reports progress into the job database, only while the job is RUNNING and owned by
-its pid (a cancel or a restart makes every further write fail, and the worker stops), publishes
+`{"code": N}` on the control pipe; it exits when stdin closes.
+
+A job reports progress into the job database, only while the job is RUNNING and owned by the
+worker's pid (a cancel or a restart makes every further write fail, and the worker stops), publishes
 the new version atomically at its very end, and records the result. It dies with the server
 (PR_SET_PDEATHSIG): a crashed server leaves no worker behind to publish a version later.
 

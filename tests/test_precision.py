@@ -1,0 +1,189 @@
+"""The fast precision tiers (issue 10 part 2): bf16/int8 versions built from the real built-in
+model, gated on real held-out photos, served by OpenVINO, refused by a server without it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from conftest import BUILTIN, BUILTIN_NAME, run_cli
+from headswap.export import precision
+from headswap.export.calibration_images import photo_sets
+from headswap.inference.images import Preprocessing
+from headswap.inference.openvino_runtime import OpenVinoRuntime, cpu_capabilities
+from headswap.protocol import headswap_v1_pb2 as pb
+from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
+from headswap.registry.registry import Registry
+
+HAS_BF16 = "BF16" in cpu_capabilities()
+
+
+def fp32_version(registry: Path) -> tuple[Path, dict]:
+    directory = registry / BUILTIN_NAME / "1"
+    return directory / "model.onnx", json.loads((directory / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def photo_inputs(exported_registry) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...]]:
+    """Model inputs of the shipped calibration and held-out photos (as the export builds them)."""
+    _, manifest = fp32_version(exported_registry)
+    pre = Preprocessing.from_manifest(manifest)
+    calibration, heldout = photo_sets(pre.height, pre.width)
+    return pre.normalize(calibration.pixels), pre.normalize(heldout.pixels), calibration.sources, heldout.sources
+
+
+@pytest.fixture(scope="module")
+def bf16_registry(exported_registry, tmp_path_factory) -> Path:
+    """The exported registry plus a bf16 version 2 made by `headswap export --precision bf16`, not activated."""
+    if not HAS_BF16:
+        pytest.skip("this CPU has no native bf16 (OpenVINO's CPU capabilities lack BF16); "
+                    "test_bf16_export_refused_without_native_bf16 covers this machine")
+    root = tmp_path_factory.mktemp("registry-bf16")
+    shutil.copytree(exported_registry, root, dirs_exist_ok=True)
+    result = run_cli("export", BUILTIN, "--model-dir", str(root), "--precision", "bf16", "--no-activate")
+    assert "bf16 in openvino" in result.stdout, result.stdout
+    return root
+
+
+def test_calibration_and_heldout_photos_are_real_and_disjoint():
+    calibration, heldout = photo_sets(224, 224)
+    assert calibration.pixels.dtype == np.uint8 and calibration.pixels.shape[1:] == (224, 224, 3)
+    assert heldout.pixels.shape[1:] == (224, 224, 3)
+    assert len(calibration.pixels) >= 200 and len(heldout.pixels) >= 200
+    assert len(calibration.sources) == len(calibration.pixels)
+    # split by source photo: no held-out crop comes from a calibration photo
+    assert not set(calibration.sources) & set(heldout.sources)
+    assert {"chelsea", "coffee"} <= set(calibration.sources) | set(heldout.sources)
+    # real photos, not blank or constant crops
+    assert min(float(crop.std()) for crop in heldout.pixels) > 1.0
+    again, _ = photo_sets(224, 224)
+    assert np.array_equal(again.pixels, calibration.pixels)  # deterministic: the gate is reproducible
+
+
+def test_bf16_export_records_gated_accuracy(bf16_registry):
+    manifest = Registry(str(bf16_registry)).manifest(BUILTIN_NAME, 2)
+    assert manifest["precision"] == "bf16" and manifest["runtime"] == "openvino"
+    accuracy = manifest["accuracy"]
+    assert accuracy["gate"] == {"min_agreement": 0.99, "min_confidence": 0.5}
+    assert accuracy["gated_images"] >= precision.MIN_GATED_IMAGES
+    assert accuracy["gated_top1_agreement"] >= 0.99 and accuracy["top1_in_top5"] >= 0.99
+    assert accuracy["heldout_images"] > accuracy["gated_images"]
+    assert 0.0 < accuracy["top1_agreement"] <= 1.0
+    _, heldout = photo_sets(224, 224)
+    assert accuracy["heldout_photos"] == sorted(set(heldout.sources))
+    _, fp32_manifest = fp32_version(bf16_registry)
+    assert "precision" not in fp32_manifest  # the fp32 version is untouched
+
+
+def test_bf16_tier_serves_in_openvino_with_the_fp32_answers(bf16_registry, server_factory, photos):
+    server = server_factory(bf16_registry)
+    stub = pb_grpc.InferenceStub(server.channel())
+    images = [photos["chelsea"], photos["coffee"]]
+    fp32 = stub.Classify(pb.ClassifyRequest(images=images, top_k=3, model=BUILTIN_NAME, version=1), timeout=60)
+    bf16 = stub.Classify(pb.ClassifyRequest(images=images, top_k=3, model=BUILTIN_NAME, version=2), timeout=60)
+    assert bf16.version == 2 and fp32.version == 1
+    for a, b in zip(fp32.results, bf16.results):
+        assert a.predictions[0].label == b.predictions[0].label
+        assert abs(a.predictions[0].score - b.predictions[0].score) < 0.05
+    assert bf16.results[1].predictions[0].label == "espresso"
+    assert "loaded efficientnet-lite0 version 2" in server.log()
+
+
+def test_server_without_openvino_refuses_the_tier_and_keeps_serving(bf16_registry, server_factory, photos, tmp_path):
+    # A real server process whose Python cannot import openvino (a shadowing package that raises
+    # ImportError, first on its path), as an inference image installed without the extra.
+    shadow = tmp_path / "no-openvino"
+    (shadow / "openvino").mkdir(parents=True)
+    (shadow / "openvino" / "__init__.py").write_text("raise ImportError('No module named openvino')\n")
+    registry = tmp_path / "registry"
+    shutil.copytree(bf16_registry, registry)
+    server = server_factory(registry, env={"PYTHONPATH": os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")])})
+    channel = server.channel()
+    models = pb_grpc.ModelsStub(channel)
+    with pytest.raises(grpc.RpcError) as info:
+        models.ActivateModel(pb.ActivateModelRequest(name=BUILTIN_NAME, version=2), timeout=60)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+    assert "headswap[openvino]" in info.value.details() and "version 2" in info.value.details()
+    answer = pb_grpc.InferenceStub(channel).Classify(pb.ClassifyRequest(images=[photos["coffee"]], top_k=1),
+                                                     timeout=60)
+    assert answer.version == 1 and answer.results[0].predictions[0].label == "espresso"
+    assert "refusing efficientnet-lite0 version 2" in server.log()
+    assert "Traceback" not in server.log()
+    assert Registry(str(registry)).active_version(BUILTIN_NAME) == 1
+
+
+def test_tier_below_its_gate_is_refused_with_the_figures(exported_registry, photo_inputs, tmp_path):
+    if not HAS_BF16:
+        pytest.skip("this CPU has no native bf16; test_bf16_export_refused_without_native_bf16 covers it")
+    calibration, heldout, _, _ = photo_inputs
+    source, _ = fp32_version(exported_registry)
+    shutil.copy(source, tmp_path / "model.onnx")
+    # every held-out image gated (min_confidence 0), and all must agree: bf16 flips near ties
+    strict = precision.Gate(min_agreement=1.0, min_confidence=0.0)
+    with pytest.raises(precision.PrecisionRefused) as info:
+        precision.make_tier(tmp_path / "model.onnx", "bf16", calibration[:0], heldout, gate=strict, threads=2)
+    message = str(info.value)
+    assert "misses its accuracy gate" in message and f"of {len(heldout)} held-out real images" in message
+    assert "gate: >= 100.0%" in message and "Nothing published" in message
+
+
+def test_int8_tier_is_calibrated_on_real_photos_and_measured(exported_registry, photo_inputs, tmp_path):
+    calibration, heldout, calibration_sources, _ = photo_inputs
+    source, manifest = fp32_version(exported_registry)
+    shutil.copy(source, tmp_path / "model.onnx")
+    path, fields = precision.make_tier(tmp_path / "model.onnx", "int8", calibration[:96], heldout,
+                                       gate=precision.Gate(min_agreement=0.0), threads=2)
+    assert path.name == precision.INT8_FILE and path.stat().st_size < 0.5 * source.stat().st_size
+    assert fields["precision"] == "int8" and fields["runtime"] == "openvino"
+    assert fields["quantization"]["calibration_images"] == 96
+    accuracy = fields["accuracy"]
+    assert accuracy["heldout_images"] == len(heldout) and 0.0 < accuracy["top1_agreement"] <= 1.0
+    # the default gate judges these same figures: the message carries them when they miss it
+    refusal = precision.gate_failure("int8", accuracy, precision.Gate(min_agreement=1.0), fine_tune=False)
+    if accuracy["top1_in_top5"] < 1.0 or accuracy["gated_top1_agreement"] < 1.0:
+        assert f"{100 * accuracy['top1_in_top5']:.1f}%" in refusal
+    # the int8 file runs in the serving runtime and still answers with probabilities
+    runtime = OpenVinoRuntime("m", 3, path, {**manifest, **fields}, 2)
+    runtime.warm_up()
+    probabilities = runtime.infer(heldout[:4])
+    assert probabilities.shape == (4, 1000) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-3)
+
+
+def test_fine_tune_gate_is_the_validation_accuracy_drop():
+    reference = np.eye(4, dtype=np.float32)[[0, 1, 2, 3] * 50]  # fp32: 200 images, all right
+    tier = reference.copy()
+    tier[0] = np.eye(4, dtype=np.float32)[1]  # the tier gets one image wrong: -0.5 points
+    labels = np.array([0, 1, 2, 3] * 50)
+    gate = precision.Gate()
+    figures = precision.measure(reference, tier, labels, gate)
+    assert figures["fp32_accuracy"] == 1.0 and figures["accuracy_drop"] == pytest.approx(0.005)
+    assert precision.gate_failure("int8", figures, gate, fine_tune=True) == ""
+    tier[1] = np.eye(4, dtype=np.float32)[0]  # two wrong: -1 point, over the 0.5-point gate
+    figures = precision.measure(reference, tier, labels, gate)
+    message = precision.gate_failure("int8", figures, gate, fine_tune=True)
+    assert "loses 1.00 points" in message and "100.00% fp32 -> 99.00% int8" in message and "200 validation" in message
+
+
+def test_export_precision_options_are_checked(tmp_path):
+    result = run_cli("export", BUILTIN, "--model-dir", str(tmp_path), "--precision", "fp16", check=False)
+    assert result.returncode == 2 and "fp32" in result.stderr and "bf16" in result.stderr
+    result = run_cli("export", BUILTIN, "--model-dir", str(tmp_path), "--precision", "int8", "--min-agreement", "1.5",
+                     check=False)
+    assert result.returncode == 2 and "--min-agreement" in result.stderr
+    with pytest.raises(Exception, match="precision must be one of fp32, bf16, int8"):
+        precision.check_precision("fp8")
+    with pytest.raises(Exception, match="min_agreement must be between 0 and 1"):
+        precision.Gate(min_agreement=2.0).check()
+    assert not list(tmp_path.iterdir())  # nothing was built or stored
+
+
+@pytest.mark.skipif(HAS_BF16, reason="this CPU has native bf16: the bf16 tier tests above run instead")
+def test_bf16_export_refused_without_native_bf16(tmp_path):
+    result = run_cli("export", BUILTIN, "--model-dir", str(tmp_path), "--precision", "bf16", check=False)
+    assert result.returncode != 0 and "no native bf16" in result.stderr
