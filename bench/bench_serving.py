@@ -9,7 +9,11 @@ Same model (the built-in EfficientNet-Lite0, exported into a temporary registry 
 2. headswap Classify (one JPEG per request) with N concurrent clients: images/s, p50, p99;
 3. the same through KServe V2 with `tritonclient` (FP32 [1,224,224,3] per request, as the
    guide's peer figures were taken);
-4. 16 clients while the active version is swapped every second: p99 against steady p99, errors.
+4. 16 clients while the active version is swapped every second: p99 against steady p99, errors;
+5. with --precision bf16,int8: the fast tiers (headswap.export.precision) built from the same fp32
+   file, their accuracy against fp32 on the held-out photos, raw inference (ORT fp32 vs the tier's
+   OpenVINO) and Classify throughput per tier, fp32 and tiers in interleaved rounds on one server;
+   ratios against the fp32 tier of the same run (--only-precision skips sections 1-4).
 Prints ratios against the raw baseline. Timings, not assertions: tests never assert on speed.
 """
 
@@ -100,12 +104,108 @@ def load(call, clients: int, seconds: float) -> dict:
             "n": len(latencies)}
 
 
+def build_tiers(registry: Registry, path: Path, manifest: dict, tiers: list[str], work: Path) -> dict[str, int]:
+    """Publish each tier of the fp32 version (not activated); its gate is measured and printed, not
+    enforced (min_agreement 0), so that the speed of a tier that misses it is still shown."""
+    from headswap.export import precision
+
+    versions: dict[str, int] = {}
+    for tier in tiers:
+        scratch = work / f"tier-{tier}"
+        scratch.mkdir()
+        shutil.copy(path, scratch / "model.onnx")
+        started = time.perf_counter()
+        tier_path, fields = precision.zero_shot_tier(scratch / "model.onnx", tier, manifest,
+                                                     precision.Gate(min_agreement=0.0))
+        base = {k: v for k, v in manifest.items() if k not in ("name", "version", "sha256")}
+        versions[tier] = registry.publish(MODEL, tier_path, {**base, **fields})
+        a = fields["accuracy"]
+        verdict = precision.gate_failure(tier, a, precision.Gate(), fine_tune=False)
+        print(f"  {tier}: built in {time.perf_counter() - started:.0f} s, {tier_path.stat().st_size >> 20} MiB; top-1 "
+              f"agreement with fp32 {100 * a['gated_top1_agreement']:.1f}% of {a['gated_images']} confident held-out "
+              f"photos, {100 * a['top1_agreement']:.1f}% of all {a['heldout_images']}, fp32 top-1 in top 5 "
+              f"{100 * a['top1_in_top5']:.1f}% -> default gate {'PASSES' if not verdict else 'REFUSES'}")
+    return versions
+
+
+def raw_tier(tier_path: Path, tier: str, batch: int, seconds: float, threads: int) -> float:
+    """Images/s of inference alone (no decode) in-process: ORT for fp32, OpenVINO for a tier."""
+    from headswap.export import precision
+    from headswap.inference.openvino_runtime import compile_model
+
+    images = np.random.default_rng(0).uniform(-1, 1, (batch, 224, 224, 3)).astype(np.float32)
+    if tier == "fp32":
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(tier_path), options, providers=["CPUExecutionProvider"])
+        step = lambda: session.run(["probabilities"], {"image": images})
+    else:
+        compiled = compile_model(tier_path, tier, threads)
+        step = lambda: precision.openvino_probabilities(compiled, images)
+    for _ in range(3):
+        step()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+def bench_precision(model_dir: Path, registry: Registry, path: Path, manifest: dict, jpeg: bytes, tiers: list[str], clients: list[int],
+                    seconds: float, threads: int, rounds: int, work: Path) -> None:
+    print(f"precision tiers (accuracy gate: >= 99% top-1 agreement with fp32 on held-out photos)")
+    versions = {"fp32": registry.resolve(MODEL), **build_tiers(registry, path, manifest, tiers, work)}
+    print("\nraw in-process inference, no decode (fp32: ONNX Runtime; tiers: OpenVINO)")
+    for batch in (1, 8):
+        rates = {}
+        for tier, version in versions.items():
+            tier_file = registry.verified_model_path(MODEL, version)[0]
+            rates[tier] = raw_tier(tier_file, tier, batch, seconds / 2, threads)
+        print(f"  batch {batch}: " + ", ".join(f"{t} {r:6.1f} img/s ({r / rates['fp32']:.2f}x)" for t, r in rates.items()))
+    proc, port = start_server(model_dir, work, "--role", "inference", "--threads", str(threads))
+    try:
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        calls = {tier: (lambda v=version: stub.Classify(pb.ClassifyRequest(images=[jpeg], top_k=5, model=MODEL,
+                                                                           version=v), timeout=30))
+                 for tier, version in versions.items()}
+        for call in calls.values():
+            for _ in range(10):
+                call()
+        results: dict[tuple[str, int], list[dict]] = {}
+        for round_ in range(rounds):  # interleaved, rotating order: drift on a busy machine hits all tiers
+            order = list(calls)[round_ % len(calls):] + list(calls)[:round_ % len(calls)]
+            for n in clients:
+                for tier in order:
+                    results.setdefault((tier, n), []).append(load(calls[tier], n, seconds))
+        print(f"\nheadswap Classify per tier (1 JPEG per request; median of {rounds} interleaved rounds x {seconds:.0f} s)")
+        print(f"  {'tier':>5} {'clients':>7} {'img/s':>8} {'x fp32':>6} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}")
+        median = lambda runs, key: float(np.median([r[key] for r in runs]))
+        for n in clients:
+            base = median(results[("fp32", n)], "rate")
+            for tier in calls:
+                runs = results[(tier, n)]
+                rate = median(runs, "rate")
+                print(f"  {tier:>5} {n:7d} {rate:8.1f} {rate / base:6.2f} {median(runs, 'p50'):7.1f} "
+                      f"{median(runs, 'p99'):7.1f} {sum(r['errors'] for r in runs):6d}")
+        if 16 in clients:
+            base = median(results[("fp32", 16)], "rate")
+            for tier in tiers:
+                print(f"target: {tier} tier at 16 clients >= 1.6x fp32 -> "
+                      f"{median(results[(tier, 16)], 'rate') / base:.2f}x")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", default="1,4,16,64")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--model-dir", type=Path, help="registry holding efficientnet-lite0 (default: export one)")
+    parser.add_argument("--precision", default="", help="fast tiers to measure against fp32, e.g. bf16,int8")
+    parser.add_argument("--only-precision", action="store_true", help="measure the tiers only (section 5)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the tier section")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="headswap-bench-"))
     model_dir = prepare_registry(work, args.model_dir)
@@ -113,6 +213,14 @@ def main() -> None:
     path, manifest = registry.verified_model_path(MODEL, registry.resolve(MODEL))
     jpeg = sample_jpeg()
     print(f"model {MODEL}, JPEG {len(jpeg)} bytes, {os.cpu_count()} CPUs, {args.seconds:.0f} s per point\n")
+    tiers = [t for t in args.precision.split(",") if t and t != "fp32"]
+    if args.only_precision:
+        try:
+            bench_precision(model_dir, registry, path, manifest, jpeg, tiers, [int(c) for c in args.clients.split(",")],
+                            args.seconds, args.threads, args.rounds, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
 
     raw = {b: raw_ort(path, manifest, jpeg, b, args.seconds, args.threads) for b in (1, 4, 8)}
     best_batch = max(raw, key=raw.get)
@@ -184,6 +292,12 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(60)
+    try:
+        if tiers:
+            print()
+            bench_precision(model_dir, registry, path, manifest, jpeg, tiers, [int(c) for c in args.clients.split(",")],
+                            args.seconds, args.threads, args.rounds, work)
+    finally:
         shutil.rmtree(work, ignore_errors=True)
 
 

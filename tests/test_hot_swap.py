@@ -235,7 +235,7 @@ def test_several_models_within_a_residency_budget(server_factory, registry_copy,
     for name in ("alpha", "beta"):
         copy = tmp_path / f"{name}.onnx"
         copy.write_bytes(path.read_bytes())
-        registry.publish(name, copy, base)
+        registry.publish(name, copy, base, activate=True)
     server = server_factory(registry_copy, "--max-loaded-models", "2")
     stub = classify_stub(server)
     for name in ("alpha", "beta", BUILTIN_NAME, "alpha"):

@@ -399,15 +399,10 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 model_stats=[_statistics(r.stats.snapshot()) for r in self.manager.resident()])
         name = _known_name(request.name)
         if version:
-            version = self.registry.resolve(name, version)
-        elif self.registry.active_version(name) is None:
-            raise NotFound(f"unknown model {name!r}; models in the registry: "
-                           f"{', '.join(self.registry.models()) or 'none'}")
+            version = self.registry.resolve(name, version)  # NOT_FOUND for a version the registry lacks
         snapshots = [r.stats.snapshot() for r in self.manager.resident(name) if not version or r.version == version]
-        if not snapshots:
-            empty = StatsSnapshot(name, version or self.registry.active_version(name), 0, 0, 0, *(
-                Duration() for _ in range(6)))
-            snapshots = [empty]
+        if not snapshots:  # also refuses unknown models (NOT_FOUND) and models with no active version
+            snapshots = [StatsSnapshot.empty(name, self.registry.resolve(name, version))]
         return kserve_pb.ModelStatisticsResponse(model_stats=[_statistics(s) for s in snapshots])
 
 

@@ -53,7 +53,8 @@ class ModelRuntime:
         self.ready = threading.Event()
         self.images_counter = metrics.IMAGES.labels(name, str(version))
         self.stats = ModelStats(name, version)  # Triton-style statistics and latency histograms
-        self.size_bytes = path.stat().st_size
+        # for the memory budget: an "adaptive" runtime holds the weights twice (two sessions)
+        self.size_bytes = path.stat().st_size * (2 if self.lone_session is not None else 1)
 
     def _open(self, path: Path, threads: int) -> list[str]:
         """Create the inference session (`self.session`, `self.input_name`); returns the output names.

@@ -60,6 +60,11 @@ class StatsSnapshot:
     compute_output: Duration
     batches: dict[int, Duration] = field(default_factory=dict)  # batch size -> compute_infer
 
+    @classmethod
+    def empty(cls, name: str, version: int) -> "StatsSnapshot":
+        """A version that has served nothing since it was (last) loaded."""
+        return cls(name, version, 0, 0, 0, *(Duration() for _ in range(6)))
+
 
 class ModelStats:
     """Thread-safe counters for one (model, version); cheap enough to update on every request."""
