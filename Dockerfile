@@ -31,9 +31,11 @@ RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 # The venv is made without pip and filled by the base image's pip (`pip --python`), so the
 # final images carry no pip of their own.
 FROM ${PYTHON_IMAGE} AS venv-inference
-# Serving only: base dependencies (onnxruntime, numpy, Pillow, grpcio...) + object storage.
+# Serving only: base dependencies (onnxruntime, numpy, Pillow, grpcio...) + object storage +
+# OpenVINO, which serves the bf16/int8 precision tiers (`--build-arg INFERENCE_EXTRAS=s3` leaves it
+# out: such versions are then refused, and fp32 ones served).
 # tests/test_deploy.py checks that these never include TensorFlow, Keras or tf2onnx.
-ARG INFERENCE_EXTRAS=s3
+ARG INFERENCE_EXTRAS=s3,openvino
 COPY --from=builder /wheels /wheels
 # (The wheel is built above; its dependencies are pinned in pyproject.toml.)
 RUN python -m venv --without-pip /opt/venv \
@@ -42,7 +44,8 @@ RUN python -m venv --without-pip /opt/venv \
       "$1[${INFERENCE_EXTRAS}]"
 
 FROM ${PYTHON_IMAGE} AS venv-trainer
-ARG TRAINER_EXTRAS=train,s3
+# openvino: a FineTune with precision bf16/int8 measures its tier in the runtime that serves it.
+ARG TRAINER_EXTRAS=train,s3,openvino
 COPY --from=builder /wheels /wheels
 RUN python -m venv --without-pip /opt/venv \
  && set -- /wheels/headswap-*.whl \
@@ -50,7 +53,7 @@ RUN python -m venv --without-pip /opt/venv \
       "$1[${TRAINER_EXTRAS}]"
 
 FROM ${PYTHON_IMAGE} AS venv-trainer-gpu
-ARG TRAINER_EXTRAS=train,s3
+ARG TRAINER_EXTRAS=train,s3,openvino
 # The GPU side of the trainer, either backend (docs/training.md):
 # - GPU_BACKEND=tensorflow (default): TensorFlow's CUDA runtime, cuDNN, cuBLAS... as nvidia-* pip
 #   packages (`tensorflow[and-cuda]`);

@@ -154,7 +154,10 @@ def raw_tier(tier_path: Path, tier: str, batch: int, seconds: float, threads: in
 def bench_precision(model_dir: Path, registry: Registry, path: Path, manifest: dict, jpeg: bytes, tiers: list[str], clients: list[int],
                     seconds: float, threads: int, rounds: int, work: Path) -> None:
     print(f"precision tiers (accuracy gate: >= 99% top-1 agreement with fp32 on held-out photos)")
-    versions = {"fp32": registry.resolve(MODEL), **build_tiers(registry, path, manifest, tiers, work)}
+    # The baseline is the newest fp32 version, whichever version is active.
+    fp32 = max(v for v in registry.versions(MODEL) if registry.manifest(MODEL, v).get("precision", "fp32") == "fp32")
+    path, manifest = registry.verified_model_path(MODEL, fp32)
+    versions = {"fp32": fp32, **build_tiers(registry, path, manifest, tiers, work)}
     print("\nraw in-process inference, no decode (fp32: ONNX Runtime; tiers: OpenVINO)")
     for batch in (1, 8):
         rates = {}

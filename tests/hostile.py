@@ -56,3 +56,11 @@ def raw_call(channel: grpc.Channel, method: str, body: bytes, timeout: float = 3
         return grpc.StatusCode.OK
     except grpc.RpcError as err:
         return err.code()
+
+def code_of(call, *args, **kwargs) -> grpc.StatusCode:
+    """The status a call ends with (OK when it returns)."""
+    try:
+        call(*args, **kwargs)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as err:
+        return err.code()

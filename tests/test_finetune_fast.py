@@ -8,7 +8,6 @@ scikit-learn's handwritten digits.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -135,6 +134,42 @@ def test_embedding_cache_round_trip_lru_eviction_and_torn_files(tmp_path):
     assert off.put_many(keys, vectors) == 0 and off.get_many(keys) == {}
 
 
+def test_job_features_come_from_the_cache_and_it_stays_in_its_budget(exported_registry, digit_sets, tmp_path):
+    """The trainer's extraction on a stored upload, with the real ONNX Runtime embedder: misses are
+    embedded and stored, the cache is cut back to its budget (LRU), and a repeat takes the
+    survivors from the cache with the very same values."""
+    from headswap.config import Settings
+    from headswap.training import trainer
+    from headswap.training.dataset import DatasetWriter, Example, StoredDataset
+    from headswap.training.spec import FineTuneSpec
+
+    train, _ = digit_sets
+    writer = DatasetWriter(tmp_path / "job", Settings(), skip_invalid=False)
+    two_per_class = [ex for digit in range(10) for ex in [e for e in train if e[1] == str(digit)][:2]]
+    writer.add([Example(image, label) for image, label in two_per_class])
+    writer.finish(FineTuneSpec(name="x"))
+    dataset = StoredDataset.load(tmp_path / "job")
+    path, manifest = Registry(exported_registry).verified_model_path(BUILTIN_NAME, 1)
+    pre = Preprocessing.from_manifest(manifest)
+    embedder = trainer.ort_embedder(path, "embedding", 2)
+    positions = np.arange(len(dataset))
+    cache = EmbeddingCache(tmp_path / "cache", BUILTIN_NAME, 1, manifest["sha256"], max_bytes=12 * 1280 * 4)
+    events: list[dict] = []
+
+    def report(phase: str, **fields) -> None:
+        events.append(fields)
+
+    first, hits = trainer.extract_features(dataset, positions, pre, 10**8, embedder, 8, 2, report, cache, 1280)
+    assert hits == 0 and first.shape == (20, 1280)
+    direct = np.concatenate([embedder(batch) for batch in trainer.pixel_batches(dataset, positions, pre, 10**8)])
+    np.testing.assert_array_equal(first, direct)
+    assert cache.size_bytes() == 12 * 1280 * 4  # 20 written, the 8 oldest evicted
+    second, hits = trainer.extract_features(dataset, positions, pre, 10**8, embedder, 8, 2, report, cache, 1280)
+    assert hits == 12
+    np.testing.assert_array_equal(second, first)
+    assert any("12 of 20 embeddings from the cache" in str(e.get("message")) for e in events)
+
+
 # --- through the server, on each Keras backend ---------------------------------------------
 
 
@@ -161,8 +196,6 @@ def backend_server(request, exported_registry, tmp_path_factory) -> Iterator[tup
     import shutil
 
     backend = request.param
-    if backend == "jax":
-        pytest.importorskip("jax", reason="the test extra installs jax[cpu]; CI runs both backends")
     work = tmp_path_factory.mktemp(f"fast-{backend}")
     registry = work / "registry"
     shutil.copytree(exported_registry, registry)
@@ -228,10 +261,10 @@ def test_head_only_finetune_composes_caches_and_stays_warm(backend_server, digit
     assert version == 2 and accuracy >= 0.7
 
 
+# The warm worker's life cycle and the publish step are shared by both backends: checked once, on JAX.
+@pytest.mark.parametrize("backend_server", ["jax"], indirect=True)
 def test_cancel_kills_the_warm_worker_and_a_fresh_one_takes_over(backend_server, digit_sets):
     backend, server, _ = backend_server
-    if backend != "jax":
-        pytest.skip("the warm worker's life cycle is the same on both backends; checked once, on the cheaper one")
     train, _ = digit_sets
     stub = pb_grpc.TrainingStub(server.channel())
     before = wait_for(lambda: warm_workers(server), timeout=60)
@@ -247,6 +280,7 @@ def test_cancel_kills_the_warm_worker_and_a_fresh_one_takes_over(backend_server,
     assert json.loads(events[-1].metrics_json)["embedding_cache_hits"] == 150  # the cache outlives workers
 
 
+@pytest.mark.parametrize("backend_server", ["jax"], indirect=True)
 def test_precision_tier_is_built_and_gated_on_the_jobs_validation_images(backend_server, digit_sets):
     """precision=int8 goes through the precision tier (headswap.export.precision) at publish, gated
     on the job's validation images: on 30 digits one changed answer is 3.3 points, over the
@@ -254,8 +288,6 @@ def test_precision_tier_is_built_and_gated_on_the_jobs_validation_images(backend
     fails with the measured figures (or earlier, where this CPU cannot run int8) and nothing is
     stored: both are checked, whichever this CPU's int8 arithmetic gives."""
     backend, server, registry_dir = backend_server
-    if backend != "jax":
-        pytest.skip("the publish step is shared by both backends; checked once, on the cheaper one")
     train, _ = digit_sets
     stub = pb_grpc.TrainingStub(server.channel())
     job = stub.FineTune(stream(pb.FineTuneConfig(name="digits-int8", epochs=3, precision="int8"), train), timeout=120)

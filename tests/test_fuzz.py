@@ -27,7 +27,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from conftest import BUILTIN_NAME, start_server
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
-from hostile import raw_call, rss_mb, tiny_png
+from hostile import code_of, raw_call, rss_mb, tiny_png
 
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 CALLER_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -63,14 +63,6 @@ def server(exported_registry, tmp_path_factory):
 @pytest.fixture(scope="module")
 def channel(server) -> grpc.Channel:
     return server.channel()
-
-
-def code_of(call, *args, **kwargs) -> grpc.StatusCode:
-    try:
-        call(*args, **kwargs)
-        return grpc.StatusCode.OK
-    except grpc.RpcError as err:
-        return err.code()
 
 
 def assert_healthy(server) -> None:

@@ -21,7 +21,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from conftest import BUILTIN_NAME
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
-from hostile import big_png, cpu_seconds, metrics_text, raw_call, rss_mb, tiny_png
+from hostile import big_png, code_of, cpu_seconds, metrics_text, raw_call, rss_mb, tiny_png
 
 ESPRESSO = 967
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -30,14 +30,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 def classify(server, images, timeout=120, **kwargs) -> pb.ClassifyResponse:
     return pb_grpc.InferenceStub(server.channel()).Classify(pb.ClassifyRequest(images=images, **kwargs),
                                                             timeout=timeout)
-
-
-def code_of(call, *args, **kwargs) -> grpc.StatusCode:
-    try:
-        call(*args, **kwargs)
-        return grpc.StatusCode.OK
-    except grpc.RpcError as err:
-        return err.code()
 
 
 def assert_clean_log(server) -> None:

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Iterator
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image, ImageOps
+from PIL import Image
 
 from conftest import BUILTIN_NAME, ServerProcess, start_server
 from headswap.errors import NotFound
@@ -31,17 +30,12 @@ from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
 from headswap.registry.store import host_tag
 from headswap.training.store import JobState, JobStore
+from test_finetune import digit_png
 
 
 # --- data and helpers ----------------------------------------------------------------------
 
 
-def digit_png(image: np.ndarray) -> bytes:
-    ink = Image.fromarray((image / 16.0 * 255).astype(np.uint8)).resize((48, 48), Image.Resampling.BICUBIC)
-    page = ImageOps.invert(ImageOps.expand(ink, 8, 0)).convert("RGB")
-    buffer = io.BytesIO()
-    page.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -187,3 +187,10 @@ def test_export_precision_options_are_checked(tmp_path):
 def test_bf16_export_refused_without_native_bf16(tmp_path):
     result = run_cli("export", BUILTIN, "--model-dir", str(tmp_path), "--precision", "bf16", check=False)
     assert result.returncode != 0 and "no native bf16" in result.stderr
+
+
+def test_finetune_cli_sends_its_precision():
+    result = run_cli("finetune", "--help")
+    assert "--precision [fp32|bf16|int8]" in result.stdout
+    result = run_cli("finetune", ".", "--name", "x", "--precision", "fp16", check=False)
+    assert result.returncode == 2 and "fp16" in result.stderr

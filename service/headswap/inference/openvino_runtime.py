@@ -79,6 +79,17 @@ class OpenVinoRuntime(ModelRuntime):
         self._lock = threading.Lock()  # an infer request runs one call at a time
         return [name for output in self.session.outputs for name in output.get_names()]
 
+    @property
+    def session(self) -> Any:
+        """The compiled model; setting None (the manager's unload) also drops the infer request's buffers."""
+        return self._compiled
+
+    @session.setter
+    def session(self, compiled: Any) -> None:
+        self._compiled = compiled
+        if compiled is None:
+            self._request = None
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """float32 NHWC model input -> probabilities [N, classes] (a copy: the request reuses its buffers)."""
         with self._lock:

@@ -19,7 +19,9 @@ the backend-independent Keras API is used. The steps:
    train on them at a low learning rate with BatchNormalization frozen, and backbone + head go
    through tf2onnx with a parity check against TensorFlow.
 
-Publishing is `Registry.publish` (atomic, not activated: the server decides about activation).
+Publishing is `Registry.publish` (atomic, not activated: the server decides about activation);
+with precision bf16/int8 the checked fp32 file first goes through the precision tier
+(`precision_tier`, the one place for it), gated on the job's validation images.
 """
 
 from __future__ import annotations
@@ -209,7 +211,8 @@ def extract_features(dataset: StoredDataset, positions: np.ndarray, pre: Preproc
             report(Phase.EXTRACTING_FEATURES, message=f"{len(cached)} of {len(positions)} embeddings from the cache")
         new = run_batches(embedder, pixel_batches(dataset, positions[missing], pre, max_pixels, batch_size, threads),
                           len(missing), report, Phase.EXTRACTING_FEATURES)
-        cache.put_many([keys[i] for i in missing], new)
+        if cache.put_many([keys[i] for i in missing], new):
+            cache.evict()  # back under --embedding-cache-mb, least recently used first
     else:
         new = np.zeros((0, embedding_size or 0), np.float32)
     size = new.shape[1] if len(missing) else len(next(iter(cached.values())))
