@@ -12,7 +12,8 @@ Same model (the built-in EfficientNet-Lite0, exported into a temporary registry 
 4. 16 clients while the active version is swapped every second: p99 against steady p99, errors;
 5. with --precision bf16,int8: the fast tiers (headswap.export.precision) built from the same fp32
    file, their accuracy against fp32 on the held-out photos, raw inference (ORT fp32 vs the tier's
-   OpenVINO) and Classify throughput per tier, fp32 and tiers in interleaved rounds on one server;
+   OpenVINO), Classify (JPEG) and KServe (FP32 tensor) throughput per tier, fp32 and tiers in
+   interleaved rounds on one server;
    ratios against the fp32 tier of the same run (--only-precision skips sections 1-4).
 Prints ratios against the raw baseline. Timings, not assertions: tests never assert on speed.
 """
@@ -190,11 +191,31 @@ def bench_precision(model_dir: Path, registry: Registry, path: Path, manifest: d
                 rate = median(runs, "rate")
                 print(f"  {tier:>5} {n:7d} {rate:8.1f} {rate / base:6.2f} {median(runs, 'p50'):7.1f} "
                       f"{median(runs, 'p99'):7.1f} {sum(r['errors'] for r in runs):6d}")
+        # The same at 16 clients over KServe V2 with FP32 tensors (no decode in the server), as the
+        # peer figures of issue 10 were taken.
+        import tritonclient.grpc as triton
+
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        prep = Preprocessing.from_manifest(manifest)
+        infer_input = triton.InferInput("image", [1, prep.height, prep.width, 3], "FP32")
+        infer_input.set_data_from_numpy(prep.normalize(load_pixels(jpeg, prep.height, prep.width, 10**8)[None]))
+        kcalls = {tier: (lambda v=version: client.infer(MODEL, [infer_input], model_version=str(v)))
+                  for tier, version in versions.items()}
+        kresults: dict[str, list[dict]] = {}
+        for round_ in range(rounds):
+            order = list(kcalls)[round_ % len(kcalls):] + list(kcalls)[:round_ % len(kcalls)]
+            for tier in order:
+                kresults.setdefault(tier, []).append(load(kcalls[tier], 16, seconds))
+        kbase = median(kresults["fp32"], "rate")
+        print("\nKServe V2 ModelInfer per tier, FP32 [1,224,224,3], 16 clients: " + ", ".join(
+            f"{tier} {median(runs, 'rate'):.1f} img/s ({median(runs, 'rate') / kbase:.2f}x, p99 "
+            f"{median(runs, 'p99'):.0f} ms, {sum(r['errors'] for r in runs)} errors)" for tier, runs in kresults.items()))
         if 16 in clients:
             base = median(results[("fp32", 16)], "rate")
             for tier in tiers:
-                print(f"target: {tier} tier at 16 clients >= 1.6x fp32 -> "
-                      f"{median(results[(tier, 16)], 'rate') / base:.2f}x")
+                print(f"target: {tier} tier at 16 clients >= 1.6x fp32 -> Classify (JPEG) "
+                      f"{median(results[(tier, 16)], 'rate') / base:.2f}x, KServe (FP32 tensor) "
+                      f"{median(kresults[tier], 'rate') / kbase:.2f}x")
     finally:
         proc.terminate()
         proc.wait(60)

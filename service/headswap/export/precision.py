@@ -2,9 +2,10 @@
 
 Runtime per tier, chosen by measurement on an AVX-512 BF16/VNNI CPU (2 threads, EfficientNet-Lite0,
 inference alone, ratios to ONNX Runtime fp32 in one run; bench/bench_serving.py --precision):
-OpenVINO f32 0.91x (no gain); OpenVINO bf16 1.48x at batch 1 and 1.82x at batch 8; an int8 QDQ file
-from ONNX Runtime's static quantizer 1.25x in ONNX Runtime (slower at batch 8) and 1.66x / 2.96x in
-OpenVINO. ONNX Runtime has no fast bf16 CPU kernels. So both tiers are served by OpenVINO:
+OpenVINO f32 0.91x (no gain); OpenVINO bf16 1.32-1.48x at batch 1 and 1.69-1.82x at batch 8 (two
+runs); an int8 QDQ file from ONNX Runtime's static quantizer 1.25x in ONNX Runtime (slower at batch 8)
+and 1.66-1.77x / 2.47-2.96x in OpenVINO. ONNX Runtime has no fast bf16 CPU kernels. So both tiers are
+served by OpenVINO:
 - bf16: the fp32 file unchanged, compiled by OpenVINO with a bf16 inference precision;
 - int8: ONNX Runtime's static quantizer (QDQ, per-channel int8 weights, uint8 activations),
   calibrated on real images, then compiled by OpenVINO.
