@@ -56,7 +56,7 @@ class Settings:
 
     # --- bounds on what callers control (issue 8) ---
     max_request_pixels: int = _setting(120_000_000, "Most decoded pixels (sum of width*height) in one request.")
-    max_inference_calls: int = _setting(48, "Most inference calls handled at once; more get RESOURCE_EXHAUSTED.")
+    max_inference_calls: int = _setting(128, "Most inference calls handled at once; more get RESOURCE_EXHAUSTED.")
     max_uploads: int = _setting(4, "FineTune: most uploads streaming at once; more get RESOURCE_EXHAUSTED.")
     upload_idle_timeout_s: float = _setting(30.0, "FineTune: an upload that sends nothing for this long is ended.")
     max_upload_seconds: float = _setting(3600.0, "FineTune: longest one upload stream may stay open.")

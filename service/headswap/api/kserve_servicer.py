@@ -374,8 +374,9 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
         height, width = int(size.get("height", -1)), int(size.get("width", -1))
         classes = len(manifest.get("labels") or []) or -1
         settings = self.classifier.settings
+        runtime = str(manifest.get("runtime") or "onnxruntime")  # precision tiers run in OpenVINO
         config = kserve_pb.ModelConfig(
-            name=name, platform=PLATFORM, backend="onnxruntime", max_batch_size=settings.max_images_per_request,
+            name=name, platform=PLATFORM, backend=runtime, max_batch_size=settings.max_images_per_request,
             input=[kserve_pb.ModelInput(name=INPUT_NAME, data_type=kserve_pb.TYPE_FP32,
                                         format=kserve_pb.ModelInput.FORMAT_NHWC, dims=[height, width, 3])],
             output=[kserve_pb.ModelOutput(name=OUTPUT_NAME, data_type=kserve_pb.TYPE_FP32, dims=[classes])],

@@ -470,8 +470,14 @@ def run(job: TrainingJob, report: Reporter) -> Result:
         def pixels(positions: np.ndarray) -> np.ndarray:
             return np.concatenate(list(pixel_batches(dataset, positions, pre, max_pixels, EXTRACT_BATCH, threads)))
 
-        held = val_pos[:TIER_HELDOUT_IMAGES]
-        return pixels(train_pos[:TIER_CALIBRATION_IMAGES]), pixels(held), dataset.label_ids[held]
+        def spread(positions: np.ndarray, count: int) -> np.ndarray:
+            """Evenly spaced picks: uploads often come class by class, and calibration needs every class."""
+            if len(positions) <= count:
+                return positions
+            return positions[np.linspace(0, len(positions) - 1, count).round().astype(int)]
+
+        held = spread(val_pos, TIER_HELDOUT_IMAGES)
+        return pixels(spread(train_pos, TIER_CALIBRATION_IMAGES)), pixels(held), dataset.label_ids[held]
 
     tier = precision_tier(spec, tier_samples)
     started = time.monotonic()
