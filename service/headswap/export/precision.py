@@ -72,15 +72,18 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def check_available(precision: str) -> None:
-    """Refuse early (before a slow export or training) a tier this machine cannot build or run fast."""
+def check_available(precision: str, capabilities: list[str] | None = None) -> None:
+    """Refuse early (before a slow export or training) a tier this machine cannot build or run fast.
+
+    `capabilities` defaults to what OpenVINO reports for this CPU."""
     precision = check_precision(precision)
     if precision == "fp32":
         return
     from headswap.inference import openvino_runtime
 
     try:
-        capabilities = openvino_runtime.cpu_capabilities()
+        if capabilities is None:
+            capabilities = openvino_runtime.cpu_capabilities()
     except openvino_runtime.OpenVinoMissing as err:
         raise PrecisionRefused(f"the {precision} tier runs in OpenVINO: {err}") from None
     needed = {"bf16": "BF16", "int8": "INT8"}[precision]
