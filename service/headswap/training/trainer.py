@@ -27,6 +27,7 @@ with precision bf16/int8 the checked fp32 file first goes through the precision 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sys
 import tempfile
@@ -408,7 +409,10 @@ def run(job: TrainingJob, report: Reporter) -> Result:
     report(Phase.EXTRACTING_FEATURES, message=f"{len(order)} images through {base_name} "
            f"({'keras' if use_keras else 'onnxruntime'})")
     batch = GPU_EXTRACT_BATCH if use_keras else EXTRACT_BATCH  # a GPU wants bigger batches
-    precompile = None if use_keras or not embedding_size else \
+    # Overlapping the head's compilation with extraction only pays where extraction leaves cores
+    # idle: on 2 cores it slowed extraction 2x and job 1 lost 0.2 s (bench_finetune, one run).
+    spare_cores = (os.cpu_count() or 1) > 2 * threads
+    precompile = None if use_keras or not embedding_size or not spare_cores else \
         start_precompile(spec, int(embedding_size), y_train, y_val, labels)
     try:
         features, cache_hits = extract_features(dataset, order, pre, max_pixels, embedder, batch, threads, report,
