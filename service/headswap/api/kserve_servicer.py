@@ -169,16 +169,19 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
     def ServerMetadata(self, request, context) -> kserve_pb.ServerMetadataResponse:
         return kserve_pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
 
+    def _described(self, requested: str, version_text: str) -> tuple[str, dict, tuple[int, int, int]]:
+        """A model version's name, manifest and (height, width, classes), -1 where unknown."""
+        name = self._name(requested)
+        manifest = self.registry.manifest(name, self.registry.resolve(name, parse_version(version_text)))
+        size = manifest.get("input") or {}
+        classes = len(manifest.get("labels") or []) or -1
+        return name, manifest, (int(size.get("height", -1)), int(size.get("width", -1)), classes)
+
     @rpc("ModelMetadata", lambda r: r.name)
     def ModelMetadata(self, request, context) -> kserve_pb.ModelMetadataResponse:
         """The input advertised is the model's own (FP32); UINT8 pixels and BYTES images are accepted
         on the same name (see the module docstring)."""
-        name = self._name(request.name)
-        version = self.registry.resolve(name, parse_version(request.version))
-        manifest = self.registry.manifest(name, version)
-        size = manifest.get("input") or {}
-        height, width = int(size.get("height", -1)), int(size.get("width", -1))
-        classes = len(manifest.get("labels") or []) or -1
+        name, manifest, (height, width, classes) = self._described(request.name, request.version)
         return kserve_pb.ModelMetadataResponse(
             name=name, versions=[str(v) for v in self.registry.versions(name)], platform=PLATFORM,
             inputs=[TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, height, width, 3])],
@@ -367,12 +370,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
         max_batch_size is the most images one request may carry; the batcher's own batch size is
         the preferred batch size, and its timeout the queue delay.
         """
-        name = self._name(request.name)
-        version = self.registry.resolve(name, parse_version(request.version))
-        manifest = self.registry.manifest(name, version)
-        size = manifest.get("input") or {}
-        height, width = int(size.get("height", -1)), int(size.get("width", -1))
-        classes = len(manifest.get("labels") or []) or -1
+        name, manifest, (height, width, classes) = self._described(request.name, request.version)
         settings = self.classifier.settings
         runtime = str(manifest.get("runtime") or "onnxruntime")  # precision tiers run in OpenVINO
         config = kserve_pb.ModelConfig(
