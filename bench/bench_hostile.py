@@ -217,20 +217,25 @@ def attack_idle(target, stop, codes, streams: int = 200):
         for future in futures:
             future.cancel()
         for future in futures:
-            try:
-                future.result(timeout=10)
-                codes["OK"] += 1
-            except grpc.FutureCancelledError:
-                codes["CANCELLED (by us, still open at the end)"] += 1
-            except grpc.RpcError as err:
-                codes[err.code().name] += 1
-            except Exception as err:  # a future that never finished
-                codes[type(err).__name__] += 1
+            count_outcome(future, codes, "CANCELLED (by us, still open at the end)")
         channel.close()
 
     thread = threading.Thread(target=collect, daemon=True)
     thread.start()
     return [thread]
+
+
+def count_outcome(future, codes, cancelled: str) -> None:
+    """Count how an attacker's call future ended: OK, cancelled by us, or its status code."""
+    try:
+        future.result(timeout=10)
+        codes["OK"] += 1
+    except grpc.FutureCancelledError:
+        codes[cancelled] += 1
+    except grpc.RpcError as err:
+        codes[err.code().name] += 1
+    except Exception as err:  # a future that never finished
+        codes[type(err).__name__] += 1
 
 
 def attack_uploads(target, stop, codes, streams: int = 4):
@@ -253,13 +258,7 @@ def attack_uploads(target, stop, codes, streams: int = 4):
             future = stub.FineTune.future(requests(), timeout=120)
             stop.wait()
             future.cancel()
-            try:
-                future.result(timeout=10)
-                codes["OK"] += 1
-            except grpc.FutureCancelledError:
-                codes["CANCELLED (by us)"] += 1
-            except grpc.RpcError as err:
-                codes[err.code().name] += 1
+            count_outcome(future, codes, "CANCELLED (by us)")
         channel.close()
 
     threads = [threading.Thread(target=upload, daemon=True) for _ in range(streams)]

@@ -52,6 +52,17 @@ def sample_jpeg() -> bytes:
     return buffer.getvalue()
 
 
+def images_per_second(step, batch: int, seconds: float) -> float:
+    """Run `step` (one batch of `batch` images) for `seconds` after 3 warm-up calls."""
+    for _ in range(3):
+        step()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
 def raw_ort(model_path: Path, manifest: dict, jpeg: bytes, batch: int, seconds: float, threads: int) -> float:
     """Images/s of decode + preprocess + infer in-process: the ceiling a server can approach."""
     options = ort.SessionOptions()
@@ -65,13 +76,7 @@ def raw_ort(model_path: Path, manifest: dict, jpeg: bytes, batch: int, seconds: 
         pixels = np.stack([load_pixels(jpeg, prep.height, prep.width, 10**8) for _ in range(batch)])
         session.run(["probabilities"], {name: prep.normalize(pixels)})
 
-    for _ in range(3):
-        step()
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        step()
-        done += batch
-    return done / (time.perf_counter() - start)
+    return images_per_second(step, batch, seconds)
 
 
 def load(call, clients: int, seconds: float) -> dict:
@@ -143,18 +148,12 @@ def raw_tier(tier_path: Path, tier: str, batch: int, seconds: float, threads: in
     else:
         compiled = compile_model(tier_path, tier, threads)
         step = lambda: precision.openvino_probabilities(compiled, images)
-    for _ in range(3):
-        step()
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        step()
-        done += batch
-    return done / (time.perf_counter() - start)
+    return images_per_second(step, batch, seconds)
 
 
 def bench_precision(model_dir: Path, registry: Registry, path: Path, manifest: dict, jpeg: bytes, tiers: list[str], clients: list[int],
                     seconds: float, threads: int, rounds: int, work: Path) -> None:
-    print(f"precision tiers (accuracy gate: >= 99% top-1 agreement with fp32 on held-out photos)")
+    print("precision tiers (accuracy gate: >= 99% top-1 agreement with fp32 on held-out photos)")
     # The baseline is the newest fp32 version, whichever version is active.
     fp32 = max(v for v in registry.versions(MODEL) if registry.manifest(MODEL, v).get("precision", "fp32") == "fp32")
     path, manifest = registry.verified_model_path(MODEL, fp32)

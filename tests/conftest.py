@@ -169,3 +169,13 @@ def shared_server(exported_registry, tmp_path_factory) -> Iterator[ServerProcess
     server = start_server(registry, work)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def client(shared_server):
+    """A tritonclient gRPC client (KServe V2) on the shared server."""
+    import tritonclient.grpc as tc
+
+    client = tc.InferenceServerClient(url=shared_server.target)
+    yield client
+    client.close()

@@ -57,13 +57,6 @@ def status_of(err: pytest.ExceptionInfo) -> str:
     return err.value.status()
 
 
-@pytest.fixture
-def client(shared_server):
-    client = tc.InferenceServerClient(url=shared_server.target)
-    yield client
-    client.close()
-
-
 @pytest.fixture(scope="module")
 def reference(shared_server, photos) -> dict[str, np.ndarray]:
     names = ["chelsea", "coffee", "rocket"]

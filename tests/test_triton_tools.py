@@ -43,13 +43,6 @@ def load_dev():
     return module
 
 
-@pytest.fixture
-def client(shared_server):
-    client = tc.InferenceServerClient(url=shared_server.target)
-    yield client
-    client.close()
-
-
 @pytest.fixture(scope="module")
 def photo_input(exported_registry, photos) -> np.ndarray:
     """The chelsea photo as the model's FP32 input [224, 224, 3], preprocessed as the manifest says."""
