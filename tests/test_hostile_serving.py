@@ -298,7 +298,7 @@ def test_batcher_runs_a_requests_first_chunk_before_others_later_chunks():
         release.wait(10)
         return np.zeros((len(batch), 2), dtype=np.float32)
 
-    batcher = Batcher(infer, "rank-test", max_batch=8, timeout_s=0.0, max_queue=1000)
+    batcher = Batcher([infer], "rank-test", max_batch=8, timeout_s=0.0, max_queue=1000)
     try:
         chunk = lambda tag, n=8: np.full((n, 1), tag, dtype=np.float32)  # noqa: E731
         first = batcher.submit(chunk(0), announced=False)  # occupies the worker

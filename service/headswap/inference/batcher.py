@@ -2,13 +2,16 @@
 
 Like TF Serving's batching and Triton's dynamic batcher: a worker thread takes what is queued,
 waits up to `timeout_s` for more only while other requests are still being decoded (so a lone
-client never waits), and runs them as one batch of at most `max_batch` images. A request whose
+client never waits), and runs them as one batch of at most `max_batch` images. With several lanes
+(one worker per lane, each lane its own ONNX Runtime session) batches run side by side, the queue
+shared between the idle lanes, like Triton's instance groups. A request whose
 deadline passes while queued is answered DEADLINE_EXCEEDED without being run; a full queue is
 refused with RESOURCE_EXHAUSTED instead of growing without bound.
 
 When the model is idle (nothing queued or running, nobody else decoding), a one-chunk request
 runs in its caller's thread instead (`run_inline`), skipping the two thread hand-offs; a batch
-that runs alone uses the runtime's `infer_lone` (ORT spinning, chosen by measurement).
+that runs alone uses the runtime's `infer_lone` (every thread, spinning when that measures faster)
+and holds every lane while it runs, so no other batch competes for its threads.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -54,14 +57,16 @@ RANK_AGING_S = 2.0
 
 
 class Batcher:
-    """Queue + one worker thread in front of an inference function."""
+    """Queue + one worker thread per lane in front of the lanes' inference functions."""
 
-    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], label: str, max_batch: int,
+    def __init__(self, lanes: Sequence[Callable[[np.ndarray], np.ndarray]], label: str, max_batch: int,
                  timeout_s: float, max_queue: int, stats: ModelStats | None = None,
                  infer_lone: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-        self._infer = infer
-        # for a batch that runs while no other request is queued or being decoded (ORT spinning)
-        self._infer_lone = infer_lone or infer
+        if not lanes:
+            raise ValueError("a batcher needs at least one lane")
+        self._lanes = list(lanes)
+        # for a batch that runs while no other request runs, is queued or is being decoded
+        self._infer_lone = infer_lone or self._lanes[0]
         self._stats = stats
         self._label = label
         self._max_batch = max_batch
@@ -72,11 +77,14 @@ class Batcher:
         self._incoming = 0  # requests announced (being decoded) but not yet submitted
         self._cond = threading.Condition()
         self._closed = False
-        self._busy = False  # a batch is running, in the worker or inline in a caller's thread
+        self._running = 0  # batches running, in the workers or inline in a caller's thread
+        self._exclusive = False  # a lone batch runs on every thread: no lane starts another
         self._queue_depth = metrics.QUEUE_DEPTH.labels(label)  # resolved once: off the hot path
         self._batch_size = metrics.BATCH_SIZE.labels(label)
-        self._thread = threading.Thread(target=self._run, name=f"batcher-{label}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, args=(lane,), name=f"batcher-{label}-{lane}",
+                                          daemon=True) for lane in range(len(self._lanes))]
+        for thread in self._threads:
+            thread.start()
 
     def announce(self) -> None:
         """A request for this model is being decoded: worth waiting for before running a batch."""
@@ -87,7 +95,7 @@ class Batcher:
         """An announced request will not be submitted (it failed before inference)."""
         with self._cond:
             self._incoming = max(0, self._incoming - 1)
-            self._cond.notify()
+            self._cond.notify_all()
 
     def submit(self, batch: np.ndarray, deadline: float | None = None, announced: bool = True,
                rank: int = 0) -> Pending:
@@ -101,25 +109,28 @@ class Batcher:
             if self._closed:
                 raise Unavailable(f"{self._label} is being unloaded; retry")
             if self._queued_images + len(batch) > self._max_queue:
-                self._cond.notify()
+                self._cond.notify_all()
                 raise ResourceExhausted(f"{self._label}: inference queue is full "
                                         f"({self._queued_images} images waiting); retry later")
             self._queue.append(item)
             self._queued_images += len(batch)
             self._queue_depth.set(self._queued_images)
-            self._cond.notify()
+            self._cond.notify_all()
         return item.future
 
     def close(self) -> None:
         """Run what is queued, then stop the worker."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        self._thread.join(timeout=30)
+            self._cond.notify_all()
+        deadline = time.monotonic() + 30
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
-    def _take_batch(self) -> list[_Item] | None:
+    def _take_batch(self) -> tuple[list[_Item], bool] | None:
+        """The next batch for an idle lane, and whether it runs alone (then it holds every lane)."""
         with self._cond:
-            while not self._queue or self._busy:
+            while not self._queue or self._exclusive:
                 if self._closed and not self._queue:
                     return None
                 self._cond.wait()
@@ -129,14 +140,23 @@ class Batcher:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            items = self._pick()
+            if not self._queue or self._exclusive:  # another lane took it meanwhile
+                return [], False
+            # Share what is queued between the idle lanes rather than run it all on this one.
+            idle = max(1, len(self._lanes) - self._running)
+            share = max(1, -(-self._queued_images // idle))
+            items = self._pick(min(self._max_batch, share))
             self._queued_images -= sum(len(item.batch) for item in items)
             self._queue_depth.set(self._queued_images)
-            self._busy = True
-            return items
+            lone = self._running == 0 and len(items) == 1 and not self._queue and self._incoming == 0
+            self._running += 1
+            self._exclusive = lone
+            if self._queue:
+                self._cond.notify_all()  # an idle lane can take the rest
+            return items, lone
 
-    def _pick(self) -> list[_Item]:
-        """Up to max_batch images: lowest rank first (a request's first chunk before others' later
+    def _pick(self, limit: int) -> list[_Item]:
+        """Up to `limit` images (or one chunk, if larger): lowest rank first (a request's first chunk before others' later
         chunks), arrival order within a rank and for chunks waiting past RANK_AGING_S."""
         now = time.monotonic()
         order = sorted(range(len(self._queue)), key=lambda i: (
@@ -145,28 +165,33 @@ class Batcher:
         size = 0
         for i in order:
             length = len(self._queue[i].batch)
-            if not chosen or size + length <= self._max_batch:
+            if not chosen or size + length <= limit:
                 chosen.append(i)
                 size += length
-            if size >= self._max_batch:
+            if size >= limit:
                 break
         taken = set(chosen)
         items = [self._queue[i] for i in sorted(chosen)]
         self._queue = deque(item for i, item in enumerate(self._queue) if i not in taken)
         return items
 
-    def _run(self) -> None:
+    def _run(self, lane: int) -> None:
         while True:
-            items = self._take_batch()
-            if items is None:
+            taken = self._take_batch()
+            if taken is None:
                 return
+            items, lone = taken
+            if not items:
+                continue
             try:
-                self._run_batch(items)
+                self._run_batch(items, self._infer_lone if lone else self._lanes[lane])
             except Exception:  # the worker must outlive any one batch, or the model stops answering
                 log.exception("batcher %s: unexpected error", self._label)
             finally:
                 with self._cond:
-                    self._busy = False
+                    self._running -= 1
+                    self._exclusive = False
+                    self._cond.notify_all()
 
     def run_inline(self, batch: np.ndarray) -> Pending | None:
         """Run an announced request's only chunk in the caller's thread when the model is idle
@@ -176,9 +201,10 @@ class Batcher:
         if len(batch) >= self._max_batch:
             return None
         with self._cond:
-            if self._closed or self._busy or self._queue or self._incoming > 1:
+            if self._closed or self._running or self._queue or self._incoming > 1:
                 return None
-            self._busy = True
+            self._running += 1
+            self._exclusive = True
             self._incoming = max(0, self._incoming - 1)  # this request's own announcement
         future = Pending()
         future.set_running_or_notify_cancel()
@@ -195,12 +221,13 @@ class Batcher:
             future.set_exception(err)
         finally:
             with self._cond:
-                self._busy = False
-                self._cond.notify()  # the worker may be waiting with requests queued meanwhile
+                self._running -= 1
+                self._exclusive = False
+                self._cond.notify_all()  # the workers may be waiting with requests queued meanwhile
         return future
 
-    def _run_batch(self, items: list[_Item]) -> None:
-        """Run one gathered batch and hand each request its rows."""
+    def _run_batch(self, items: list[_Item], infer: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Run one gathered batch with `infer` and hand each request its rows."""
         now = time.monotonic()
         live = []
         for item in items:
@@ -216,10 +243,8 @@ class Batcher:
         try:
             batch = live[0].batch if len(live) == 1 else np.concatenate([i.batch for i in live])
             self._batch_size.observe(len(batch))
-            # Alone (nothing queued, nothing being decoded): the other cores are free for ORT to spin on.
-            lone = len(live) == 1 and not self._queue and self._incoming == 0
             infer_started_ns = time.perf_counter_ns()
-            probabilities = (self._infer_lone if lone else self._infer)(batch)
+            probabilities = infer(batch)
             infer_ns = time.perf_counter_ns() - infer_started_ns
         except Exception as err:  # hand the failure to every waiting request
             log.exception("inference failed for %s", self._label)

@@ -10,6 +10,7 @@ for changes made through this process's own API.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -163,7 +164,7 @@ class ModelManager:
             try:
                 path, manifest = self.registry.verified_model_path(name, version)
                 runtime = load_runtime(name, version, path, manifest, self.settings.cpu_threads,
-                                       spinning=self.settings.intra_op_spinning)
+                                       spinning=self.settings.intra_op_spinning, lanes=self.settings.lanes)
                 runtime.warm_up()
             except CorruptModel as err:
                 self._refused.add(key)
@@ -171,14 +172,16 @@ class ModelManager:
                 log.error("refusing %s version %s: %s", name, version, err)
                 raise
             s = self.settings
-            batcher = Batcher(runtime.infer, f"{name}:{version}", s.max_batch_size,
+            lanes = [functools.partial(runtime.infer, lane=lane) for lane in range(runtime.lane_count)]
+            batcher = Batcher(lanes, f"{name}:{version}", s.max_batch_size,
                               s.batch_timeout_ms / 1000.0, s.max_queue, stats=runtime.stats,
                               infer_lone=runtime.infer_lone)
             model = LoadedModel(runtime, batcher)
             with self._lock:
                 self._loaded[key] = model
                 metrics.LOADED_MODELS.set(len(self._loaded))
-            log.info("loaded %s version %s in %.2fs", name, version, time.monotonic() - started)
+            log.info("loaded %s version %s in %.2fs (%d inference lane%s)", name, version,
+                     time.monotonic() - started, runtime.lane_count, "" if runtime.lane_count == 1 else "s")
             return model
 
     def _retire(self, key: Key) -> None:
@@ -194,8 +197,7 @@ class ModelManager:
 
     def _free(self, model: LoadedModel) -> None:
         model.batcher.close()
-        model.runtime.session = None  # drop ORT's arena now, not when the last reference dies
-        model.runtime.lone_session = None
+        model.runtime.close()
         return_freed_memory()
         log.info("unloaded %s version %s", *model.key)
 

@@ -61,7 +61,8 @@ def compile_model(path: Path, precision: str, threads: int) -> Any:
 class OpenVinoRuntime(ModelRuntime):
     """A compiled OpenVINO model for one (model, version); same interface as the ONNX Runtime one."""
 
-    def _open(self, path: Path, threads: int) -> list[str]:
+    def _open(self, path: Path, threads: int, lanes: int) -> list[str]:
+        """One compiled model and one lane: OpenVINO's stream runs every thread on each batch."""
         precision = str(self.manifest.get("precision") or "")
         try:
             import_openvino()
@@ -90,7 +91,7 @@ class OpenVinoRuntime(ModelRuntime):
         if compiled is None:
             self._request = None
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def infer(self, batch: np.ndarray, lane: int = 0) -> np.ndarray:
         """float32 NHWC model input -> probabilities [N, classes] (a copy: the request reuses its buffers)."""
         with self._lock:
             result = self._request.infer({self.input_name: batch})
