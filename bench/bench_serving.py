@@ -14,7 +14,10 @@ Same model (the built-in EfficientNet-Lite0, exported into a temporary registry 
    file, their accuracy against fp32 on the held-out photos, raw inference (ORT fp32 vs the tier's
    OpenVINO), Classify (JPEG) and KServe (FP32 tensor) throughput per tier, fp32 and tiers in
    interleaved rounds on one server;
-   ratios against the fp32 tier of the same run (--only-precision skips sections 1-4).
+   ratios against the fp32 tier of the same run (--only-precision skips sections 1-4);
+6. with --lanes (alone with --only-lanes): inference lanes (`--inference-lanes`): raw ORT, one session
+   on every thread against one 1-thread session per thread run side by side, then KServe V2 FP32
+   throughput of a server with one lane against one with a lane per thread, interleaved rounds.
 Prints ratios against the raw baseline. Timings, not assertions: tests never assert on speed.
 """
 
@@ -151,6 +154,69 @@ def raw_tier(tier_path: Path, tier: str, batch: int, seconds: float, threads: in
     return images_per_second(step, batch, seconds)
 
 
+def raw_lanes(path: Path, threads: int, batch: int, seconds: float) -> tuple[float, float]:
+    """Images/s in-process: one ORT session on `threads` threads, then `threads` 1-thread sessions
+    each run from its own Python thread (ORT releases the GIL), inference only."""
+    images = np.random.default_rng(0).uniform(-1, 1, (batch, 224, 224, 3)).astype(np.float32)
+
+    def session(intra: int) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    whole = session(threads)
+    one = images_per_second(lambda: whole.run(["probabilities"], {"image": images}), batch, seconds)
+    lanes = [session(1) for _ in range(threads)]
+    rates: list[float] = []
+    workers = [threading.Thread(target=lambda s=s: rates.append(
+        images_per_second(lambda: s.run(["probabilities"], {"image": images}), batch, seconds))) for s in lanes]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return one, sum(rates)
+
+
+def bench_lanes(model_dir: Path, path: Path, manifest: dict, jpeg: bytes, clients: list[int], seconds: float,
+                threads: int, rounds: int, work: Path) -> None:
+    import tritonclient.grpc as triton
+
+    print(f"inference lanes: one session on {threads} threads against {threads} 1-thread sessions side by side")
+    for batch in (1, 4, 8):
+        one, lanes = raw_lanes(path, threads, batch, seconds / 2)
+        print(f"  raw batch {batch}: 1 session {one:6.1f} img/s, {threads} lanes {lanes:6.1f} img/s ({lanes / one:.2f}x)")
+    prep = Preprocessing.from_manifest(manifest)
+    infer_input = triton.InferInput("image", [1, prep.height, prep.width, 3], "FP32")
+    infer_input.set_data_from_numpy(prep.normalize(load_pixels(jpeg, prep.height, prep.width, 10**8)[None]))
+    settings = {"1 lane": "1", f"{threads} lanes": str(threads)}
+    results: dict[tuple[str, int], list[dict]] = {}
+    for round_ in range(rounds):  # one server at a time, order rotated each round
+        order = list(settings)[round_ % 2:] + list(settings)[:round_ % 2]
+        for label in order:
+            proc, port = start_server(model_dir, work, "--role", "inference", "--threads", str(threads),
+                                      "--inference-lanes", settings[label])
+            try:
+                client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+                call = lambda: client.infer(MODEL, [infer_input])
+                for _ in range(20):
+                    call()
+                for n in clients:
+                    results.setdefault((label, n), []).append(load(call, n, seconds))
+                client.close()
+            finally:
+                proc.terminate()
+                proc.wait(60)
+    median = lambda runs, key: float(np.median([r[key] for r in runs]))
+    print(f"\nKServe V2 ModelInfer, FP32 [1,224,224,3] per request (median of {rounds} rounds x {seconds:.0f} s)")
+    print(f"  {'clients':>7} " + " ".join(f"{label + ' img/s':>14} {'p99 ms':>7}" for label in settings) + "  ratio")
+    for n in clients:
+        rates = [median(results[(label, n)], "rate") for label in settings]
+        print(f"  {n:7d} " + " ".join(f"{median(results[(label, n)], 'rate'):14.1f} "
+                                     f"{median(results[(label, n)], 'p99'):7.1f}" for label in settings)
+              + f"  {rates[1] / rates[0]:.2f}x")
+
+
 def bench_precision(model_dir: Path, registry: Registry, path: Path, manifest: dict, jpeg: bytes, tiers: list[str], clients: list[int],
                     seconds: float, threads: int, rounds: int, work: Path) -> None:
     print("precision tiers (accuracy gate: >= 99% top-1 agreement with fp32 on held-out photos)")
@@ -228,7 +294,9 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, help="registry holding efficientnet-lite0 (default: export one)")
     parser.add_argument("--precision", default="", help="fast tiers to measure against fp32, e.g. bf16,int8")
     parser.add_argument("--only-precision", action="store_true", help="measure the tiers only (section 5)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the tier section")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the tier and lane sections")
+    parser.add_argument("--lanes", action="store_true", help="also compare one inference lane with one per thread")
+    parser.add_argument("--only-lanes", action="store_true", help="compare the inference lanes only (section 6)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="headswap-bench-"))
     model_dir = prepare_registry(work, args.model_dir)
@@ -237,6 +305,13 @@ def main() -> None:
     jpeg = sample_jpeg()
     print(f"model {MODEL}, JPEG {len(jpeg)} bytes, {os.cpu_count()} CPUs, {args.seconds:.0f} s per point\n")
     tiers = [t for t in args.precision.split(",") if t and t != "fp32"]
+    clients = [int(c) for c in args.clients.split(",")]
+    if args.only_lanes:
+        try:
+            bench_lanes(model_dir, path, manifest, jpeg, clients, args.seconds, args.threads, args.rounds, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     if args.only_precision:
         try:
             bench_precision(model_dir, registry, path, manifest, jpeg, tiers, [int(c) for c in args.clients.split(",")],
@@ -316,9 +391,12 @@ def main() -> None:
         proc.terminate()
         proc.wait(60)
     try:
+        if args.lanes:
+            print()
+            bench_lanes(model_dir, path, manifest, jpeg, clients, args.seconds, args.threads, args.rounds, work)
         if tiers:
             print()
-            bench_precision(model_dir, registry, path, manifest, jpeg, tiers, [int(c) for c in args.clients.split(",")],
+            bench_precision(model_dir, registry, path, manifest, jpeg, tiers, clients,
                             args.seconds, args.threads, args.rounds, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
