@@ -85,7 +85,7 @@ class Settings:
     # --- serving speed (issue 10) ---
     intra_op_spinning: str = _setting(
         "adaptive", "ONNX Runtime intra-op threads between ops: adaptive (a request running alone uses "
-        "spinning threads when that measures faster here; concurrent load never does; two sessions per model), "
+        "spinning threads when that measures faster here; concurrent load never does), "
         "on, or off.",
         choices=("adaptive", "on", "off"))
     inference_lanes: int = _setting(
