@@ -90,8 +90,8 @@ class Settings:
         choices=("adaptive", "on", "off"))
     inference_lanes: int = _setting(
         0, "ONNX Runtime sessions per model that run batches side by side, the threads split between them "
-        "(0 = one per thread, at most 4). On 2 cores two 1-thread sessions ran 1.25x the images/s of one "
-        "2-thread session; a request running alone still gets every thread.")
+        "(0 = one per thread, at most 4). On 2 cores two 1-thread sessions ran up to 1.37x the images/s of "
+        "one 2-thread session (small batches); a request running alone still gets every thread.")
 
     # --- fine-tune speed (issue 11) ---
     embedding_cache_mb: int = _setting(1024, "FineTune: size of the content-addressed embedding cache in MiB "

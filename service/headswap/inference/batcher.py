@@ -119,7 +119,7 @@ class Batcher:
         return item.future
 
     def close(self) -> None:
-        """Run what is queued, then stop the worker."""
+        """Run what is queued, then stop the workers."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -156,8 +156,9 @@ class Batcher:
             return items, lone
 
     def _pick(self, limit: int) -> list[_Item]:
-        """Up to `limit` images (or one chunk, if larger): lowest rank first (a request's first chunk before others' later
-        chunks), arrival order within a rank and for chunks waiting past RANK_AGING_S."""
+        """Up to `limit` images (or one chunk, if larger): lowest rank first (a request's first chunk
+        before others' later chunks), arrival order within a rank and for chunks waiting past
+        RANK_AGING_S."""
         now = time.monotonic()
         order = sorted(range(len(self._queue)), key=lambda i: (
             0 if now - self._queue[i].queued_at > RANK_AGING_S else self._queue[i].rank, i))

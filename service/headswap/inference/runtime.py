@@ -61,8 +61,8 @@ class ModelRuntime:
 
     Lanes: `lanes` sessions, the threads split between them, run batches side by side under
     concurrent load. One small convolutional batch keeps two intra-op threads busy only part of
-    the time (thread wake-ups and joins between ops), so two 1-thread sessions ran 1.25x the
-    images/s of one 2-thread session on 2 cores. A request that runs alone instead goes to
+    the time (thread wake-ups and joins between ops), so two 1-thread sessions ran 1.02-1.37x the
+    images/s of one 2-thread session on 2 cores (batch 8 to batch 1). A request that runs alone instead goes to
     `lone_session`, which has every thread (and spins, when that measures faster): one image runs
     1.3x faster on 2 threads than on 1.
     """
@@ -90,14 +90,14 @@ class ModelRuntime:
         self.size_bytes = path.stat().st_size * (self.lane_count + (self.lone_session is not None))
 
     def _open(self, path: Path, threads: int, lanes: int) -> list[str]:
-        """Create the sessions (`self.lane_sessions`, `self.session` = lane 0, `self.lone_session`, `self.input_name`);
-        returns the output names. A runtime for another engine (OpenVINO, see `load_runtime`) overrides
-        this and `infer`."""
+        """Create the sessions (`lane_sessions`, `session` = lane 0, `lone_session`) and `input_name`;
+        returns the output names. A runtime for another engine (OpenVINO, see `load_runtime`)
+        overrides this and `infer`."""
         name, version = self.name, self.version
         lanes = max(1, min(lanes, threads))
         try:
             self.lane_sessions = [self._session(path, max(1, threads // lanes), spin=self.spinning == "on")
-                          for _ in range(lanes)]
+                                  for _ in range(lanes)]
             if lanes > 1:  # a lone request gets every thread, spinning unless told not to
                 self.lone_session = self._session(path, threads, spin=self.spinning != "off")
             elif self.spinning == "adaptive":
