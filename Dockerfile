@@ -92,10 +92,11 @@ WORKDIR /home/headswap
 USER 10001:10001
 # 50051: gRPC (headswap.v1, KServe V2, grpc.health.v1, reflection); 9090: Prometheus /metrics.
 EXPOSE 50051 9090
-# Exec form: no shell needed. It checks the default --port; a container run with another
-# port must override the HEALTHCHECK too (Kubernetes uses its own gRPC probes instead).
+# Exec form: no shell needed. `--local` reads the container's HEADSWAP_* settings: it checks the
+# plaintext HEADSWAP_HEALTH_PORT when set (needed once TLS is on), else HEADSWAP_PORT.
+# Kubernetes ignores this and uses its own gRPC probes.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["headswap", "health", "--target", "127.0.0.1:50051", "--timeout", "3"]
+  CMD ["headswap", "health", "--local", "--timeout", "3"]
 ENTRYPOINT ["headswap"]
 
 # --- final images --------------------------------------------------------------------------

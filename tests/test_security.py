@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from tritonclient.grpc import service_pb2 as triton_pb
 
-from conftest import BUILTIN_NAME, REPO, ServerProcess, start_server
+from conftest import BUILTIN_NAME, REPO, ServerProcess, run_cli, start_server
 from headswap.api.auth import METHOD_SCOPES, OPEN, scope_for
 from headswap.api.tls import CertificateFiles
 from headswap.protocol import headswap_v1_pb2 as pb
@@ -342,6 +342,17 @@ def test_health_port_is_plaintext_and_serves_health_only(tls_server):
     for rpc in ALL_RPCS:
         if "Health" not in rpc.method:
             assert invoke(channel, rpc, bearer("ops")) == grpc.StatusCode.UNIMPLEMENTED, rpc
+
+
+def test_local_health_check_uses_the_health_port_when_tls_is_on(tls_server, pki):
+    """The Dockerfile's HEALTHCHECK, `headswap health --local`, reads the container's settings."""
+    env = {"HEADSWAP_TLS_CERT_FILE": str(pki.cert_file), "HEADSWAP_TLS_KEY_FILE": str(pki.key_file),
+           "HEADSWAP_PORT": tls_server.target.rsplit(":", 1)[1]}
+    result = run_cli("health", "--local", env={**env, "HEADSWAP_HEALTH_PORT": str(tls_server.health_port)})
+    assert result.stdout.strip() == "SERVING"
+    # TLS on and no health port: a plaintext check cannot work, and the message says what to set
+    refused = run_cli("health", "--local", env=env, check=False)
+    assert refused.returncode != 0 and "HEADSWAP_HEALTH_PORT" in refused.stderr, refused.stderr
 
 
 def test_metrics_port_serves_https_only(tls_server, pki):

@@ -138,6 +138,13 @@ def test_health_and_per_model_health(shared_server):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_local_health_check_reads_the_port_from_the_settings(shared_server):
+    """`headswap health --local` (the Dockerfile's HEALTHCHECK) without TLS: HEADSWAP_PORT."""
+    port = shared_server.target.rsplit(":", 1)[1]
+    result = run_cli("health", "--local", env={"HEADSWAP_PORT": port, "HEADSWAP_HEALTH_PORT": "-1"})
+    assert result.stdout.strip() == "SERVING"
+
+
 def test_reflection_lists_services(shared_server):
     stub = reflection_pb2_grpc.ServerReflectionStub(shared_server.channel())
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),

@@ -124,16 +124,33 @@ def classify(target: Connection, model: str, top_k: int, as_json: bool, images: 
 @target_option
 @click.option("--service", default="", help="Service or model name to check ('' = the whole server).")
 @click.option("--timeout", default=3.0, show_default=True, help="Seconds to wait for an answer.")
-def health(target: Connection, service: str, timeout: float) -> None:
+@click.option("--local", is_flag=True,
+              help="Check the server this container runs, from its HEADSWAP_* settings: the plaintext "
+                   "--health-port when one is set, else --port (for a Dockerfile HEALTHCHECK).")
+def health(target: Connection, service: str, timeout: float, local: bool) -> None:
     """Exit 0 when the server (or one model) reports SERVING: for container health checks."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    if local:
+        target = _local_health_target()
     with _channel(target) as channel:
         response = _call(health_pb2_grpc.HealthStub(channel).Check,
                          health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     click.echo(status)
     sys.exit(0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
+def _local_health_target() -> Connection:
+    """Where this container's own server answers health in plaintext: its health-only port, or its
+    gRPC port when that has no TLS. With TLS and no health port there is none: say which setting."""
+    settings = Settings.from_env()
+    if settings.health_port > 0:
+        return Connection(f"127.0.0.1:{settings.health_port}")
+    if settings.tls_cert_file:
+        raise click.UsageError("the gRPC port serves TLS only; set HEADSWAP_HEALTH_PORT (a plaintext "
+                               "health-only port) for local health checks")
+    return Connection(f"127.0.0.1:{settings.port}")
 
 
 @main.command()
