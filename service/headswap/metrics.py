@@ -23,18 +23,20 @@ LOAD_FAILURES = Counter("headswap_model_load_failures_total", "Versions refused 
 # (there counters; here histograms, so quantiles show too). Labels: registry model and version.
 LATENCY_BUCKETS_US = (100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
                       500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000)
-INFERENCE_REQUEST_DURATION = Histogram(
-    "headswap_inference_request_duration_us", "Inference request time in the server: decode + queue + "
-    "inference + hand-back (microseconds)", ["model", "version"], buckets=LATENCY_BUCKETS_US)
-INFERENCE_QUEUE_DURATION = Histogram(
-    "headswap_inference_queue_duration_us", "Time a request waited in the dynamic batcher's queue "
-    "(microseconds)", ["model", "version"], buckets=LATENCY_BUCKETS_US)
-INFERENCE_DECODE_DURATION = Histogram(
-    "headswap_inference_compute_input_duration_us", "Decoding and preprocessing a request's images "
-    "(microseconds)", ["model", "version"], buckets=LATENCY_BUCKETS_US)
-INFERENCE_COMPUTE_DURATION = Histogram(
-    "headswap_inference_compute_infer_duration_us", "The ONNX Runtime call a request's batch ran in "
-    "(microseconds)", ["model", "version"], buckets=LATENCY_BUCKETS_US)
+
+
+def _latency_histogram(name: str, what: str) -> Histogram:
+    """One phase of an inference request's time, per registry model and version, in microseconds."""
+    return Histogram(f"headswap_inference_{name}_duration_us", f"{what} (microseconds)", ["model", "version"],
+                     buckets=LATENCY_BUCKETS_US)
+
+
+INFERENCE_REQUEST_DURATION = _latency_histogram(
+    "request", "Inference request time in the server: decode + queue + inference + hand-back")
+INFERENCE_QUEUE_DURATION = _latency_histogram("queue", "Time a request waited in the dynamic batcher's queue")
+INFERENCE_DECODE_DURATION = _latency_histogram("compute_input", "Decoding and preprocessing a request's images")
+INFERENCE_COMPUTE_DURATION = _latency_histogram("compute_infer", "The ONNX Runtime call a request's batch ran in")
+
 JOBS = Counter("headswap_finetune_jobs_total", "Fine-tune jobs by final state", ["state"])
 JOBS_RUNNING = Gauge("headswap_finetune_jobs_running", "Fine-tune jobs in progress")
 

@@ -86,11 +86,6 @@ def parse_version(text: str) -> int:
     return int(text)
 
 
-def _known_name(name: str) -> str:
-    """Refuse names that cannot be in the registry before they reach it (NOT_FOUND, like any unknown model)."""
-    return known_model(name)
-
-
 def _refuse_shared_memory(parameters, what: str) -> None:
     for key in UNSUPPORTED_TENSOR_PARAMETERS:
         if key in parameters:
@@ -144,7 +139,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
         self.version = _server_version()
 
     def _name(self, name: str) -> str:
-        return _known_name(name or self.classifier.default_model)
+        return known_model(name, self.classifier.default_model)
 
     # --- health and metadata ---------------------------------------------------------------
 
@@ -341,7 +336,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
     @rpc("RepositoryModelLoad", lambda r: r.model_name)
     def RepositoryModelLoad(self, request, context) -> kserve_pb.RepositoryModelLoadResponse:
         """Load and warm up the active version (a no-op when it is already serving)."""
-        name = _known_name(request.model_name)
+        name = known_model(request.model_name)
         if request.parameters:
             raise InvalidInput("headswap loads models from its registry; load parameters (config, files) "
                                f"are not supported, got {sorted(request.parameters)}")
@@ -351,7 +346,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
     @rpc("RepositoryModelUnload", lambda r: r.model_name)
     def RepositoryModelUnload(self, request, context) -> kserve_pb.RepositoryModelUnloadResponse:
         """Unload every resident version; unloading a model that is not loaded succeeds, as in Triton."""
-        name = _known_name(request.model_name)
+        name = known_model(request.model_name)
         if self.registry.active_version(name) is None:
             raise NotFound(f"unknown model {name!r}; models in the registry: "
                            f"{', '.join(self.registry.models()) or 'none'}")
@@ -396,7 +391,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 raise InvalidInput("a model version was given without a model name; give the name too")
             return kserve_pb.ModelStatisticsResponse(
                 model_stats=[_statistics(r.stats.snapshot()) for r in self.manager.resident()])
-        name = _known_name(request.name)
+        name = known_model(request.name)
         if version:
             version = self.registry.resolve(name, version)  # NOT_FOUND for a version the registry lacks
         snapshots = [r.stats.snapshot() for r in self.manager.resident(name) if not version or r.version == version]
