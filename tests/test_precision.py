@@ -119,15 +119,14 @@ def test_server_without_openvino_refuses_the_tier_and_keeps_serving(bf16_registr
 
 
 def test_tier_below_its_gate_is_refused_with_the_figures(exported_registry, photo_inputs, tmp_path):
-    if not HAS_BF16:
-        pytest.skip("this CPU has no native bf16; test_tiers_are_refused_on_a_cpu_without_their_native_kernels covers it")
+    """The gate is the same for every tier; int8 runs on any CPU OpenVINO supports (bf16 needs native bf16)."""
     calibration, heldout, _, _ = photo_inputs
     source, _ = fp32_version(exported_registry)
     shutil.copy(source, tmp_path / "model.onnx")
-    # every held-out image gated (min_confidence 0), and all must agree: bf16 flips near ties
+    # every held-out image gated (min_confidence 0), and all must agree: the tier flips near ties
     strict = precision.Gate(min_agreement=1.0, min_confidence=0.0)
     with pytest.raises(precision.PrecisionRefused) as info:
-        precision.make_tier(tmp_path / "model.onnx", "bf16", calibration[:0], heldout, gate=strict, threads=2)
+        precision.make_tier(tmp_path / "model.onnx", "int8", calibration[:16], heldout, gate=strict, threads=2)
     message = str(info.value)
     assert "misses its accuracy gate" in message and f"of {len(heldout)} held-out real images" in message
     assert "gate: >= 100.0%" in message and "Nothing published" in message
