@@ -42,7 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import prepare_registry, start_server  # noqa: E402
+from common import cpu_seconds, prepare_registry, start_server  # noqa: E402
 
 from headswap.protocol import headswap_v1_pb2 as pb  # noqa: E402
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc  # noqa: E402
@@ -73,11 +73,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100
 
 
 def percentile(values: list[float], q: float) -> float:

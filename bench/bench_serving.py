@@ -17,7 +17,10 @@ Same model (the built-in EfficientNet-Lite0, exported into a temporary registry 
    ratios against the fp32 tier of the same run (--only-precision skips sections 1-4);
 6. with --lanes (alone with --only-lanes): inference lanes (`--inference-lanes`): raw ORT, one session
    on every thread against one 1-thread session per thread run side by side, then KServe V2 FP32
-   throughput of a server with one lane against one with a lane per thread, interleaved rounds.
+   throughput of a server with one lane against one with a lane per thread, interleaved rounds;
+7. with --floor (alone with --only-floor): headswap against bench/floor_server.py, the least a Python
+   KServe V2 server can do (frombuffer + one spinning ORT session), and its --echo mode (transport
+   alone), interleaved rounds; shows how much of each request is headswap's own work.
 Prints ratios against the raw baseline. Timings, not assertions: tests never assert on speed.
 """
 
@@ -26,7 +29,10 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -38,7 +44,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from common import prepare_registry, start_server
+from common import cpu_seconds, prepare_registry, start_server
 from headswap.inference.images import Preprocessing, load_pixels
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
@@ -217,6 +223,74 @@ def bench_lanes(model_dir: Path, path: Path, manifest: dict, jpeg: bytes, client
               + f"  {rates[1] / rates[0]:.2f}x")
 
 
+def start_floor(path: Path, threads: int, echo: bool) -> tuple[subprocess.Popen, int]:
+    """bench/floor_server.py on a free port; returns once it listens."""
+    command = [sys.executable, str(Path(__file__).with_name("floor_server.py")), str(path), "--threads", str(threads)]
+    proc = subprocess.Popen(command + (["--echo"] if echo else []), stdout=subprocess.PIPE, text=True)
+    match = re.search(r"listening on port (\d+)", proc.stdout.readline() if proc.stdout else "")
+    if not match:
+        proc.kill()
+        raise SystemExit("floor_server.py did not start")
+    return proc, int(match.group(1))
+
+
+def bench_floor(model_dir: Path, path: Path, manifest: dict, jpeg: bytes, clients: list[int], seconds: float,
+                threads: int, rounds: int, work: Path) -> None:
+    import tritonclient.grpc as triton
+
+    prep = Preprocessing.from_manifest(manifest)
+    tensor = prep.normalize(load_pixels(jpeg, prep.height, prep.width, 10**8)[None])
+    infer_input = triton.InferInput("image", list(tensor.shape), "FP32")
+    infer_input.set_data_from_numpy(tensor)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    compute = images_per_second(lambda: session.run(["probabilities"], {"image": tensor}), 1, seconds / 2)
+    batch = np.repeat(tensor, 8, axis=0)
+    raw8 = images_per_second(lambda: session.run(["probabilities"], {"image": batch}), 8, seconds / 2)
+    del session
+    starts = {"echo (transport only)": lambda: start_floor(path, threads, echo=True),
+              "floor (frombuffer + ORT)": lambda: start_floor(path, threads, echo=False),
+              "headswap": lambda: start_server(model_dir, work, "--role", "inference", "--threads", str(threads))}
+    results: dict[tuple[str, int], list[dict]] = {}
+    for round_ in range(rounds):  # one server at a time, order rotated each round
+        order = list(starts)[round_ % 3:] + list(starts)[:round_ % 3]
+        for label in order:
+            proc, port = starts[label]()
+            try:
+                client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+                call = lambda: client.infer(MODEL, [infer_input])
+                for _ in range(20):
+                    call()
+                for n in clients:
+                    cpu = cpu_seconds(proc.pid)
+                    result = load(call, n, seconds)
+                    result["cpu_ms"] = (cpu_seconds(proc.pid) - cpu) * 1000 / max(result["n"], 1)
+                    results.setdefault((label, n), []).append(result)
+                client.close()
+            finally:
+                proc.terminate()
+                proc.wait(60)
+    median = lambda label, n, key: float(np.median([r[key] for r in results[(label, n)]]))
+    print(f"floor: KServe V2 ModelInfer, FP32 [1,224,224,3] per request, {threads} threads "
+          f"(median of {rounds} rounds x {seconds:.0f} s)")
+    print(f"  in-process ORT with spinning: batch 1 {compute:.1f} img/s ({1000 / compute:.2f} ms), "
+          f"batch 8 {raw8:.1f} img/s ({threads * 1000 / raw8:.2f} CPU ms per image)")
+    print(f"  {'clients':>7} " + " ".join(f"{label:>24}" for label in starts) + "  headswap/floor")
+    for n in clients:
+        rates = {label: median(label, n, "rate") for label in starts}
+        print(f"  {n:7d} " + " ".join(f"{rates[label]:18.1f} img/s" for label in starts)
+              + f"  {rates['headswap'] / rates['floor (frombuffer + ORT)']:.2f}x")
+        print(f"  {'':7} " + " ".join(f"{median(label, n, 'cpu_ms'):13.2f} CPU ms/req" for label in starts)
+              + f"  x raw batch 8: {rates['headswap'] / raw8:.2f}")
+    if 1 in clients:
+        echo_ms = median("echo (transport only)", 1, "p50")
+        ideal = 1000 / (1000 / compute + echo_ms)
+        print(f"  1 client, compute + transport with nothing in between: {ideal:.1f} img/s "
+              f"({1000 / compute:.2f} ms ORT + {echo_ms:.2f} ms echo p50)")
+
+
 def bench_precision(model_dir: Path, registry: Registry, path: Path, manifest: dict, jpeg: bytes, tiers: list[str], clients: list[int],
                     seconds: float, threads: int, rounds: int, work: Path) -> None:
     print("precision tiers (accuracy gate: >= 99% top-1 agreement with fp32 on held-out photos)")
@@ -297,6 +371,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the tier and lane sections")
     parser.add_argument("--lanes", action="store_true", help="also compare one inference lane with one per thread")
     parser.add_argument("--only-lanes", action="store_true", help="compare the inference lanes only (section 6)")
+    parser.add_argument("--floor", action="store_true", help="also measure headswap against floor_server.py")
+    parser.add_argument("--only-floor", action="store_true", help="measure against floor_server.py only (section 7)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="headswap-bench-"))
     model_dir = prepare_registry(work, args.model_dir)
@@ -306,9 +382,10 @@ def main() -> None:
     print(f"model {MODEL}, JPEG {len(jpeg)} bytes, {os.cpu_count()} CPUs, {args.seconds:.0f} s per point\n")
     tiers = [t for t in args.precision.split(",") if t and t != "fp32"]
     clients = [int(c) for c in args.clients.split(",")]
-    if args.only_lanes:
+    if args.only_lanes or args.only_floor:
         try:
-            bench_lanes(model_dir, path, manifest, jpeg, clients, args.seconds, args.threads, args.rounds, work)
+            section = bench_lanes if args.only_lanes else bench_floor
+            section(model_dir, path, manifest, jpeg, clients, args.seconds, args.threads, args.rounds, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return
@@ -394,6 +471,9 @@ def main() -> None:
         if args.lanes:
             print()
             bench_lanes(model_dir, path, manifest, jpeg, clients, args.seconds, args.threads, args.rounds, work)
+        if args.floor:
+            print()
+            bench_floor(model_dir, path, manifest, jpeg, clients, args.seconds, args.threads, args.rounds, work)
         if tiers:
             print()
             bench_precision(model_dir, registry, path, manifest, jpeg, tiers, clients,

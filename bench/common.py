@@ -16,6 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 BUILTIN = "builtin:efficientnet-lite0"
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds `pid` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def prepare_registry(work: Path, existing: Path | None) -> Path:
     """A private registry holding efficientnet-lite0: a copy of `existing`, or a fresh export."""
     model_dir = work / "registry"
