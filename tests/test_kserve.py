@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
@@ -209,6 +210,35 @@ def test_wrong_datatype_and_shape_are_invalid_argument(client, photos):
             client.infer(BUILTIN_NAME, inputs)
         assert status_of(err) == "StatusCode.INVALID_ARGUMENT", err.value.message()
         assert words in err.value.message()
+
+
+def test_caller_strings_are_quoted_and_cut_in_messages(shared_server):
+    """What a caller sends is echoed escaped and cut short. gRPC carries status details as metadata,
+    and a client drops a stream whose metadata passes 16 KiB with an error that names nothing."""
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(shared_server.channel())
+    pixels = np.zeros((1, 224, 224, 3), np.uint8).tobytes()
+
+    def refusal(name: str, datatype: str, shape: list[int], output: str = "") -> str:
+        request = service_pb2.ModelInferRequest(model_name=BUILTIN_NAME)
+        request.inputs.add(name=name, datatype=datatype, shape=shape)
+        request.raw_input_contents.append(pixels)
+        if output:
+            request.outputs.add(name=output)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(request, timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        return err.value.details()
+
+    message = refusal("image", "\x00\x1b[31m" + "X" * 5000, [1, 224, 224, 3])
+    assert "'\\x00\\x1b[31m" in message and "\x00" not in message and "\x1b" not in message
+    assert "(5006 characters)" in message and len(message) < 400
+    message = refusal("N" * 20000, "UINT8", [1, 224, 224, 3])
+    assert "unexpected input" in message and "(20000 characters)" in message and len(message) < 400
+    message = refusal("image", "UINT8", [1, 224, 224, 3], output="P" * 20000)
+    assert "unknown requested output" in message and "(20000 characters)" in message
+    message = refusal("image", "UINT8", [1] * 30000)  # a message that would pass the limit is cut
+    assert "must have shape [N, H, W, 3]" in message and "message cut from" in message
+    assert len(message) < 2100
 
 
 def test_byte_size_mismatch_and_unknown_output_are_invalid_argument(client, photos):

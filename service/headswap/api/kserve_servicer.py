@@ -47,7 +47,7 @@ from headswap.inference.manager import ModelManager
 from headswap.inference.stats import Duration, StatsSnapshot
 from headswap.protocol import kserve_v2_pb2 as kserve_pb
 from headswap.protocol import kserve_v2_pb2_grpc as kserve_grpc
-from headswap.registry.registry import NAME_PATTERN, Registry
+from headswap.registry.registry import NAME_PATTERN, Registry, shown_name
 
 SERVER_NAME = "headswap"
 EXTENSIONS = ["classification", "model_repository", "statistics"]
@@ -80,9 +80,8 @@ def parse_version(text: str) -> int:
     if not text:
         return 0
     if not _VERSION.fullmatch(text):
-        shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}... ({len(text)} characters)"
         raise InvalidInput(f"model version must be empty (the active version) or a positive integer "
-                           f"of at most 18 digits, got {shown}")
+                           f"of at most 18 digits, got {shown_name(text)}")
     return int(text)
 
 
@@ -197,7 +196,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
                                f"{len(request.inputs)}")
         tensor = request.inputs[0]
         if tensor.name != INPUT_NAME:
-            raise InvalidInput(f"unexpected input {tensor.name!r} for model {name!r}: its input is {INPUT_NAME!r} "
+            raise InvalidInput(f"unexpected input {shown_name(tensor.name)} for model {name!r}: its input is {INPUT_NAME!r} "
                                f"({ACCEPTED_DATATYPES})")
         if tensor.parameters:
             _refuse_shared_memory(tensor.parameters, f"input {tensor.name!r}")
@@ -234,7 +233,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
             answer = self.classifier.infer_pixels(pixels, name, version, deadline, normalized=datatype == "FP32",
                                                   should_stop=stopped(context))
         else:
-            raise InvalidInput(f"input {tensor.name!r} has datatype {datatype or '(none)'}; "
+            raise InvalidInput(f"input {tensor.name!r} has datatype {shown_name(datatype)}; "
                                f"accepted: {ACCEPTED_DATATYPES}")
         return self._response(request, answer, class_count)
 
@@ -248,7 +247,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput(f"the model has one output, {OUTPUT_NAME!r}; {len(outputs)} were requested")
         output = outputs[0]
         if output.name != OUTPUT_NAME:
-            raise InvalidInput(f"unknown requested output {output.name!r}; the model's output is {OUTPUT_NAME!r}")
+            raise InvalidInput(f"unknown requested output {shown_name(output.name)}; the model's output is {OUTPUT_NAME!r}")
         parameters = output.parameters
         if not parameters:
             return 0

@@ -15,6 +15,10 @@ from headswap.api.labels import model_label
 
 log = logging.getLogger("headswap.api")
 
+# gRPC sends status details as trailing metadata, and a client drops a stream whose metadata
+# passes its limit (16 KiB hard, by default) with a confusing error of its own: cut it well below.
+MAX_DETAILS = 2000
+
 STATUS_BY_ERROR: list[tuple[type[Exception], grpc.StatusCode]] = [
     (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.NotFound, grpc.StatusCode.NOT_FOUND),
@@ -74,7 +78,9 @@ class CallScope:
             return False
         if isinstance(err, errors.HeadswapError):
             code, message = status_for(err), str(err)
-            log.info("%s failed: %s", self.method, err,
+            if len(message) > MAX_DETAILS:
+                message = f"{message[:MAX_DETAILS]}... (message cut from {len(message)} characters)"
+            log.info("%s failed: %s", self.method, message,
                      extra={"request_id": request_id(self.context), "code": code.name})
         else:
             code, rid = grpc.StatusCode.INTERNAL, request_id(self.context)
