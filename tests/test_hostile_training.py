@@ -180,6 +180,7 @@ def strict_server(exported_registry, tmp_path_factory) -> Iterator[ServerProcess
     ({"class_weights": {"0": -1.0}}, "class_weights values must be in (0, 1e+06]"),
     ({"class_weights": {"0\x00": 1.0}}, "control or invisible characters U+0000"),
     ({"precision": "fp16"}, "precision must be one of fp32, bf16, int8"),
+    ({"precision": "p" * 20000}, "... (20000 characters)"),  # quoted cut short, not echoed whole
     ({"hidden_units": 5000}, "hidden_units must be between 0 and 4096"),
     ({"name": "../../etc/passwd"}, "name: invalid model name"),
     ({"base_model": "x" * 2000}, "base_model must be a registry name or a source"),
@@ -190,6 +191,17 @@ def test_every_finetune_field_is_checked_on_arrival(strict_server, examples, fie
         training(strict_server).FineTune(requests(config, examples[:4]), timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert text in info.value.details(), info.value.details()
+
+
+def test_many_unusable_images_get_a_short_message_that_says_what_to_do(strict_server):
+    bad = [(b"not an image %d" % i, "x") for i in range(300)]
+    with pytest.raises(grpc.RpcError) as info:
+        training(strict_server).FineTune(requests(pb.FineTuneConfig(name="unusable"), bad), timeout=60)
+    details = info.value.details()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert details.startswith("300 of 300 images cannot be used (fix or remove them, or set "
+                              "skip_invalid_images to train without them)"), details
+    assert "(and 280 more)" in details and len(details) < 2100
 
 
 def test_labels_are_normalised_and_control_characters_refused(strict_server, examples):

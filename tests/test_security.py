@@ -553,6 +553,21 @@ def test_audit_trail_and_job_ownership(tls_server, pki):
     assert "Traceback" not in log, log[max(0, log.find("Traceback") - 1500):log.find("Traceback") + 3000]
 
 
+def test_audit_lines_quote_and_cut_the_names_callers_send(tls_server, pki):
+    """A name with a newline must not forge an audit line of its own, nor a megabyte one fill the log."""
+    from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
+
+    models = pb_grpc.ModelsStub(secure_channel(tls_server, pki))
+    forged = "x\naudit who=ops via=token method=ActivateModel result=OK model=prod" + "y" * 5000
+    with pytest.raises(grpc.RpcError) as err:
+        models.ActivateModel(pb.ActivateModelRequest(name=forged, version=1), metadata=bearer("ops"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    time.sleep(0.5)
+    line = [r for r in audit_lines(tls_server) if r["method"] == "ActivateModel" and r["result"] == "INVALID_ARGUMENT"][-1]
+    assert "\n" not in line["message"] and len(line["message"]) < 400, line["message"]
+    assert line["model"].startswith("'x\\naudit who=ops") and line["model"].endswith(f"({len(forged)} characters)")
+
+
 # --- credentials file ---------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,12 @@
 """Domain errors. The transport maps each one to a gRPC status; the domain never imports gRPC."""
 
 
+def shown_name(text: str) -> str:
+    """A caller's text as quoted in a message: repr (control characters escaped), cut short,
+    because a name or field may be megabytes and status details travel as metadata."""
+    return repr(text) if len(text) <= 80 else f"{text[:80]!r}... ({len(text)} characters)"
+
+
 class HeadswapError(Exception):
     """Base class: the message is written for the person who made the call."""
 

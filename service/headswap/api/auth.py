@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 from typing import Any, Callable, Iterator
 
 import grpc
 
+from headswap.errors import shown_name
 from headswap.security.credentials import ADMIN, ANONYMOUS_SCOPES, CLASSIFY, TRAIN, CredentialStore, Principal
 
 audit_log = logging.getLogger("headswap.audit")
+# Model names and job ids as the registry and job store make them; anything else is quoted.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 OPEN = "open"  # no credential needed: health checks for probes and load balancers
 
@@ -228,11 +232,19 @@ def _audit(principal: Principal | None, method: str, code: grpc.StatusCode, requ
             if not fields.get(key):
                 value = next((getattr(source, a) for a in attrs if a in _field_names(source)), None)
                 if value not in (None, "", 0):
-                    fields[key] = value
+                    fields[key] = _plain(value)
     if reason:
         fields["reason"] = reason
     audit_log.info("audit %s", " ".join(f"{k}={v!r}" if k == "reason" else f"{k}={v}" for k, v in fields.items()),
                    extra=fields)
+
+
+def _plain(value: Any) -> Any:
+    """A caller-chosen name as it may appear in an audit line: as it is when plain, else quoted and
+    cut, so that a name holding a newline cannot forge a line of its own or fill the log."""
+    if isinstance(value, str) and not _PLAIN_NAME.fullmatch(value):
+        return shown_name(value)
+    return value
 
 
 def _field_names(message: Any) -> set[str]:

@@ -41,13 +41,13 @@ import numpy as np
 from headswap.api.inference_servicer import deadline_of, stopped
 from headswap.api.names import known_model
 from headswap.api.status import rpc
-from headswap.errors import InvalidInput, NotFound, ResourceExhausted
+from headswap.errors import InvalidInput, NotFound, ResourceExhausted, shown_name
 from headswap.inference.classifier import Answer, Classifier, top_k_indices
 from headswap.inference.manager import ModelManager
 from headswap.inference.stats import Duration, StatsSnapshot
 from headswap.protocol import kserve_v2_pb2 as kserve_pb
 from headswap.protocol import kserve_v2_pb2_grpc as kserve_grpc
-from headswap.registry.registry import NAME_PATTERN, Registry, shown_name
+from headswap.registry.registry import NAME_PATTERN, Registry
 
 SERVER_NAME = "headswap"
 EXTENSIONS = ["classification", "model_repository", "statistics"]

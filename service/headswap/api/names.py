@@ -8,8 +8,8 @@ a load, a health entry or a metric label. The registry checks again for its othe
 
 from __future__ import annotations
 
-from headswap.errors import NotFound
-from headswap.registry.registry import NAME_PATTERN, check_model_name, shown_name
+from headswap.errors import NotFound, shown_name
+from headswap.registry.registry import NAME_PATTERN, check_model_name
 
 
 def requested_model(name: str, default: str = "") -> str:

@@ -30,7 +30,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from headswap.errors import FailedPrecondition, InvalidInput
+from headswap.errors import FailedPrecondition, InvalidInput, shown_name
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class PrecisionRefused(FailedPrecondition):
 def check_precision(precision: str) -> str:
     precision = (precision or "fp32").strip().lower()
     if precision not in PRECISIONS:
-        raise InvalidInput(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise InvalidInput(f"precision must be one of {', '.join(PRECISIONS)}, got {shown_name(precision)}")
     return precision
 
 

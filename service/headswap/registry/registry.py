@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from headswap.errors import CorruptModel, FailedPrecondition, InvalidInput, NotFound
+from headswap.errors import CorruptModel, FailedPrecondition, InvalidInput, NotFound, shown_name
 from headswap.registry.store import MANIFEST, Store, open_store
 
 MODEL_FILE = "model.onnx"
@@ -32,11 +32,6 @@ ACTIVE_FILE = "active.json"
 # names are path segments and metric labels. `\Z`, not `$`: "$" also matches before a final "\n".
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 MANIFEST_FORMAT = 1
-
-
-def shown_name(name: str) -> str:
-    """A caller's name as quoted in a message: repr, cut short (a name may be megabytes)."""
-    return repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"
 
 
 def check_model_name(name: str) -> str:

@@ -180,9 +180,9 @@ class DatasetWriter:
         if self.invalid and not self.skip_invalid:
             shown = "; ".join(reason for _, reason in self.invalid[:MAX_REPORTED])
             more = f" (and {len(self.invalid) - MAX_REPORTED} more)" if len(self.invalid) > MAX_REPORTED else ""
-            raise InvalidInput(f"{len(self.invalid)} of {self.received} images cannot be used, indices "
-                               f"{[i for i, _ in self.invalid[:MAX_REPORTED]]}{more}: {shown}. Fix or remove "
-                               "them, or set skip_invalid_images to train without them")
+            raise InvalidInput(f"{len(self.invalid)} of {self.received} images cannot be used (fix or remove "
+                               "them, or set skip_invalid_images to train without them); indices "
+                               f"{[i for i, _ in self.invalid[:MAX_REPORTED]]}{more}: {shown}")
         if not self.received:
             raise InvalidInput("no images received: send batches of labelled images after the config")
         if not self.labels:

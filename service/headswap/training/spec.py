@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from headswap.config import DEFAULT_MODEL_SOURCE
-from headswap.errors import InvalidInput
+from headswap.errors import InvalidInput, shown_name
 from headswap.registry.registry import check_model_name
 
 DEFAULT_EPOCHS = 10
@@ -153,7 +153,7 @@ class FineTuneSpec:
             problems.append(f"hidden_units must be between 0 and {MAX_HIDDEN_UNITS} (0 = no hidden layer), "
                             f"got {self.hidden_units}")
         if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {shown_name(self.precision)}")
         bad_weights = {k: w for k, w in self.class_weights.items()
                        if not (math.isfinite(w) and 0 < w <= MAX_CLASS_WEIGHT)}
         if bad_weights:
