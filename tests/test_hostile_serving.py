@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -214,6 +216,31 @@ def test_unknown_model_names_share_one_metric_label(server_factory, registry_cop
 
 
 # --- item 10 on the inference side: versions and bodies no caller can turn into INTERNAL -------
+
+def _threads(pid: int) -> int:
+    return int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("Threads:")).split()[1])
+
+
+def test_idle_connections_to_the_metrics_port_are_bounded_and_timed_out(server_factory, registry_copy):
+    """prometheus_client's own server gave each connection a thread for ever: 3,000 idle sockets, 3,000 threads."""
+    server = server_factory(registry_copy, "--metrics-max-connections", "4", "--metrics-timeout-s", "1")
+    assert "headswap_requests_total" in metrics_text(server.metrics_port)
+    before = _threads(server.proc.pid)
+    idle = [socket.create_connection(("127.0.0.1", server.metrics_port)) for _ in range(300)]
+    time.sleep(0.5)
+    assert _threads(server.proc.pid) <= before + 4, "each idle connection holds a thread"
+    for sock in idle:  # every one is closed by the server: past the bound at once, the rest after 1 s
+        sock.settimeout(10)
+        assert sock.recv(1) == b""
+        sock.close()
+    assert "headswap_requests_total" in metrics_text(server.metrics_port)
+    deadline = time.monotonic() + 10
+    while _threads(server.proc.pid) > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _threads(server.proc.pid) <= before, "the metrics threads did not end"
+    assert_clean_log(server)
+
 
 def test_kserve_version_strings_and_malformed_bodies(shared_server):
     """Before: model_version "²" or 5000 digits, and a garbage protobuf body, answered INTERNAL."""

@@ -364,6 +364,20 @@ def test_metrics_port_serves_https_only(tls_server, pki):
         urllib.request.urlopen(f"http://127.0.0.1:{tls_server.metrics_port}/metrics", timeout=10).read()
 
 
+def test_a_silent_tls_client_does_not_stop_the_metrics_port(tls_server, pki):
+    """prometheus_client's server does the TLS handshake in its accepting thread: one silent client
+    stopped every scrape. Now each connection's thread does its own, within --metrics-timeout-s."""
+    silent = [socket.create_connection(("127.0.0.1", tls_server.metrics_port)) for _ in range(2)]
+    context = ssl.create_default_context(cafile=str(pki.ca_file))
+    started = time.monotonic()
+    with urllib.request.urlopen(f"https://localhost:{tls_server.metrics_port}/metrics", context=context,
+                                timeout=5) as response:
+        assert b"headswap_requests_total" in response.read()
+    assert time.monotonic() - started < 5
+    for sock in silent:
+        sock.close()
+
+
 def served_certificate(port: int) -> bytes:
     """The certificate a new TLS connection to the port is given (DER)."""
     context = ssl.create_default_context()

@@ -79,6 +79,10 @@ class Settings:
     metrics_host: str = _setting("", "Address the metrics port binds to (default: --host).")
     metrics_tls_cert_file: str = _setting("", "TLS certificate (PEM) for the metrics port.")
     metrics_tls_key_file: str = _setting("", "TLS private key (PEM) for the metrics port.")
+    metrics_max_connections: int = _setting(16, "Metrics port: most connections served at once; more are "
+                                            "closed on arrival.")
+    metrics_timeout_s: float = _setting(10.0, "Metrics port: a connection silent this long (TLS handshake "
+                                        "included) is closed.")
     health_port: int = _setting(-1, "Plaintext port serving only grpc.health.v1 (for probes that cannot do "
                                 "TLS, like the kubelet's gRPC probe); -1 disables it, 0 picks a free port.")
 
@@ -113,7 +117,7 @@ class Settings:
         for name in ("max_message_bytes", "max_image_pixels", "max_images_per_request", "max_batch_size",
                      "max_queue", "max_loaded_models", "max_train_images", "max_train_bytes", "max_label_length",
                      "max_request_pixels", "max_inference_calls", "max_uploads", "max_watchers",
-                     "max_queued_jobs", "max_work_dir_bytes"):
+                     "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag_name(name)} must be at least 1")
         for name in ("threads", "decode_workers", "memory_budget_mb", "inference_lanes"):
@@ -122,7 +126,7 @@ class Settings:
         for name in ("batch_timeout_ms", "grace_period_s", "keep_versions", "embedding_cache_mb"):
             if getattr(self, name) < 0:
                 problems.append(f"{flag_name(name)} must not be negative")
-        for name in ("upload_idle_timeout_s", "max_upload_seconds", "abandoned_after_s"):
+        for name in ("upload_idle_timeout_s", "max_upload_seconds", "abandoned_after_s", "metrics_timeout_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{flag_name(name)} must be positive")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

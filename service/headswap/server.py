@@ -156,7 +156,8 @@ class HeadswapServer:
         self._warn_if_open()
         if s.metrics_port >= 0:
             self.metrics_port = metrics.serve_metrics(s.metrics_port, s.metrics_host or s.host,
-                                                      s.metrics_tls_cert_file, s.metrics_tls_key_file)
+                                                      s.metrics_tls_cert_file, s.metrics_tls_key_file,
+                                                      s.metrics_max_connections, s.metrics_timeout_s)
         if s.health_port >= 0:
             self._start_health_port()
         self.health.set("", NOT_SERVING)
