@@ -32,7 +32,8 @@ class FloorServicer(kserve_grpc.GRPCInferenceServiceServicer):
         self.input = session.get_inputs()[0]
         self.shape = [d if isinstance(d, int) else 1 for d in self.input.shape]
         self.output = session.get_outputs()[0].name
-        self.fixed = session.run([self.output], {self.input.name: np.zeros(self.shape, np.float32)})[0] if echo else None
+        zeros = np.zeros(self.shape, np.float32)
+        self.fixed = session.run([self.output], {self.input.name: zeros})[0] if echo else None
 
     def ModelInfer(self, request: kserve_pb.ModelInferRequest, context: grpc.ServicerContext
                    ) -> kserve_pb.ModelInferResponse:

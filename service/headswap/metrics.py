@@ -5,13 +5,17 @@ Module-level collectors (the prometheus_client idiom); `serve_metrics` exposes t
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
+import sys
 import threading
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+
+log = logging.getLogger(__name__)
 
 REQUESTS = Counter("headswap_requests_total", "gRPC requests handled",
                    ["method", "model", "version", "code"])
@@ -97,6 +101,8 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
 
     def handle_error(self, request, client_address) -> None:
         """A client that stalls past the timeout or drops the connection is not an error of ours."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            log.warning("metrics connection from %s failed", client_address, exc_info=True)
 
 
 def serve_metrics(port: int, host: str, certfile: str, keyfile: str,

@@ -196,8 +196,8 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
                                f"{len(request.inputs)}")
         tensor = request.inputs[0]
         if tensor.name != INPUT_NAME:
-            raise InvalidInput(f"unexpected input {shown_name(tensor.name)} for model {name!r}: its input is {INPUT_NAME!r} "
-                               f"({ACCEPTED_DATATYPES})")
+            raise InvalidInput(f"unexpected input {shown_name(tensor.name)} for model {name!r}: its input is "
+                               f"{INPUT_NAME!r} ({ACCEPTED_DATATYPES})")
         if tensor.parameters:
             _refuse_shared_memory(tensor.parameters, f"input {tensor.name!r}")
         raws = request.raw_input_contents
@@ -247,7 +247,8 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput(f"the model has one output, {OUTPUT_NAME!r}; {len(outputs)} were requested")
         output = outputs[0]
         if output.name != OUTPUT_NAME:
-            raise InvalidInput(f"unknown requested output {shown_name(output.name)}; the model's output is {OUTPUT_NAME!r}")
+            raise InvalidInput(f"unknown requested output {shown_name(output.name)}; the model's output is "
+                               f"{OUTPUT_NAME!r}")
         parameters = output.parameters
         if not parameters:
             return 0
