@@ -682,6 +682,14 @@ def test_start_refuses_broken_credentials_and_warns_when_open(exported_registry,
                              "--model-dir", str(exported_registry), "--work-dir", str(tmp_path / "w"),
                              "--auth-tokens-file", str(broken)], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "64 hex digits" in result.stderr and "Traceback" not in result.stderr
+    not_a_key = tmp_path / "metrics.key"
+    not_a_key.write_text("not a key")
+    result = subprocess.run([sys.executable, "-m", "headswap.cli", "serve", "--port", "0", "--metrics-port", "0",
+                             "--model-dir", str(exported_registry), "--work-dir", str(tmp_path / "m"),
+                             "--metrics-tls-cert-file", str(not_a_key), "--metrics-tls-key-file", str(not_a_key)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--metrics-tls-cert-file" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
 
     server = start_server(exported_registry, tmp_path / "open", "--host", "0.0.0.0", "--role", "inference",
                           wait=False)

@@ -190,3 +190,14 @@ def test_invalid_configuration_is_refused_at_start(tmp_path):
     assert result.returncode != 0 and "--port" in result.stderr
     result = run_cli("serve", "--model-dir", str(tmp_path), env={"HEADSWAP_MAX_BATCH_SIZE": "zero"}, check=False)
     assert result.returncode != 0 and "HEADSWAP_MAX_BATCH_SIZE" in result.stderr
+
+
+def test_a_port_in_use_is_refused_naming_its_setting(shared_server, tmp_path):
+    """Two servers on one host: the second says which port, not a grpc traceback."""
+    for flags, setting in ((["--port", str(shared_server.port)], "--port"),
+                           (["--port", "0", "--metrics-port", str(shared_server.metrics_port)], "--metrics-port")):
+        result = run_cli("serve", "--host", "127.0.0.1", *flags, "--model-dir", str(tmp_path / "models"),
+                         "--work-dir", str(tmp_path / setting), check=False)
+        assert result.returncode != 0
+        assert f"({setting}): " in result.stderr and "Choose another" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr

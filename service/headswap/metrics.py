@@ -105,16 +105,23 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
             log.warning("metrics connection from %s failed", client_address, exc_info=True)
 
 
-def serve_metrics(port: int, host: str, certfile: str, keyfile: str,
-                  max_connections: int, timeout_s: float) -> int:
-    """Start the /metrics endpoint (HTTPS with a certificate and key); returns the bound port (0 picks one).
+def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext | None:
+    """The metrics port's TLS context (None without a certificate); ValueError names a broken file.
 
     The certificate is read once: a rotated metrics certificate is served after a restart.
     """
-    tls = None
-    if certfile:
-        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        tls.load_cert_chain(certfile, keyfile)
+    if not certfile:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as err:
+        raise ValueError(f"--metrics-tls-cert-file {certfile} / --metrics-tls-key-file {keyfile}: {err}") from None
+    return context
+
+
+def serve_metrics(port: int, host: str, tls: ssl.SSLContext | None, max_connections: int, timeout_s: float) -> int:
+    """Start the /metrics endpoint (HTTPS with a TLS context); returns the bound port (0 picks one)."""
     server = MetricsServer((host, port), max_connections, timeout_s, tls)
     server.set_app(make_wsgi_app())
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()

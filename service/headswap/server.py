@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import sys
 import threading
 from concurrent import futures
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -101,6 +103,7 @@ class HeadswapServer:
         # Access control (issue 9): checked here, so that broken TLS or credentials files stop the start.
         self.credentials = CredentialStore(settings.auth_tokens_file) if settings.auth_tokens_file else None
         self.tls = server_credentials(settings)
+        self.metrics_tls = metrics.tls_context(settings.metrics_tls_cert_file, settings.metrics_tls_key_file)
         self.health_server: grpc.Server | None = None
         self.health_port = 0
         interceptor = AuthInterceptor(self.credentials, mutual_tls=bool(settings.tls_client_ca_file))
@@ -146,20 +149,23 @@ class HeadswapServer:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> int:
+        """Bind every port, then serve; PortUnavailable names the setting of a port that cannot be bound."""
         s = self.settings
         log.info("starting headswap: %s", s.describe())
         address = f"{s.host}:{s.port}"
-        self.port = (self.server.add_secure_port(address, self.tls) if self.tls is not None
-                     else self.server.add_insecure_port(address))
-        if not self.port:
-            raise RuntimeError(f"cannot bind {s.host}:{s.port}")
+        with _binding("--port", address):
+            self.port = (self.server.add_secure_port(address, self.tls) if self.tls is not None
+                         else self.server.add_insecure_port(address))
+            if not self.port:
+                raise RuntimeError("no address was bound")
         self._warn_if_open()
         if s.metrics_port >= 0:
-            self.metrics_port = metrics.serve_metrics(s.metrics_port, s.metrics_host or s.host,
-                                                      s.metrics_tls_cert_file, s.metrics_tls_key_file,
-                                                      s.metrics_max_connections, s.metrics_timeout_s)
+            with _binding("--metrics-port", f"{s.metrics_host or s.host}:{s.metrics_port}"):
+                self.metrics_port = metrics.serve_metrics(s.metrics_port, s.metrics_host or s.host, self.metrics_tls,
+                                                          s.metrics_max_connections, s.metrics_timeout_s)
         if s.health_port >= 0:
-            self._start_health_port()
+            with _binding("--health-port", f"{s.host}:{s.health_port}"):
+                self._start_health_port()
         self.health.set("", NOT_SERVING)
         self.server.start()
         log.info("gRPC listening on port %d, metrics on %s", self.port, self.metrics_port or "off")
@@ -193,7 +199,7 @@ class HeadswapServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         self.health_port = self.health_server.add_insecure_port(f"{s.host}:{s.health_port}")
         if not self.health_port:
-            raise RuntimeError(f"cannot bind the health port {s.host}:{s.health_port}")
+            raise RuntimeError("no address was bound")
         self.health_server.start()
         log.info("health port %d: plaintext, grpc.health.v1 only", self.health_port)
 
@@ -269,6 +275,21 @@ class HeadswapServer:
         log.info("stopped")
 
 
+class PortUnavailable(RuntimeError):
+    """A port the settings name cannot be bound (in use, or not permitted)."""
+
+
+@contextlib.contextmanager
+def _binding(setting: str, address: str) -> Iterator[None]:
+    """grpc raises RuntimeError and the metrics server OSError for a port in use: say which setting it is."""
+    try:
+        yield
+    except (RuntimeError, OSError) as err:
+        reason = str(err).rstrip(".")
+        raise PortUnavailable(f"cannot listen on {address} ({setting}): {reason}. Is another server using it? "
+                              f"Choose another {setting}, or 0 for a free port") from None
+
+
 def run(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then drain and return (exit code 0)."""
     from headswap.inference.memory import limit_malloc_arenas
@@ -278,7 +299,10 @@ def run(settings: Settings) -> None:
         server = HeadswapServer(settings)
     except (ValueError, WorkDirBusy) as err:  # unusable TLS/credentials files, a taken work dir: no traceback
         raise SystemExit(f"headswap: {err}") from None
-    server.start()
+    try:
+        server.start()
+    except PortUnavailable as err:
+        raise SystemExit(f"headswap: {err}") from None
     stopping = threading.Event()
 
     def on_signal(signum, frame) -> None:
