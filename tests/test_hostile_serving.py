@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from conftest import BUILTIN_NAME
@@ -239,6 +240,43 @@ def test_idle_connections_to_the_metrics_port_are_bounded_and_timed_out(server_f
     while _threads(server.proc.pid) > before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _threads(server.proc.pid) <= before, "the metrics threads did not end"
+    assert_clean_log(server)
+
+
+def test_idle_reflection_streams_are_bounded(server_factory, registry_copy):
+    """grpcio-reflection's streams each hold a pool thread: 300 idle ones took every thread, and
+    health checks and ListModels timed out."""
+    server = server_factory(registry_copy, "--max-reflection-streams", "2")
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel())
+    ask = reflection_pb2.ServerReflectionRequest(list_services="")
+    release = threading.Event()
+
+    def idle():
+        yield ask
+        release.wait(60)  # the stream stays open, sending nothing
+
+    held = [stub.ServerReflectionInfo(idle(), timeout=90) for _ in range(2)]
+    for stream in held:
+        assert next(stream).list_services_response.service  # admitted and answered
+    for _ in range(50):
+        with pytest.raises(grpc.RpcError) as err:
+            next(stub.ServerReflectionInfo(iter([ask]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-reflection-streams" in err.value.details()
+    health = health_pb2_grpc.HealthStub(server.channel())
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == SERVING
+    assert pb_grpc.ModelsStub(server.channel()).ListModels(pb.ListModelsRequest(), timeout=2).models
+    release.set()
+    for stream in held:
+        assert list(stream) == []  # ended by the caller, cleanly
+    deadline = time.monotonic() + 10
+    while True:  # the slots are free again
+        try:
+            assert next(stub.ServerReflectionInfo(iter([ask]), timeout=10)).list_services_response.service
+            break
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+            time.sleep(0.1)
     assert_clean_log(server)
 
 

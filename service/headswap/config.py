@@ -62,6 +62,8 @@ class Settings:
     upload_idle_timeout_s: float = _setting(30.0, "FineTune: an upload that sends nothing for this long is ended.")
     max_upload_seconds: float = _setting(3600.0, "FineTune: longest one upload stream may stay open.")
     max_watchers: int = _setting(32, "WatchJob: most streams open at once; more get RESOURCE_EXHAUSTED.")
+    max_reflection_streams: int = _setting(8, "gRPC reflection: most streams open at once (each holds a "
+                                           "thread); more get RESOURCE_EXHAUSTED.")
     max_queued_jobs: int = _setting(8, "FineTune: most jobs queued or running; more get RESOURCE_EXHAUSTED.")
     max_work_dir_bytes: int = _setting(20 * 1024**3, "FineTune: most bytes of uploads kept in the work directory.")
     keep_versions: int = _setting(5, "Retention: newest inactive versions kept per model (never the active "
@@ -116,7 +118,7 @@ class Settings:
             problems.append("--health-port must be between -1 and 65535")
         for name in ("max_message_bytes", "max_image_pixels", "max_images_per_request", "max_batch_size",
                      "max_queue", "max_loaded_models", "max_train_images", "max_train_bytes", "max_label_length",
-                     "max_request_pixels", "max_inference_calls", "max_uploads", "max_watchers",
+                     "max_request_pixels", "max_inference_calls", "max_uploads", "max_watchers", "max_reflection_streams",
                      "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag_name(name)} must be at least 1")

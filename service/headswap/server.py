@@ -26,9 +26,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from headswap import metrics
+from headswap.admission import Slots
 from headswap.api.auth import AuthInterceptor
 from headswap.api.labels import model_label
 from headswap.api.request_parsing import MalformedRequestInterceptor
+from headswap.api.stream_limits import REFLECTION_METHODS, StreamLimit
 from headswap.api.tls import server_credentials
 from headswap.config import Settings, env_name
 from headswap.protocol import headswap_v1_pb2 as pb
@@ -53,12 +55,13 @@ def pool_size(settings: Settings) -> int:
     """The handler pool holds every bounded kind of call at its limit plus a reserve.
 
     grpc's sync server runs each call on a thread of one pool. Calls that can wait on their caller
-    (uploads, WatchJob streams) and inference are each admitted up to a limit and refused beyond it
+    (uploads, WatchJob and reflection streams) and inference are each admitted up to a limit and refused beyond it
     with RESOURCE_EXHAUSTED, so with the pool this size idle callers can never take the threads
     health checks need. (grpc's asyncio server would avoid threads, but every servicer and the
     batcher are synchronous; bounded admission keeps them and fixes the starvation.)
     """
-    return settings.max_inference_calls + settings.max_uploads + settings.max_watchers + RESERVED_THREADS
+    return (settings.max_inference_calls + settings.max_uploads + settings.max_watchers
+            + settings.max_reflection_streams + RESERVED_THREADS)
 
 
 class HealthService(health.HealthServicer):
@@ -107,9 +110,12 @@ class HeadswapServer:
         self.health_server: grpc.Server | None = None
         self.health_port = 0
         interceptor = AuthInterceptor(self.credentials, mutual_tls=bool(settings.tls_client_ca_file))
+        reflection_limit = StreamLimit(REFLECTION_METHODS, Slots("reflection streams already open",
+                                                                 settings.max_reflection_streams,
+                                                                 "--max-reflection-streams"))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=pool_size(settings), thread_name_prefix="grpc"),
                                   options=options, maximum_concurrent_rpcs=1024,
-                                  interceptors=[interceptor, MalformedRequestInterceptor()])
+                                  interceptors=[interceptor, MalformedRequestInterceptor(), reflection_limit])
         services = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.role in ("all", "inference"):
