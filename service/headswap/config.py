@@ -118,8 +118,8 @@ class Settings:
             problems.append("--health-port must be between -1 and 65535")
         for name in ("max_message_bytes", "max_image_pixels", "max_images_per_request", "max_batch_size",
                      "max_queue", "max_loaded_models", "max_train_images", "max_train_bytes", "max_label_length",
-                     "max_request_pixels", "max_inference_calls", "max_uploads", "max_watchers", "max_reflection_streams",
-                     "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections"):
+                     "max_request_pixels", "max_inference_calls", "max_uploads", "max_watchers",
+                     "max_reflection_streams", "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag_name(name)} must be at least 1")
         for name in ("threads", "decode_workers", "memory_budget_mb", "inference_lanes"):
