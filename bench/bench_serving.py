@@ -38,6 +38,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -184,6 +185,34 @@ def raw_lanes(path: Path, threads: int, batch: int, seconds: float) -> tuple[flo
     return one, sum(rates)
 
 
+def kserve_rounds(starts: dict[str, Callable[[], tuple[subprocess.Popen, int]]], infer_input, clients: list[int],
+                  seconds: float, rounds: int) -> dict[tuple[str, int], list[dict]]:
+    """KServe V2 ModelInfer load on each server in turn (one at a time, order rotated each round):
+    per (label, clients), one `load` result per round, with the server's CPU ms per request."""
+    import tritonclient.grpc as triton
+
+    results: dict[tuple[str, int], list[dict]] = {}
+    for round_ in range(rounds):
+        order = list(starts)[round_ % len(starts):] + list(starts)[:round_ % len(starts)]
+        for label in order:
+            proc, port = starts[label]()
+            try:
+                client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+                call = lambda: client.infer(MODEL, [infer_input])
+                for _ in range(20):
+                    call()
+                for n in clients:
+                    cpu = cpu_seconds(proc.pid)
+                    result = load(call, n, seconds)
+                    result["cpu_ms"] = (cpu_seconds(proc.pid) - cpu) * 1000 / max(result["n"], 1)
+                    results.setdefault((label, n), []).append(result)
+                client.close()
+            finally:
+                proc.terminate()
+                proc.wait(60)
+    return results
+
+
 def bench_lanes(model_dir: Path, path: Path, manifest: dict, jpeg: bytes, clients: list[int], seconds: float,
                 threads: int, rounds: int, work: Path) -> None:
     import tritonclient.grpc as triton
@@ -196,23 +225,9 @@ def bench_lanes(model_dir: Path, path: Path, manifest: dict, jpeg: bytes, client
     infer_input = triton.InferInput("image", [1, prep.height, prep.width, 3], "FP32")
     infer_input.set_data_from_numpy(prep.normalize(load_pixels(jpeg, prep.height, prep.width, 10**8)[None]))
     settings = {"1 lane": "1", f"{threads} lanes": str(threads)}
-    results: dict[tuple[str, int], list[dict]] = {}
-    for round_ in range(rounds):  # one server at a time, order rotated each round
-        order = list(settings)[round_ % 2:] + list(settings)[:round_ % 2]
-        for label in order:
-            proc, port = start_server(model_dir, work, "--role", "inference", "--threads", str(threads),
-                                      "--inference-lanes", settings[label])
-            try:
-                client = triton.InferenceServerClient(f"127.0.0.1:{port}")
-                call = lambda: client.infer(MODEL, [infer_input])
-                for _ in range(20):
-                    call()
-                for n in clients:
-                    results.setdefault((label, n), []).append(load(call, n, seconds))
-                client.close()
-            finally:
-                proc.terminate()
-                proc.wait(60)
+    results = kserve_rounds({label: lambda lanes=lanes: start_server(
+        model_dir, work, "--role", "inference", "--threads", str(threads), "--inference-lanes", lanes)
+        for label, lanes in settings.items()}, infer_input, clients, seconds, rounds)
     median = lambda runs, key: float(np.median([r[key] for r in runs]))
     print(f"\nKServe V2 ModelInfer, FP32 [1,224,224,3] per request (median of {rounds} rounds x {seconds:.0f} s)")
     print(f"  {'clients':>7} " + " ".join(f"{label + ' img/s':>14} {'p99 ms':>7}" for label in settings) + "  ratio")
@@ -253,25 +268,7 @@ def bench_floor(model_dir: Path, path: Path, manifest: dict, jpeg: bytes, client
     starts = {"echo (transport only)": lambda: start_floor(path, threads, echo=True),
               "floor (frombuffer + ORT)": lambda: start_floor(path, threads, echo=False),
               "headswap": lambda: start_server(model_dir, work, "--role", "inference", "--threads", str(threads))}
-    results: dict[tuple[str, int], list[dict]] = {}
-    for round_ in range(rounds):  # one server at a time, order rotated each round
-        order = list(starts)[round_ % 3:] + list(starts)[:round_ % 3]
-        for label in order:
-            proc, port = starts[label]()
-            try:
-                client = triton.InferenceServerClient(f"127.0.0.1:{port}")
-                call = lambda: client.infer(MODEL, [infer_input])
-                for _ in range(20):
-                    call()
-                for n in clients:
-                    cpu = cpu_seconds(proc.pid)
-                    result = load(call, n, seconds)
-                    result["cpu_ms"] = (cpu_seconds(proc.pid) - cpu) * 1000 / max(result["n"], 1)
-                    results.setdefault((label, n), []).append(result)
-                client.close()
-            finally:
-                proc.terminate()
-                proc.wait(60)
+    results = kserve_rounds(starts, infer_input, clients, seconds, rounds)
     median = lambda label, n, key: float(np.median([r[key] for r in results[(label, n)]]))
     print(f"floor: KServe V2 ModelInfer, FP32 [1,224,224,3] per request, {threads} threads "
           f"(median of {rounds} rounds x {seconds:.0f} s)")
