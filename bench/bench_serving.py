@@ -73,12 +73,29 @@ def images_per_second(step, batch: int, seconds: float) -> float:
     return done / (time.perf_counter() - start)
 
 
-def raw_ort(model_path: Path, manifest: dict, jpeg: bytes, batch: int, seconds: float, threads: int) -> float:
-    """Images/s of decode + preprocess + infer in-process: the ceiling a server can approach."""
+def ort_session(path: Path, threads: int, spin: bool = True) -> ort.InferenceSession:
+    """An in-process ORT session on `threads` intra-op threads (ORT's default spinning unless `spin` is False)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def fp32_input(manifest: dict, jpeg: bytes):
+    """The JPEG as the model's FP32 [1,H,W,3] input tensor, and as a tritonclient InferInput."""
+    import tritonclient.grpc as triton
+
+    prep = Preprocessing.from_manifest(manifest)
+    tensor = prep.normalize(load_pixels(jpeg, prep.height, prep.width, 10**8)[None])
+    infer_input = triton.InferInput("image", list(tensor.shape), "FP32")
+    infer_input.set_data_from_numpy(tensor)
+    return tensor, infer_input
+
+
+def raw_ort(model_path: Path, manifest: dict, jpeg: bytes, batch: int, seconds: float, threads: int) -> float:
+    """Images/s of decode + preprocess + infer in-process: the ceiling a server can approach."""
+    session = ort_session(model_path, threads)
     prep = Preprocessing.from_manifest(manifest)
     name = session.get_inputs()[0].name
 
@@ -151,9 +168,7 @@ def raw_tier(tier_path: Path, tier: str, batch: int, seconds: float, threads: in
 
     images = np.random.default_rng(0).uniform(-1, 1, (batch, 224, 224, 3)).astype(np.float32)
     if tier == "fp32":
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(tier_path), options, providers=["CPUExecutionProvider"])
+        session = ort_session(tier_path, threads)
         step = lambda: session.run(["probabilities"], {"image": images})
     else:
         compiled = compile_model(tier_path, tier, threads)
@@ -165,16 +180,9 @@ def raw_lanes(path: Path, threads: int, batch: int, seconds: float) -> tuple[flo
     """Images/s in-process: one ORT session on `threads` threads, then `threads` 1-thread sessions
     each run from its own Python thread (ORT releases the GIL), inference only."""
     images = np.random.default_rng(0).uniform(-1, 1, (batch, 224, 224, 3)).astype(np.float32)
-
-    def session(intra: int) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    whole = session(threads)
+    whole = ort_session(path, threads, spin=False)
     one = images_per_second(lambda: whole.run(["probabilities"], {"image": images}), batch, seconds)
-    lanes = [session(1) for _ in range(threads)]
+    lanes = [ort_session(path, 1, spin=False) for _ in range(threads)]
     rates: list[float] = []
     workers = [threading.Thread(target=lambda s=s: rates.append(
         images_per_second(lambda: s.run(["probabilities"], {"image": images}), batch, seconds))) for s in lanes]
@@ -215,15 +223,11 @@ def kserve_rounds(starts: dict[str, Callable[[], tuple[subprocess.Popen, int]]],
 
 def bench_lanes(model_dir: Path, path: Path, manifest: dict, jpeg: bytes, clients: list[int], seconds: float,
                 threads: int, rounds: int, work: Path) -> None:
-    import tritonclient.grpc as triton
-
     print(f"inference lanes: one session on {threads} threads against {threads} 1-thread sessions side by side")
     for batch in (1, 4, 8):
         one, lanes = raw_lanes(path, threads, batch, seconds / 2)
         print(f"  raw batch {batch}: 1 session {one:6.1f} img/s, {threads} lanes {lanes:6.1f} img/s ({lanes / one:.2f}x)")
-    prep = Preprocessing.from_manifest(manifest)
-    infer_input = triton.InferInput("image", [1, prep.height, prep.width, 3], "FP32")
-    infer_input.set_data_from_numpy(prep.normalize(load_pixels(jpeg, prep.height, prep.width, 10**8)[None]))
+    _, infer_input = fp32_input(manifest, jpeg)
     settings = {"1 lane": "1", f"{threads} lanes": str(threads)}
     results = kserve_rounds({label: lambda lanes=lanes: start_server(
         model_dir, work, "--role", "inference", "--threads", str(threads), "--inference-lanes", lanes)
@@ -251,16 +255,8 @@ def start_floor(path: Path, threads: int, echo: bool) -> tuple[subprocess.Popen,
 
 def bench_floor(model_dir: Path, path: Path, manifest: dict, jpeg: bytes, clients: list[int], seconds: float,
                 threads: int, rounds: int, work: Path) -> None:
-    import tritonclient.grpc as triton
-
-    prep = Preprocessing.from_manifest(manifest)
-    tensor = prep.normalize(load_pixels(jpeg, prep.height, prep.width, 10**8)[None])
-    infer_input = triton.InferInput("image", list(tensor.shape), "FP32")
-    infer_input.set_data_from_numpy(tensor)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    tensor, infer_input = fp32_input(manifest, jpeg)
+    session = ort_session(path, threads)
     compute = images_per_second(lambda: session.run(["probabilities"], {"image": tensor}), 1, seconds / 2)
     batch = np.repeat(tensor, 8, axis=0)
     raw8 = images_per_second(lambda: session.run(["probabilities"], {"image": batch}), 8, seconds / 2)
@@ -332,9 +328,7 @@ def bench_precision(model_dir: Path, registry: Registry, path: Path, manifest: d
         import tritonclient.grpc as triton
 
         client = triton.InferenceServerClient(f"127.0.0.1:{port}")
-        prep = Preprocessing.from_manifest(manifest)
-        infer_input = triton.InferInput("image", [1, prep.height, prep.width, 3], "FP32")
-        infer_input.set_data_from_numpy(prep.normalize(load_pixels(jpeg, prep.height, prep.width, 10**8)[None]))
+        _, infer_input = fp32_input(manifest, jpeg)
         kcalls = {tier: (lambda v=version: client.infer(MODEL, [infer_input], model_version=str(v)))
                   for tier, version in versions.items()}
         kresults: dict[str, list[dict]] = {}
@@ -388,7 +382,7 @@ def main() -> None:
         return
     if args.only_precision:
         try:
-            bench_precision(model_dir, registry, path, manifest, jpeg, tiers, [int(c) for c in args.clients.split(",")],
+            bench_precision(model_dir, registry, path, manifest, jpeg, tiers, clients,
                             args.seconds, args.threads, args.rounds, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -419,19 +413,16 @@ def main() -> None:
         print("headswap Classify over gRPC (1 JPEG per request)")
         print(f"  {'clients':>7} {'img/s':>8} {'x raw':>6} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}")
         steady = {}
-        for clients in [int(c) for c in args.clients.split(",")]:
-            r = load(call, clients, args.seconds)
-            steady[clients] = r
-            print(f"  {clients:7d} {r['rate']:8.1f} {r['rate'] / baseline:6.2f} {r['p50']:7.1f} {r['p99']:7.1f} "
+        for n in clients:
+            r = load(call, n, args.seconds)
+            steady[n] = r
+            print(f"  {n:7d} {r['rate']:8.1f} {r['rate'] / baseline:6.2f} {r['p50']:7.1f} {r['p99']:7.1f} "
                   f"{r['errors']:6d}")
 
         import tritonclient.grpc as triton
 
         client = triton.InferenceServerClient(f"127.0.0.1:{port}")
-        prep = Preprocessing.from_manifest(manifest)
-        tensor = prep.normalize(load_pixels(jpeg, prep.height, prep.width, 10**8)[None])
-        infer_input = triton.InferInput("image", list(tensor.shape), "FP32")
-        infer_input.set_data_from_numpy(tensor)
+        _, infer_input = fp32_input(manifest, jpeg)
         kcall = lambda: client.infer(MODEL, [infer_input])
         kcall()
         r = load(kcall, 16, args.seconds)

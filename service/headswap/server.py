@@ -55,9 +55,9 @@ def pool_size(settings: Settings) -> int:
     """The handler pool holds every bounded kind of call at its limit plus a reserve.
 
     grpc's sync server runs each call on a thread of one pool. Calls that can wait on their caller
-    (uploads, WatchJob and reflection streams) and inference are each admitted up to a limit and refused beyond it
-    with RESOURCE_EXHAUSTED, so with the pool this size idle callers can never take the threads
-    health checks need. (grpc's asyncio server would avoid threads, but every servicer and the
+    (uploads, WatchJob and reflection streams) and inference are each admitted up to a limit and
+    refused beyond it with RESOURCE_EXHAUSTED, so with the pool this size idle callers can never
+    take the threads health checks need. (grpc's asyncio server would avoid threads, but every servicer and the
     batcher are synchronous; bounded admission keeps them and fixes the starvation.)
     """
     return (settings.max_inference_calls + settings.max_uploads + settings.max_watchers
@@ -166,8 +166,9 @@ class HeadswapServer:
                 raise RuntimeError("no address was bound")
         self._warn_if_open()
         if s.metrics_port >= 0:
-            with _binding("--metrics-port", f"{s.metrics_host or s.host}:{s.metrics_port}"):
-                self.metrics_port = metrics.serve_metrics(s.metrics_port, s.metrics_host or s.host, self.metrics_tls,
+            metrics_host = s.metrics_host or s.host
+            with _binding("--metrics-port", f"{metrics_host}:{s.metrics_port}"):
+                self.metrics_port = metrics.serve_metrics(s.metrics_port, metrics_host, self.metrics_tls,
                                                           s.metrics_max_connections, s.metrics_timeout_s)
         if s.health_port >= 0:
             with _binding("--health-port", f"{s.host}:{s.health_port}"):

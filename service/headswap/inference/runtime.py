@@ -62,9 +62,9 @@ class ModelRuntime:
     Lanes: `lanes` sessions, the threads split between them, run batches side by side under
     concurrent load. One small convolutional batch keeps two intra-op threads busy only part of
     the time (thread wake-ups and joins between ops), so two 1-thread sessions ran 1.02-1.37x the
-    images/s of one 2-thread session on 2 cores (batch 8 to batch 1). A request that runs alone instead goes to
-    `lone_session`, which has every thread (and spins, when that measures faster): one image runs
-    1.3x faster on 2 threads than on 1.
+    images/s of one 2-thread session on 2 cores (batch 8 to batch 1). A request that runs alone
+    instead goes to `lone_session`, which has every thread (and spins, when that measures faster):
+    one image runs 1.3x faster on 2 threads than on 1.
     """
 
     lone_session: ort.InferenceSession | None = None  # every thread, for requests that run alone
