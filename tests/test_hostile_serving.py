@@ -280,6 +280,106 @@ def test_idle_reflection_streams_are_bounded(server_factory, registry_copy):
     assert_clean_log(server)
 
 
+def stalled_calls(channel: grpc.Channel, methods: list[str], release: threading.Event) -> list[grpc.Future]:
+    """Calls that send their headers and then nothing (no request message): each method once."""
+
+    def nothing():
+        release.wait(120)
+        return
+        yield
+
+    return [channel.stream_unary(method, request_serializer=None, response_deserializer=None).future(
+        nothing(), timeout=120) for method in methods]
+
+
+def health_port_of(server) -> int:
+    deadline = time.monotonic() + 30
+    while not (match := re.search(r"health port (\d+)", server.log())):
+        assert time.monotonic() < deadline, server.log()[-2000:]
+        time.sleep(0.1)
+    return int(match[1])
+
+
+def test_calls_that_never_send_their_message_are_bounded(server_factory, registry_copy, photos):
+    """Before: grpc's sync server gave each unary call a thread as soon as its headers came, and
+    the thread waited for the message with no timeout: 300 calls that sent headers and nothing
+    else (health Check will do, no credentials needed) took all 188 threads, and health checks
+    timed out; on the health port, 2 such calls were enough."""
+    server = server_factory(registry_copy, "--request-arrival-timeout-s", "6", "--max-waiting-calls-per-client",
+                            "251", "--health-port", "0")
+    health_port = health_port_of(server)
+    methods = ["/grpc.health.v1.Health/Check", "/inference.GRPCInferenceService/ModelInfer",
+               "/headswap.v1.Inference/Classify", "/headswap.v1.Models/ListModels", "/grpc.health.v1.Health/Watch"]
+    release = threading.Event()
+    started = time.monotonic()
+    held = stalled_calls(server.channel(), (methods * 50)[:250], release)
+    health_channel = grpc.insecure_channel(f"127.0.0.1:{health_port}")
+    held_health = stalled_calls(health_channel, ["/grpc.health.v1.Health/Check"] * 40, release)
+    time.sleep(1)  # every stalled call has reached the server
+    # Others are still answered, from the same address too (one waiting slot is left for them).
+    assert health_pb2_grpc.HealthStub(server.channel()).Check(health_pb2.HealthCheckRequest(),
+                                                               timeout=3).status == SERVING
+    assert health_pb2_grpc.HealthStub(health_channel).Check(health_pb2.HealthCheckRequest(),
+                                                             timeout=3).status == SERVING
+    assert classify(server, [photos["coffee"]], top_k=1, timeout=10).results[0].predictions[0].index == ESPRESSO
+    # One address cannot wait on more calls than its limit.
+    held += stalled_calls(server.channel(), ["/headswap.v1.Models/ListModels"], release)
+    time.sleep(0.5)
+    refused = stalled_calls(server.channel(), ["/grpc.health.v1.Health/Check"] * 3, release)
+    for call in refused:
+        with pytest.raises(grpc.RpcError) as err:
+            call.result(timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-waiting-calls-per-client" in err.value.details()
+    # Every stalled call ends after the arrival timeout, with a status saying why.
+    for call in held + held_health:
+        with pytest.raises(grpc.RpcError) as err:
+            call.result(timeout=60)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "--request-arrival-timeout-s" in err.value.details()
+    assert time.monotonic() - started < 30
+    release.set()
+    assert health_pb2_grpc.HealthStub(server.channel()).Check(health_pb2.HealthCheckRequest(),
+                                                               timeout=3).status == SERVING
+    # A single-request method still wants its message: a call that closes without one is refused.
+    with pytest.raises(grpc.RpcError) as err:
+        server.channel().stream_unary("/headswap.v1.Models/ListModels", request_serializer=None,
+                                      response_deserializer=None)(iter([]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exactly one" in err.value.details()
+    assert_clean_log(server)
+
+
+def test_health_watch_streams_are_bounded(server_factory, registry_copy):
+    """Before: health is open to every caller and each Watch stream held a thread (the interceptors'
+    wrappers left grpc's health servicer in its blocking mode): 300 Watch streams took every thread
+    and health checks timed out; on the health port, 16 filled its call limit."""
+    server = server_factory(registry_copy, "--max-health-watchers", "3", "--health-port", "0")
+    channels = [server.channel(), grpc.insecure_channel(f"127.0.0.1:{health_port_of(server)}")]
+    ask = health_pb2.HealthCheckRequest()
+    for channel in channels:
+        health = health_pb2_grpc.HealthStub(channel)
+        held = [health.Watch(ask, timeout=60) for _ in range(3)]
+        for stream in held:
+            assert next(stream).status == SERVING
+        for _ in range(30):
+            with pytest.raises(grpc.RpcError) as err:
+                next(health.Watch(ask, timeout=10))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-health-watchers" in err.value.details()
+        assert health.Check(ask, timeout=3).status == SERVING
+        for stream in held:
+            stream.cancel()
+        deadline = time.monotonic() + 10
+        while True:  # the slots are free again
+            try:
+                assert next(health.Watch(ask, timeout=10)).status == SERVING
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.1)
+    assert_clean_log(server)
+
+
 def test_kserve_version_strings_and_malformed_bodies(shared_server):
     """Before: model_version "²" or 5000 digits, and a garbage protobuf body, answered INTERNAL."""
     kserve = service_pb2_grpc.GRPCInferenceServiceStub(shared_server.channel())

@@ -35,3 +35,34 @@ class Slots:
         finally:
             with self._lock:
                 self.in_use -= 1
+
+
+class SlotsPerKey:
+    """`Slots` kept apart per key (a client's address): one key at its limit refuses only itself."""
+
+    def __init__(self, what: str, limit: int, setting: str) -> None:
+        self.what, self.limit, self.setting = what, limit, setting
+        self._lock = threading.Lock()
+        self._in_use: dict[str, int] = {}
+
+    def in_use(self, key: str) -> int:
+        with self._lock:
+            return self._in_use.get(key, 0)
+
+    @contextlib.contextmanager
+    def take(self, key: str) -> Iterator[None]:
+        with self._lock:
+            count = self._in_use.get(key, 0)
+            if count >= self.limit:
+                raise ResourceExhausted(f"{count} {self.what}; the limit is {self.limit} ({self.setting}); "
+                                        "try again when one has finished")
+            self._in_use[key] = count + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                left = self._in_use[key] - 1
+                if left:
+                    self._in_use[key] = left
+                else:
+                    del self._in_use[key]  # the dict holds only addresses with calls waiting

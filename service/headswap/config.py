@@ -64,6 +64,14 @@ class Settings:
     max_watchers: int = _setting(32, "WatchJob: most streams open at once; more get RESOURCE_EXHAUSTED.")
     max_reflection_streams: int = _setting(8, "gRPC reflection: most streams open at once (each holds a "
                                            "thread); more get RESOURCE_EXHAUSTED.")
+    max_health_watchers: int = _setting(32, "grpc.health.v1 Watch: most streams open at once on each port; more "
+                                        "get RESOURCE_EXHAUSTED.")
+    max_concurrent_calls: int = _setting(1024, "Most calls open at once on the gRPC port; more get RESOURCE_EXHAUSTED. "
+                                         "Each has a thread, so calls waiting on slow callers never hold up others.")
+    request_arrival_timeout_s: float = _setting(30.0, "A call whose request message has not arrived this long "
+                                                "after its headers is ended with DEADLINE_EXCEEDED.")
+    max_waiting_calls_per_client: int = _setting(64, "Most calls from one client address still waiting for "
+                                                 "their request message; more get RESOURCE_EXHAUSTED.")
     max_queued_jobs: int = _setting(8, "FineTune: most jobs queued or running; more get RESOURCE_EXHAUSTED.")
     max_work_dir_bytes: int = _setting(20 * 1024**3, "FineTune: most bytes of uploads kept in the work directory.")
     keep_versions: int = _setting(5, "Retention: newest inactive versions kept per model (never the active "
@@ -119,7 +127,8 @@ class Settings:
         for name in ("max_message_bytes", "max_image_pixels", "max_images_per_request", "max_batch_size",
                      "max_queue", "max_loaded_models", "max_train_images", "max_train_bytes", "max_label_length",
                      "max_request_pixels", "max_inference_calls", "max_uploads", "max_watchers",
-                     "max_reflection_streams", "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections"):
+                     "max_reflection_streams", "max_health_watchers", "max_concurrent_calls",
+                     "max_waiting_calls_per_client", "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag_name(name)} must be at least 1")
         for name in ("threads", "decode_workers", "memory_budget_mb", "inference_lanes"):
@@ -128,7 +137,8 @@ class Settings:
         for name in ("batch_timeout_ms", "grace_period_s", "keep_versions", "embedding_cache_mb"):
             if getattr(self, name) < 0:
                 problems.append(f"{flag_name(name)} must not be negative")
-        for name in ("upload_idle_timeout_s", "max_upload_seconds", "abandoned_after_s", "metrics_timeout_s"):
+        for name in ("upload_idle_timeout_s", "max_upload_seconds", "abandoned_after_s", "metrics_timeout_s",
+                     "request_arrival_timeout_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{flag_name(name)} must be positive")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -137,6 +147,13 @@ class Settings:
             problems.append("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
         if bool(self.metrics_tls_cert_file) != bool(self.metrics_tls_key_file):
             problems.append("--metrics-tls-cert-file and --metrics-tls-key-file go together")
+        held = (self.max_inference_calls + self.max_uploads + self.max_watchers + self.max_reflection_streams
+                + self.max_health_watchers + self.max_waiting_calls_per_client)
+        if self.max_concurrent_calls <= held:
+            problems.append(f"--max-concurrent-calls must exceed the calls the other limits let one client hold "
+                            f"({held}: --max-inference-calls, --max-uploads, --max-watchers, "
+                            f"--max-reflection-streams, --max-health-watchers, --max-waiting-calls-per-client), "
+                            "or one client could have health checks refused")
         if self.poll_interval_s <= 0:
             problems.append("--poll-interval-s must be positive")
         if not self.model_dir:

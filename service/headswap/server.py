@@ -30,7 +30,8 @@ from headswap.admission import Slots
 from headswap.api.auth import AuthInterceptor
 from headswap.api.labels import model_label
 from headswap.api.request_parsing import MalformedRequestInterceptor
-from headswap.api.stream_limits import REFLECTION_METHODS, StreamLimit
+from headswap.api.arrival import RequestArrival
+from headswap.api.stream_limits import HEALTH_WATCH, REFLECTION_METHODS, StreamLimit
 from headswap.api.tls import server_credentials
 from headswap.config import Settings, env_name
 from headswap.protocol import headswap_v1_pb2 as pb
@@ -47,21 +48,29 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-# Threads for calls that do not wait on a caller: health checks, model management, job queries.
-RESERVED_THREADS = 16
+# Calls on the health port beyond what its callers can hold (Watch streams, calls waiting for
+# their message): for probes.
+HEALTH_PORT_RESERVE = 16
 
 
 def pool_size(settings: Settings) -> int:
-    """The handler pool holds every bounded kind of call at its limit plus a reserve.
+    """A thread for every call gRPC admits: no call ever waits for a thread.
 
-    grpc's sync server runs each call on a thread of one pool. Calls that can wait on their caller
-    (uploads, WatchJob and reflection streams) and inference are each admitted up to a limit and
-    refused beyond it with RESOURCE_EXHAUSTED, so with the pool this size idle callers can never
-    take the threads health checks need. (grpc's asyncio server would avoid threads, but every servicer and the
-    batcher are synchronous; bounded admission keeps them and fixes the starvation.)
+    grpc's sync server runs each call on a thread of one pool, and a call holds its thread while
+    it waits on its caller: for its request message (`api.arrival`), an upload's next chunk, a
+    stream's reader. With fewer threads than admitted calls, slow or idle callers left the rest
+    (health checks included) queued behind them. Threads are started only when needed, and what a
+    caller can hold is bounded per kind: inference calls, uploads, WatchJob, reflection and health
+    Watch streams each by their own setting, calls waiting for their message per client address.
+    (grpc's asyncio server would avoid the threads, but every servicer and the batcher are
+    synchronous.)
     """
-    return (settings.max_inference_calls + settings.max_uploads + settings.max_watchers
-            + settings.max_reflection_streams + RESERVED_THREADS)
+    return settings.max_concurrent_calls
+
+
+def health_port_calls(settings: Settings) -> int:
+    """Calls (and threads) on the plaintext health port: more than one client can hold there."""
+    return settings.max_health_watchers + settings.max_waiting_calls_per_client + HEALTH_PORT_RESERVE
 
 
 class HealthService(health.HealthServicer):
@@ -113,9 +122,12 @@ class HeadswapServer:
         reflection_limit = StreamLimit(REFLECTION_METHODS, Slots("reflection streams already open",
                                                                  settings.max_reflection_streams,
                                                                  "--max-reflection-streams"))
+        # first: it wraps the others, so that no call waits unbounded for its message, authorised or not
+        self.arrival = RequestArrival(settings.request_arrival_timeout_s, settings.max_waiting_calls_per_client)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=pool_size(settings), thread_name_prefix="grpc"),
-                                  options=options, maximum_concurrent_rpcs=1024,
-                                  interceptors=[interceptor, MalformedRequestInterceptor(), reflection_limit])
+                                  options=options, maximum_concurrent_rpcs=settings.max_concurrent_calls,
+                                  interceptors=[self.arrival, interceptor, MalformedRequestInterceptor(),
+                                                reflection_limit, self._health_watch_limit()])
         services = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.role in ("all", "inference"):
@@ -198,11 +210,21 @@ class HeadswapServer:
                         "--tls-key-file and --auth-tokens-file (docs/security.md) outside local development.",
                         s.host, self.port, " and ".join(missing))
 
+    def _health_watch_limit(self) -> StreamLimit:
+        """Open health Watch streams on one port: health is open to every caller, and each stream
+        holds a thread (the interceptors' wrappers leave grpc's health servicer in its blocking mode)."""
+        return StreamLimit(HEALTH_WATCH, Slots("health Watch streams already open on this port",
+                                               self.settings.max_health_watchers, "--max-health-watchers"))
+
     def _start_health_port(self) -> None:
         """A second, plaintext server with grpc.health.v1 only: kubelet gRPC probes do not speak TLS."""
         s = self.settings
-        self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
-                                         options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=16)
+        calls = health_port_calls(s)
+        self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=calls, thread_name_prefix="health"),
+                                         options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=calls,
+                                         interceptors=[RequestArrival(s.request_arrival_timeout_s,
+                                                                      s.max_waiting_calls_per_client),
+                                                       self._health_watch_limit()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         self.health_port = self.health_server.add_insecure_port(f"{s.host}:{s.health_port}")
         if not self.health_port:

@@ -1,0 +1,175 @@
+"""Calls whose request message has not arrived yet: bounded per client address and in time.
+
+grpc's sync server gives a unary call a pool thread as soon as its headers arrive, and the thread
+then waits, with no timeout, for the request message. A caller that sends headers and nothing
+else holds that thread: 300 such calls from one unauthenticated client (health Check will do)
+took every thread, and health checks timed out until the connections were closed minutes later.
+
+Two defences, with `server.pool_size`:
+- the pool has a thread for every call gRPC admits (`--max-concurrent-calls`), so a waiting call
+  never queues another call behind it;
+- `RequestArrival` reads the one request message itself, so it can bound the wait. Each method
+  with a single request becomes a client-streaming one at the transport, which its callers cannot
+  tell (the bytes on the wire are the same). At most `--max-waiting-calls-per-client` calls from
+  one address wait at once; a message that has not arrived within `--request-arrival-timeout-s`
+  ends the call with DEADLINE_EXCEEDED and a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import grpc
+from grpc._cython import cygrpc
+
+from headswap.admission import SlotsPerKey
+from headswap.errors import ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+
+def client_address(peer: str) -> str:
+    """The address part of grpc's peer string: 'ipv4:10.0.0.7:5123' -> 'ipv4:10.0.0.7',
+    'ipv6:[::1]:5123' -> 'ipv6:[::1]'; a Unix socket peer stays whole."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in rest:
+        return f"{kind}:{rest.rsplit(':', 1)[0]}"
+    return peer
+
+
+def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End a call from a thread other than its handler's, with `code` and `details`.
+
+    The public `context.cancel()` can only send a bare CANCELLED, which tells a slow caller
+    nothing; the call object behind the sync server's context can send a status with a message.
+    That object is grpc's internal, so it is used only where it is there (the suite checks the
+    message), with `cancel()` as the fallback.
+    """
+    call = getattr(getattr(context, "_rpc_event", None), "call", None)
+    if call is not None:
+        try:
+            call.cancel(code.value[0], details)
+            return
+        except Exception:  # noqa: BLE001 - grpc changed its internals: fall back to the public API
+            log.debug("ending a call with a status failed; cancelling it", exc_info=True)
+    context.cancel()
+
+
+class _Wait:
+    """One call waiting for its message: arrives, or expires, whichever comes first."""
+
+    def __init__(self, context: grpc.ServicerContext, details: str) -> None:
+        self.context: grpc.ServicerContext | None = context
+        self.details = details
+        self._lock = threading.Lock()
+        self.state = "waiting"
+
+    def settle(self, state: str) -> bool:
+        """Move from waiting to `state`; False when the other outcome came first."""
+        with self._lock:
+            if self.state != "waiting":
+                return False
+            self.state = state
+            return True
+
+
+class _Watchdog:
+    """One thread that ends the calls whose message is late (not a timer thread per call).
+
+    It wakes at most every TICK_S and never for a call whose message has arrived, so the
+    busy path costs a heap push per call, not a thread wake-up."""
+
+    TICK_S = 0.2
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Wait]] = []
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, wait: _Wait, deadline: float) -> None:
+        with self._cond:
+            earliest = not self._heap or deadline < self._heap[0][0]
+            heapq.heappush(self._heap, (deadline, next(self._order), wait))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="arrival-watchdog", daemon=True)
+                self._thread.start()
+            elif earliest:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                self._cond.wait(max(0.0, self._heap[0][0] - time.monotonic()))
+                now, due = time.monotonic(), []
+                while self._heap and self._heap[0][0] <= now:
+                    due.append(heapq.heappop(self._heap)[2])
+            for wait in due:
+                if wait.settle("expired"):
+                    log.info("ended a call from %s: %s", wait.context.peer(), wait.details)
+                    end_call(wait.context, grpc.StatusCode.DEADLINE_EXCEEDED, wait.details)
+            time.sleep(self.TICK_S)
+
+
+class RequestArrival(grpc.ServerInterceptor):
+    """Receive each single-request call's message under a per-address limit and a time limit."""
+
+    def __init__(self, timeout_s: float, per_client: int) -> None:
+        self.timeout_s = timeout_s
+        self.waiting = SlotsPerKey("calls from your address are waiting for their request message",
+                                   per_client, "--max-waiting-calls-per-client")
+        self._watchdog = _Watchdog()
+
+    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler  # unknown methods are refused by grpc; streams bound their own waits
+        method = handler_call_details.method
+        if handler.response_streaming:
+            behaviour = handler.unary_stream
+
+            def stream_out(requests: Iterator, context: grpc.ServicerContext) -> Iterator:
+                yield from behaviour(self.receive(requests, context, method), context)
+
+            return grpc.stream_stream_rpc_method_handler(stream_out, handler.request_deserializer,
+                                                         handler.response_serializer)
+        unary = handler.unary_unary
+
+        def unary_out(requests: Iterator, context: grpc.ServicerContext) -> Any:
+            return unary(self.receive(requests, context, method), context)
+
+        return grpc.stream_unary_rpc_method_handler(unary_out, handler.request_deserializer,
+                                                    handler.response_serializer)
+
+    def receive(self, requests: Iterator, context: grpc.ServicerContext, method: str) -> Any:
+        """The call's one request message. A call that ended while waiting for it is aborted here,
+        which grpc takes quietly (returning nothing would log a failed serialisation)."""
+        try:
+            with self.waiting.take(client_address(context.peer())):
+                wait = _Wait(context, f"{method}: the request message did not arrive within "
+                                      f"{self.timeout_s:g} s of the call's headers "
+                                      "(--request-arrival-timeout-s); send it with the call")
+                self._watchdog.watch(wait, time.monotonic() + self.timeout_s)
+                try:
+                    request = next(requests)
+                except StopIteration:
+                    request = None
+                except grpc.RpcError:  # ended by the watchdog, or by the caller
+                    wait.settle("ended")
+                    context.abort(grpc.StatusCode.CANCELLED, "the call ended before its request message arrived")
+                if not wait.settle("arrived"):  # the watchdog ended it as the message came in
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, wait.details)
+                wait.context = None  # the watchdog keeps the entry until its deadline, not the call
+        except ResourceExhausted as err:  # only take() raises it
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        if request is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{method} takes exactly one request message; the call closed without sending one")
+        return request
