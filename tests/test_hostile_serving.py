@@ -243,6 +243,39 @@ def test_idle_connections_to_the_metrics_port_are_bounded_and_timed_out(server_f
     assert_clean_log(server)
 
 
+def test_slow_drip_connections_to_the_metrics_port_are_closed_on_time(server_factory, registry_copy):
+    """Before: the timeout was per read, so clients sending a byte every half second kept all the
+    slots and every scrape was refused, for as long as they kept dripping."""
+    server = server_factory(registry_copy, "--metrics-max-connections", "4", "--metrics-timeout-s", "2")
+    drippers = [socket.create_connection(("127.0.0.1", server.metrics_port)) for _ in range(4)]
+    stop = threading.Event()
+    closed: list[float] = []
+    started = time.monotonic()
+
+    def drip(sock: socket.socket) -> None:
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 200
+        try:
+            for byte in request:
+                if stop.wait(0.5):
+                    return
+                sock.sendall(bytes([byte]))
+        except OSError:  # closed by the server
+            closed.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=drip, args=(sock,), daemon=True) for sock in drippers]
+    for thread in threads:
+        thread.start()
+    time.sleep(3.5)  # past the timeout, the drippers still dripping
+    assert "headswap_requests_total" in metrics_text(server.metrics_port)
+    for thread in threads:
+        thread.join(timeout=10)
+    stop.set()
+    assert len(closed) == 4 and max(closed) < 6, closed
+    for sock in drippers:
+        sock.close()
+    assert_clean_log(server)
+
+
 def test_idle_reflection_streams_are_bounded(server_factory, registry_copy):
     """grpcio-reflection's streams each hold a pool thread: 300 idle ones took every thread, and
     health checks and ListModels timed out."""

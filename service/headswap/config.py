@@ -91,8 +91,8 @@ class Settings:
     metrics_tls_key_file: str = _setting("", "TLS private key (PEM) for the metrics port.")
     metrics_max_connections: int = _setting(16, "Metrics port: most connections served at once; more are "
                                             "closed on arrival.")
-    metrics_timeout_s: float = _setting(10.0, "Metrics port: a connection silent this long (TLS handshake "
-                                        "included) is closed.")
+    metrics_timeout_s: float = _setting(10.0, "Metrics port: a connection is closed this long after it opened "
+                                        "(TLS handshake included), whatever it sends.")
     health_port: int = _setting(-1, "Plaintext port serving only grpc.health.v1 (for probes that cannot do "
                                 "TLS, like the kubelet's gRPC probe); -1 disables it, 0 picks a free port.")
 

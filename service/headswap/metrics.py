@@ -5,6 +5,7 @@ Module-level collectors (the prometheus_client idiom); `serve_metrics` exposes t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -62,8 +63,9 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
     Its own server gives every connection a thread that waits forever, and with TLS does the
     handshake in the accepting thread: 3,000 idle sockets held 3,000 threads, and one silent TLS
     client stopped every scrape. Here at most `max_connections` are served at once (more are closed
-    on arrival), each connection's thread does its own TLS handshake, and a connection that sends
-    nothing for `timeout_s` is closed.
+    on arrival), each connection's thread does its own TLS handshake, and every connection is closed
+    `timeout_s` after it opened, whatever it sends: a scrape takes milliseconds, and a timeout per
+    read alone let clients sending a byte every few seconds keep every slot.
     """
 
     daemon_threads = True
@@ -87,22 +89,33 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
             raise
 
     def process_request_thread(self, request: socket.socket, client_address) -> None:
+        connection = [request]  # the TLS socket replaces the plain one: the timer shuts down the current one
+        timer = threading.Timer(self.timeout_s, _shut, args=(connection,))
+        timer.daemon = True
+        timer.start()
         try:
             request.settimeout(self.timeout_s)
             if self.tls is not None:
                 try:
-                    request = self.tls.wrap_socket(request, server_side=True)
+                    request = connection[0] = self.tls.wrap_socket(request, server_side=True)
                 except (OSError, ValueError):
                     self.shutdown_request(request)
                     return
             super().process_request_thread(request, client_address)
         finally:
+            timer.cancel()
             self.slots.release()
 
     def handle_error(self, request, client_address) -> None:
         """A client that stalls past the timeout or drops the connection is not an error of ours."""
         if not isinstance(sys.exc_info()[1], OSError):
             log.warning("metrics connection from %s failed", client_address, exc_info=True)
+
+
+def _shut(connection: list[socket.socket]) -> None:
+    """End a connection past its time: its thread's blocked read or write fails, and it closes."""
+    with contextlib.suppress(OSError):
+        connection[0].shutdown(socket.SHUT_RDWR)
 
 
 def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext | None:
