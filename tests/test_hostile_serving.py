@@ -276,6 +276,43 @@ def test_slow_drip_connections_to_the_metrics_port_are_closed_on_time(server_fac
     assert_clean_log(server)
 
 
+def _open_files(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def test_client_connections_are_bounded_and_timed_out(server_factory, registry_copy):
+    """Before: no bound on connections, and one that sent nothing was kept for grpc's default 120 s
+    handshake timeout: 19,000 such connections held 19,000 file descriptors (of a 20,000 limit)
+    and 400 MB; connections with no call open were kept for 5 minutes."""
+    server = server_factory(registry_copy, "--max-connections", "20", "--handshake-timeout-s", "2",
+                            "--connection-idle-timeout-s", "3")
+    ask = health_pb2.HealthCheckRequest()
+    kept = health_pb2_grpc.HealthStub(server.channel())
+    assert kept.Check(ask, timeout=5).status == SERVING  # a client connected before the flood
+    pid = server.proc.pid
+    time.sleep(0.5)
+    before = _open_files(pid)
+    flood = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(300)]
+    time.sleep(0.5)
+    assert _open_files(pid) <= before + 20, "connections past --max-connections were kept"
+    assert kept.Check(ask, timeout=5).status == SERVING  # its connection keeps working
+    for sock in flood:  # every one is closed by the server: past the bound at once, the rest after 2 s
+        sock.settimeout(15)
+        while sock.recv(4096):  # the server's HTTP/2 settings, then the end (a timeout fails the test)
+            pass
+        sock.close()
+    channels = [grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(10)]
+    for channel in channels:  # new clients are served again
+        assert health_pb2_grpc.HealthStub(channel).Check(ask, timeout=5).status == SERVING
+    deadline = time.monotonic() + 30  # their connections, idle now, are closed after 3 s (grpc adds jitter)
+    while _open_files(pid) > before - 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _open_files(pid) <= before - 1, "idle connections were kept past --connection-idle-timeout-s"
+    assert health_pb2_grpc.HealthStub(channels[0]).Check(ask, timeout=5).status == SERVING  # reconnects
+    assert_clean_log(server)
+
+
 def test_idle_reflection_streams_are_bounded(server_factory, registry_copy):
     """grpcio-reflection's streams each hold a pool thread: 300 idle ones took every thread, and
     health checks and ListModels timed out."""

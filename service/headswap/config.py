@@ -64,6 +64,12 @@ class Settings:
     max_watchers: int = _setting(32, "WatchJob: most streams open at once; more get RESOURCE_EXHAUSTED.")
     max_reflection_streams: int = _setting(8, "gRPC reflection: most streams open at once (each holds a "
                                            "thread); more get RESOURCE_EXHAUSTED.")
+    max_connections: int = _setting(4096, "Most client connections open at once on the gRPC port; more are "
+                                    "refused until one closes (open ones keep working).")
+    handshake_timeout_s: float = _setting(10.0, "A connection that has not finished its HTTP/2 (and TLS) "
+                                          "handshake this long after opening is closed.")
+    connection_idle_timeout_s: float = _setting(300.0, "A connection with no call open for this long is closed "
+                                                "(clients reconnect on their next call).")
     max_health_watchers: int = _setting(32, "grpc.health.v1 Watch: most streams open at once on each port; more "
                                         "get RESOURCE_EXHAUSTED.")
     max_concurrent_calls: int = _setting(1024, "Most calls open at once on the gRPC port; more get RESOURCE_EXHAUSTED. "
@@ -127,7 +133,7 @@ class Settings:
         for name in ("max_message_bytes", "max_image_pixels", "max_images_per_request", "max_batch_size",
                      "max_queue", "max_loaded_models", "max_train_images", "max_train_bytes", "max_label_length",
                      "max_request_pixels", "max_inference_calls", "max_uploads", "max_watchers",
-                     "max_reflection_streams", "max_health_watchers", "max_concurrent_calls",
+                     "max_reflection_streams", "max_health_watchers", "max_concurrent_calls", "max_connections",
                      "max_waiting_calls_per_client", "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag_name(name)} must be at least 1")
@@ -138,7 +144,7 @@ class Settings:
             if getattr(self, name) < 0:
                 problems.append(f"{flag_name(name)} must not be negative")
         for name in ("upload_idle_timeout_s", "max_upload_seconds", "abandoned_after_s", "metrics_timeout_s",
-                     "request_arrival_timeout_s"):
+                     "request_arrival_timeout_s", "handshake_timeout_s", "connection_idle_timeout_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{flag_name(name)} must be positive")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
