@@ -7,6 +7,9 @@ protobuf modules (this process must not import headswap.protocol.kserve_v2_pb2).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import re
 import signal
 import socket
@@ -448,6 +451,65 @@ def test_health_watch_streams_are_bounded(server_factory, registry_copy):
                 assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
                 time.sleep(0.1)
     assert_clean_log(server)
+
+
+def test_a_flood_of_bad_calls_cannot_flood_the_log(server_factory, registry_copy, tmp_path, photos):
+    """Before: every refused or failed call wrote a log line (up to 2 KB) and every refusal an audit
+    line, so a caller could fill the disk, or push the audit trail out of a rotated log, at will."""
+    token = "flood-test-token"
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps([{"name": "reader", "token_sha256": hashlib.sha256(token.encode()).hexdigest(),
+                                   "scopes": ["classify"]}]))
+    server = server_factory(registry_copy, "--log-refusals-per-minute", "5", "--auth-tokens-file", str(tokens))
+    channel = server.channel()
+    stub = pb_grpc.InferenceStub(channel)
+    bearer = [("authorization", f"Bearer {token}")]
+    raw_classify = channel.unary_unary("/headswap.v1.Inference/Classify", request_serializer=None,
+                                       response_deserializer=None)
+    for _ in range(200):
+        assert code_of(stub.Classify, pb.ClassifyRequest(images=[b"x"]), timeout=10) == \
+            grpc.StatusCode.UNAUTHENTICATED
+        assert code_of(stub.Classify, pb.ClassifyRequest(images=[photos["coffee"]], model="no-such-model"),
+                       metadata=bearer, timeout=10) == grpc.StatusCode.NOT_FOUND
+        assert code_of(raw_classify, b"\xff\xff\xff\xff", metadata=bearer, timeout=10) == \
+            grpc.StatusCode.INVALID_ARGUMENT  # not protobuf
+    log = server.log()
+    for marker in ("result=UNAUTHENTICATED", "Classify failed", "Classify refused"):
+        lines = [line for line in log.splitlines() if marker in line]
+        assert 1 <= len(lines) <= 5, (marker, len(lines))
+        assert "--log-refusals-per-minute" in lines[-1], lines[-1]
+    text = metrics_text(server.metrics_port)  # the metric counts every call, logged or not
+    for code in ("UNAUTHENTICATED", "NOT_FOUND", "INVALID_ARGUMENT"):
+        counted = re.search(rf'headswap_requests_total{{code="{code}",method="Classify",[^}}]*}} (\S+)', text)
+        assert counted and float(counted[1]) == 200, (code, counted)
+    # What the caller may do is still answered and logged as before.
+    response = stub.Classify(pb.ClassifyRequest(images=[photos["coffee"]], top_k=1), metadata=bearer, timeout=30)
+    assert response.results[0].predictions[0].index == ESPRESSO
+    assert_clean_log(server)
+
+
+def test_log_throttle_says_how_many_lines_it_left_out(monkeypatch):
+    """The minute after a flood, the first line of its kind carries the count of lines left out."""
+    from headswap import logs
+
+    clock = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    throttle = logs.Throttle(per_minute=3)
+
+    def record(key: str | None) -> logging.LogRecord:
+        made = logging.LogRecord("t", logging.INFO, __file__, 1, "Classify failed: %s", ("no model",), None)
+        if key is not None:
+            made.throttle = key
+        return made
+
+    passed = [throttle.filter(record("Classify NOT_FOUND")) for _ in range(10)]
+    assert passed == [True] * 3 + [False] * 7
+    assert throttle.filter(record("Classify INVALID_ARGUMENT"))  # another kind has its own budget
+    assert all(throttle.filter(record(None)) for _ in range(10))  # lines callers cannot cause pass
+    clock[0] += 61
+    first = record("Classify NOT_FOUND")
+    assert throttle.filter(first)
+    assert "7 more lines like this were left out" in first.getMessage()
 
 
 def test_kserve_version_strings_and_malformed_bodies(shared_server):

@@ -14,11 +14,10 @@ from typing import Any, Callable
 import click
 
 from headswap.cli_training import cancel, finetune, jobs
+from headswap.client import Connection, target_option
 from headswap.client import call as _call
 from headswap.client import channel as _channel
-from headswap.client import Connection, target_option
 from headswap.config import Settings, env_name, field_type, flag_name
-
 
 
 def _settings_options(command: Callable) -> Callable:
@@ -52,7 +51,7 @@ def serve(**flags: Any) -> None:
         settings = Settings.from_env(**flags).validate()
     except ValueError as err:
         raise click.UsageError(str(err)) from None
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format, settings.log_refusals_per_minute)
     server.run(settings)
 
 

@@ -54,6 +54,9 @@ class Settings:
     max_label_length: int = _setting(64, "FineTune: longest class label, in characters.")
     log_format: str = _setting("text", "Log format: text or json (one JSON object per line).", choices=("text", "json"))
     log_level: str = _setting("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_refusals_per_minute: int = _setting(60, "Most log lines a minute for each kind of refused or failed "
+                                            "call (same method and status, audit lines too); the rest are "
+                                            "counted in one line.")
 
     # --- bounds on what callers control (issue 8) ---
     max_request_pixels: int = _setting(120_000_000, "Most decoded pixels (sum of width*height) in one request.")
@@ -134,7 +137,7 @@ class Settings:
                      "max_queue", "max_loaded_models", "max_train_images", "max_train_bytes", "max_label_length",
                      "max_request_pixels", "max_inference_calls", "max_uploads", "max_watchers",
                      "max_reflection_streams", "max_health_watchers", "max_concurrent_calls", "max_connections",
-                     "max_waiting_calls_per_client", "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections"):
+                     "max_waiting_calls_per_client", "log_refusals_per_minute", "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag_name(name)} must be at least 1")
         for name in ("threads", "decode_workers", "memory_budget_mb", "inference_lanes"):

@@ -11,10 +11,13 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+
+from headswap.deadlines import Deadlines
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,7 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
                                                  flags=socket.AI_PASSIVE)[0][0]
         self.slots = threading.BoundedSemaphore(max_connections)
         self.timeout_s, self.tls = timeout_s, tls
+        self.deadlines = Deadlines("metrics-deadlines")
         super().__init__(address, _QuietHandler)
 
     def process_request(self, request: socket.socket, client_address) -> None:
@@ -89,10 +93,8 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
             raise
 
     def process_request_thread(self, request: socket.socket, client_address) -> None:
-        connection = [request]  # the TLS socket replaces the plain one: the timer shuts down the current one
-        timer = threading.Timer(self.timeout_s, _shut, args=(connection,))
-        timer.daemon = True
-        timer.start()
+        connection = [request]  # the TLS socket replaces the plain one: the deadline shuts down the current one
+        due = self.deadlines.at(time.monotonic() + self.timeout_s, lambda: _shut(connection))
         try:
             request.settimeout(self.timeout_s)
             if self.tls is not None:
@@ -103,7 +105,7 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
                     return
             super().process_request_thread(request, client_address)
         finally:
-            timer.cancel()
+            Deadlines.cancel(due)
             self.slots.release()
 
     def handle_error(self, request, client_address) -> None:

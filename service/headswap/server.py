@@ -28,10 +28,10 @@ from grpc_reflection.v1alpha import reflection
 
 from headswap import metrics
 from headswap.admission import Slots
+from headswap.api.arrival import RequestArrival
 from headswap.api.auth import AuthInterceptor
 from headswap.api.labels import model_label
 from headswap.api.request_parsing import MalformedRequestInterceptor
-from headswap.api.arrival import RequestArrival
 from headswap.api.stream_limits import HEALTH_WATCH, REFLECTION_METHODS, StreamLimit
 from headswap.api.tls import server_credentials
 from headswap.config import Settings, env_name
@@ -154,8 +154,8 @@ class HeadswapServer:
                                                                  "--max-reflection-streams"))
         # first: it wraps the others, so that no call waits unbounded for its message, authorised or not
         self.arrival = RequestArrival(settings.request_arrival_timeout_s, settings.max_waiting_calls_per_client)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=pool_size(settings), thread_name_prefix="grpc"),
-                                  options=options, maximum_concurrent_rpcs=settings.max_concurrent_calls,
+        pool = futures.ThreadPoolExecutor(max_workers=pool_size(settings), thread_name_prefix="grpc")
+        self.server = grpc.server(pool, options=options, maximum_concurrent_rpcs=settings.max_concurrent_calls,
                                   interceptors=[self.arrival, interceptor, MalformedRequestInterceptor(),
                                                 reflection_limit, self._health_watch_limit()])
         services = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]

@@ -17,17 +17,16 @@ Two defences, with `server.pool_size`:
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import threading
 import time
 from typing import Any, Callable, Iterator
 
 import grpc
-from grpc._cython import cygrpc
 
 from headswap.admission import SlotsPerKey
+from headswap.api.status import count_refused
+from headswap.deadlines import Deadlines
 from headswap.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -63,9 +62,9 @@ def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str)
 class _Wait:
     """One call waiting for its message: arrives, or expires, whichever comes first."""
 
-    def __init__(self, context: grpc.ServicerContext, details: str) -> None:
+    def __init__(self, context: grpc.ServicerContext, method: str, details: str) -> None:
         self.context: grpc.ServicerContext | None = context
-        self.details = details
+        self.method, self.details = method, details
         self._lock = threading.Lock()
         self.state = "waiting"
 
@@ -77,45 +76,13 @@ class _Wait:
             self.state = state
             return True
 
-
-class _Watchdog:
-    """One thread that ends the calls whose message is late (not a timer thread per call).
-
-    It wakes at most every TICK_S and never for a call whose message has arrived, so the
-    busy path costs a heap push per call, not a thread wake-up."""
-
-    TICK_S = 0.2
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, _Wait]] = []
-        self._order = itertools.count()
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def watch(self, wait: _Wait, deadline: float) -> None:
-        with self._cond:
-            earliest = not self._heap or deadline < self._heap[0][0]
-            heapq.heappush(self._heap, (deadline, next(self._order), wait))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="arrival-watchdog", daemon=True)
-                self._thread.start()
-            elif earliest:
-                self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._heap:
-                    self._cond.wait()
-                self._cond.wait(max(0.0, self._heap[0][0] - time.monotonic()))
-                now, due = time.monotonic(), []
-                while self._heap and self._heap[0][0] <= now:
-                    due.append(heapq.heappop(self._heap)[2])
-            for wait in due:
-                if wait.settle("expired"):
-                    log.info("ended a call from %s: %s", wait.context.peer(), wait.details)
-                    end_call(wait.context, grpc.StatusCode.DEADLINE_EXCEEDED, wait.details)
-            time.sleep(self.TICK_S)
+    def expire(self) -> None:
+        """At the deadline: end the call unless its message came first."""
+        if self.settle("expired"):
+            log.info("ended a call from %s: %s", self.context.peer(), self.details,
+                     extra={"throttle": "late request message"})
+            end_call(self.context, grpc.StatusCode.DEADLINE_EXCEEDED, self.details)
+            count_refused(self.method, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class RequestArrival(grpc.ServerInterceptor):
@@ -125,7 +92,7 @@ class RequestArrival(grpc.ServerInterceptor):
         self.timeout_s = timeout_s
         self.waiting = SlotsPerKey("calls from your address are waiting for their request message",
                                    per_client, "--max-waiting-calls-per-client")
-        self._watchdog = _Watchdog()
+        self._deadlines = Deadlines("arrival-deadlines")
 
     def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
@@ -153,21 +120,22 @@ class RequestArrival(grpc.ServerInterceptor):
         which grpc takes quietly (returning nothing would log a failed serialisation)."""
         try:
             with self.waiting.take(client_address(context.peer())):
-                wait = _Wait(context, f"{method}: the request message did not arrive within "
+                wait = _Wait(context, method, f"{method}: the request message did not arrive within "
                                       f"{self.timeout_s:g} s of the call's headers "
                                       "(--request-arrival-timeout-s); send it with the call")
-                self._watchdog.watch(wait, time.monotonic() + self.timeout_s)
+                due = self._deadlines.at(time.monotonic() + self.timeout_s, wait.expire)
                 try:
                     request = next(requests)
                 except StopIteration:
                     request = None
-                except grpc.RpcError:  # ended by the watchdog, or by the caller
+                except grpc.RpcError:  # ended at its deadline, or by the caller
                     wait.settle("ended")
                     context.abort(grpc.StatusCode.CANCELLED, "the call ended before its request message arrived")
-                if not wait.settle("arrived"):  # the watchdog ended it as the message came in
+                if not wait.settle("arrived"):  # its deadline ended it as the message came in
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, wait.details)
-                wait.context = None  # the watchdog keeps the entry until its deadline, not the call
+                Deadlines.cancel(due)
         except ResourceExhausted as err:  # only take() raises it
+            count_refused(method, grpc.StatusCode.RESOURCE_EXHAUSTED)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         if request is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,

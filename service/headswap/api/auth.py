@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
+from headswap.api.status import count_refused
 from headswap.errors import shown_name
 from headswap.security.credentials import ADMIN, ANONYMOUS_SCOPES, CLASSIFY, TRAIN, CredentialStore, Principal
 
@@ -161,6 +162,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                               f"{principal.name!r} may not call {method.rsplit('/', 1)[-1]}: it needs the "
                               f"'{scope}' scope and has {', '.join(sorted(principal.scopes))}")
         except _Denied as denied:
+            count_refused(method, denied.code)
             _audit(None if denied.code == grpc.StatusCode.UNAUTHENTICATED else principal, method, denied.code,
                    None, None, reason=denied.message)
             context.abort(denied.code, denied.message)
@@ -235,8 +237,11 @@ def _audit(principal: Principal | None, method: str, code: grpc.StatusCode, requ
                     fields[key] = _plain(value)
     if reason:
         fields["reason"] = reason
+    extra: dict[str, Any] = dict(fields)
+    if code != grpc.StatusCode.OK:  # refusals are what a caller can send at will: throttled (headswap.logs)
+        extra["throttle"] = f"audit {fields['who']} {fields['method']} {fields['result']}"
     audit_log.info("audit %s", " ".join(f"{k}={v!r}" if k == "reason" else f"{k}={v}" for k, v in fields.items()),
-                   extra=fields)
+                   extra=extra)
 
 
 def _plain(value: Any) -> Any:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
+from headswap.api.status import count_refused
 from headswap.errors import InvalidInput
 
 log = logging.getLogger("headswap.api")
@@ -46,7 +47,8 @@ def _safe_parser(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]
 def _unary(behavior: Callable, method: str) -> Callable:
     def handle(request, context: grpc.ServicerContext):
         if isinstance(request, Malformed):
-            log.info("%s refused: %s", method, request.message(method))
+            log.info("%s refused: %s", method, request.message(method), extra={"throttle": f"{method} malformed"})
+            count_refused(method, grpc.StatusCode.INVALID_ARGUMENT)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message(method))
         return behavior(request, context)
 

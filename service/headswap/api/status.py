@@ -54,6 +54,13 @@ def _children(method: str, model: str, version: str, code: str) -> tuple[Any, An
             metrics.REQUEST_LATENCY.labels(method, model))
 
 
+def count_refused(method: str, code: grpc.StatusCode) -> None:
+    """Count a call refused before its servicer ran (no credential, a body that is not protobuf, a
+    request message that never came): its log line may be throttled, the metric never is.
+    `method` is the full name ('/headswap.v1.Inference/Classify'); only served methods get here."""
+    _children(method.rsplit("/", 1)[-1], "", "", code.name)[0].inc()
+
+
 class CallScope:
     """One call: time it, count it, and turn a domain error into its gRPC status and message.
 
@@ -81,7 +88,8 @@ class CallScope:
             if len(message) > MAX_DETAILS:
                 message = f"{message[:MAX_DETAILS]}... (message cut from {len(message)} characters)"
             log.info("%s failed: %s", self.method, message,
-                     extra={"request_id": request_id(self.context), "code": code.name})
+                     extra={"request_id": request_id(self.context), "code": code.name,
+                            "throttle": f"{self.method} {code.name}"})
         else:
             code, rid = grpc.StatusCode.INTERNAL, request_id(self.context)
             log.error("%s crashed", self.method, exc_info=(kind, err, traceback), extra={"request_id": rid})
