@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -47,7 +48,8 @@ def assert_clean_log(server) -> None:
 
 def test_many_tiny_images_go_in_bounded_chunks_and_memory_stays_flat(server_factory, registry_copy, photos):
     """Before: 256 x 1x1 PNG in one Classify took the server from 163 MB to 3.4 GB (one ORT batch of 256)."""
-    server = server_factory(registry_copy, "--max-batch-size", "8")
+    # 38.5 MB KServe requests: past the default --max-message-bytes (16 MiB), allowed here
+    server = server_factory(registry_copy, "--max-batch-size", "8", "--max-message-bytes", str(64 * 2**20))
     for _ in range(10):  # steady state: ordinary traffic, the arena at its usual batches
         classify(server, [photos["coffee"]] * 8, top_k=1)
     steady = rss_mb(server.proc.pid)
@@ -109,7 +111,8 @@ def test_concurrent_inference_calls_are_bounded(server_factory, registry_copy, p
 
 def test_decoding_stops_soon_after_the_deadline(server_factory, registry_copy):
     """Before: 48 x 36 Mpx with a 3 s deadline kept both cores busy for 17 s."""
-    server = server_factory(registry_copy, "--max-request-pixels", "2000000000")
+    # 24 large PNGs are 19 MB: past the default --max-message-bytes (16 MiB), allowed here
+    server = server_factory(registry_copy, "--max-request-pixels", "2000000000", "--max-message-bytes", str(64 * 2**20))
     pid = server.proc.pid
     with pytest.raises(grpc.RpcError) as err:
         classify(server, [big_png()] * 24, timeout=1.5, top_k=1)
@@ -124,10 +127,11 @@ def test_decoding_stops_soon_after_the_deadline(server_factory, registry_copy):
 
 def test_cancelled_call_stops_decoding(server_factory, registry_copy):
     """Before: a cancelled call decoded on to the end."""
-    server = server_factory(registry_copy, "--max-request-pixels", "2000000000")
+    server = server_factory(registry_copy, "--max-request-pixels", "2000000000", "--max-message-bytes", str(64 * 2**20))
     stub = pb_grpc.InferenceStub(server.channel())
     future = stub.Classify.future(pb.ClassifyRequest(images=[big_png()] * 24, top_k=1), timeout=120)
     time.sleep(1.5)
+    assert not future.done(), "the request was answered before it could be cancelled"
     future.cancel()
     time.sleep(1.5)
     before = cpu_seconds(server.proc.pid)
@@ -139,10 +143,12 @@ def test_cancelled_call_stops_decoding(server_factory, registry_copy):
 
 def test_sigterm_drain_respects_the_grace_period(server_factory, registry_copy):
     """Before: SIGTERM with a large request in flight took 15 s against a 10 s grace period."""
-    server = server_factory(registry_copy, "--max-request-pixels", "2000000000", "--grace-period-s", "1")
+    server = server_factory(registry_copy, "--max-request-pixels", "2000000000", "--grace-period-s", "1",
+                            "--max-message-bytes", str(64 * 2**20))
     stub = pb_grpc.InferenceStub(server.channel())
     future = stub.Classify.future(pb.ClassifyRequest(images=[big_png()] * 40, top_k=1), timeout=300)
     time.sleep(1.5)
+    assert not future.done(), "the request was answered before the server was stopped"
     started = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     code = server.proc.wait(60)
@@ -419,6 +425,32 @@ def test_calls_that_never_send_their_message_are_bounded(server_factory, registr
         server.channel().stream_unary("/headswap.v1.Models/ListModels", request_serializer=None,
                                       response_deserializer=None)(iter([]), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exactly one" in err.value.details()
+    assert_clean_log(server)
+
+
+def test_request_bytes_being_handled_are_bounded(server_factory, registry_copy):
+    """Before: nothing bounded the request bytes held at once but the call count: 32 concurrent
+    60 MB requests took the server from 190 MB to 1.9 GB resident (the pod's limit is 1.5 GiB)."""
+    server = server_factory(registry_copy, "--max-request-bytes-in-flight", str(100 * 2**20))
+    kserve = service_pb2_grpc.GRPCInferenceServiceStub(server.channel())
+    pixels = np.random.default_rng(0).integers(0, 256, (60, 224, 224, 3), dtype=np.uint8).tobytes()  # 9 MB
+
+    def infer() -> grpc.StatusCode | service_pb2.ModelInferResponse:
+        request = service_pb2.ModelInferRequest(model_name=BUILTIN_NAME, raw_input_contents=[pixels], inputs=[
+            service_pb2.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=[60, 224, 224, 3])])
+        try:
+            return kserve.ModelInfer(request, timeout=120)
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+            assert "--max-request-bytes-in-flight" in err.details() and "MiB" in err.details(), err.details()
+            return err.code()
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: infer(), range(16)))  # 144 MB at once against a 100 MiB budget
+    answered = [a for a in answers if not isinstance(a, grpc.StatusCode)]
+    assert answered and len(answered) < 16, f"{len(answered)} of 16 answered"
+    assert all(len(a.raw_output_contents[0]) == 60 * 1000 * 4 for a in answered)
+    assert not isinstance(infer(), grpc.StatusCode)  # the budget is given back
     assert_clean_log(server)
 
 

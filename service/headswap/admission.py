@@ -66,3 +66,34 @@ class SlotsPerKey:
                     self._in_use[key] = left
                 else:
                     del self._in_use[key]  # the dict holds only addresses with calls waiting
+
+
+class ByteBudget:
+    """A byte count with a limit: `take(n)` refuses with RESOURCE_EXHAUSTED instead of waiting."""
+
+    def __init__(self, what: str, limit: int, setting: str) -> None:
+        self.what, self.limit, self.setting = what, limit, setting
+        self._lock = threading.Lock()
+        self.in_use = 0
+
+    def take(self, nbytes: int) -> contextlib.AbstractContextManager[None]:
+        """Reserve `nbytes` now (or raise); the returned context manager gives them back."""
+        with self._lock:
+            if self.in_use + nbytes > self.limit:
+                raise ResourceExhausted(f"{_mib(self.in_use)} of {self.what} plus this request's {_mib(nbytes)} "
+                                        f"would pass the limit of {_mib(self.limit)} ({self.setting}); "
+                                        "retry later, or send smaller requests")
+            self.in_use += nbytes
+        return self._giving_back(nbytes)
+
+    @contextlib.contextmanager
+    def _giving_back(self, nbytes: int) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_use -= nbytes
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"

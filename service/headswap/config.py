@@ -38,7 +38,8 @@ class Settings:
     weights: str = _setting("", "Local weights file for a keras: default model (default: Keras' download).")
     work_dir: str = _setting(".headswap", "Local scratch directory: job database, uploaded training data.")
     threads: int = _setting(0, "ONNX Runtime intra-op threads per model (0 = number of CPUs).")
-    max_message_bytes: int = _setting(64 * 1024 * 1024, "Largest gRPC message accepted, in bytes.")
+    max_message_bytes: int = _setting(16 * 1024 * 1024, "Largest gRPC message accepted, in bytes (a KServe UINT8 "
+                                      "batch of 111 images at 224x224; 256 JPEGs of 64 KB).")
     max_image_pixels: int = _setting(40_000_000, "Largest decoded image (width*height) accepted.")
     max_images_per_request: int = _setting(256, "Most images in one Classify request.")
     max_batch_size: int = _setting(8, "Dynamic batching: most images in one ONNX Runtime call.")
@@ -79,8 +80,11 @@ class Settings:
                                          "Each has a thread, so calls waiting on slow callers never hold up others.")
     request_arrival_timeout_s: float = _setting(30.0, "A call whose request message has not arrived this long "
                                                 "after its headers is ended with DEADLINE_EXCEEDED.")
-    max_waiting_calls_per_client: int = _setting(64, "Most calls from one client address still waiting for "
+    max_waiting_calls_per_client: int = _setting(16, "Most calls from one client address still waiting for "
                                                  "their request message; more get RESOURCE_EXHAUSTED.")
+    max_request_bytes_in_flight: int = _setting(256 * 1024 * 1024, "Most bytes of request messages being handled "
+                                                "at once (received, not yet answered); a request that would pass it "
+                                                "gets RESOURCE_EXHAUSTED.")
     max_queued_jobs: int = _setting(8, "FineTune: most jobs queued or running; more get RESOURCE_EXHAUSTED.")
     max_work_dir_bytes: int = _setting(20 * 1024**3, "FineTune: most bytes of uploads kept in the work directory.")
     keep_versions: int = _setting(5, "Retention: newest inactive versions kept per model (never the active "
@@ -137,7 +141,7 @@ class Settings:
                      "max_queue", "max_loaded_models", "max_train_images", "max_train_bytes", "max_label_length",
                      "max_request_pixels", "max_inference_calls", "max_uploads", "max_watchers",
                      "max_reflection_streams", "max_health_watchers", "max_concurrent_calls", "max_connections",
-                     "max_waiting_calls_per_client", "log_refusals_per_minute", "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections"):
+                     "max_waiting_calls_per_client", "max_request_bytes_in_flight", "log_refusals_per_minute", "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag_name(name)} must be at least 1")
         for name in ("threads", "decode_workers", "memory_budget_mb", "inference_lanes"):
@@ -163,6 +167,9 @@ class Settings:
                             f"({held}: --max-inference-calls, --max-uploads, --max-watchers, "
                             f"--max-reflection-streams, --max-health-watchers, --max-waiting-calls-per-client), "
                             "or one client could have health checks refused")
+        if self.max_request_bytes_in_flight < self.max_message_bytes:
+            problems.append("--max-request-bytes-in-flight must be at least --max-message-bytes, or the largest "
+                            "request allowed could never be handled")
         if self.poll_interval_s <= 0:
             problems.append("--poll-interval-s must be positive")
         if not self.model_dir:

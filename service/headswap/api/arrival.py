@@ -17,6 +17,7 @@ Two defences, with `server.pool_size`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
-from headswap.admission import SlotsPerKey
+from headswap.admission import ByteBudget, SlotsPerKey
 from headswap.api.status import count_refused
 from headswap.deadlines import Deadlines
 from headswap.errors import ResourceExhausted
@@ -85,13 +86,22 @@ class _Wait:
             count_refused(self.method, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-class RequestArrival(grpc.ServerInterceptor):
-    """Receive each single-request call's message under a per-address limit and a time limit."""
+def message_bytes(request: Any) -> int:
+    """A received request's size: its wire size, or the size of a body that did not parse."""
+    size = getattr(request, "ByteSize", None)
+    return size() if size is not None else int(getattr(request, "size", 0))
 
-    def __init__(self, timeout_s: float, per_client: int) -> None:
+
+class RequestArrival(grpc.ServerInterceptor):
+    """Receive each single-request call's message under a per-address limit and a time limit, and
+    handle it within a budget of request bytes in flight."""
+
+    def __init__(self, timeout_s: float, per_client: int, bytes_in_flight: int) -> None:
         self.timeout_s = timeout_s
         self.waiting = SlotsPerKey("calls from your address are waiting for their request message",
                                    per_client, "--max-waiting-calls-per-client")
+        self.in_flight = ByteBudget("request bytes being handled", bytes_in_flight,
+                                    "--max-request-bytes-in-flight")
         self._deadlines = Deadlines("arrival-deadlines")
 
     def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
@@ -103,17 +113,34 @@ class RequestArrival(grpc.ServerInterceptor):
             behaviour = handler.unary_stream
 
             def stream_out(requests: Iterator, context: grpc.ServicerContext) -> Iterator:
-                yield from behaviour(self.receive(requests, context, method), context)
+                request = self.receive(requests, context, method)
+                with self.held(request, context, method):
+                    yield from behaviour(request, context)
 
             return grpc.stream_stream_rpc_method_handler(stream_out, handler.request_deserializer,
                                                          handler.response_serializer)
         unary = handler.unary_unary
 
         def unary_out(requests: Iterator, context: grpc.ServicerContext) -> Any:
-            return unary(self.receive(requests, context, method), context)
+            request = self.receive(requests, context, method)
+            with self.held(request, context, method):
+                return unary(request, context)
 
         return grpc.stream_unary_rpc_method_handler(unary_out, handler.request_deserializer,
                                                     handler.response_serializer)
+
+    @contextlib.contextmanager
+    def held(self, request: Any, context: grpc.ServicerContext, method: str) -> Iterator[None]:
+        """Count the request's bytes against the budget while it is handled; refuse it when they do
+        not fit. (The message is in memory already, but refusing drops it at once, and the
+        handling is what takes long: decoding hundreds of images, waiting for inference.)"""
+        try:
+            taken = self.in_flight.take(message_bytes(request))
+        except ResourceExhausted as err:
+            count_refused(method, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        with taken:
+            yield
 
     def receive(self, requests: Iterator, context: grpc.ServicerContext, method: str) -> Any:
         """The call's one request message. A call that ended while waiting for it is aborted here,
