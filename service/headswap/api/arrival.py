@@ -1,4 +1,5 @@
-"""Calls whose request message has not arrived yet: bounded per client address and in time.
+"""Single-request calls: their message's arrival bounded per client address and in time, and the
+bytes of the requests being handled bounded in all.
 
 grpc's sync server gives a unary call a pool thread as soon as its headers arrive, and the thread
 then waits, with no timeout, for the request message. A caller that sends headers and nothing
@@ -13,6 +14,11 @@ Two defences, with `server.pool_size`:
   tell (the bytes on the wire are the same). At most `--max-waiting-calls-per-client` calls from
   one address wait at once; a message that has not arrived within `--request-arrival-timeout-s`
   ends the call with DEADLINE_EXCEEDED and a message naming the setting.
+
+The message is read only once its call is admitted here: with grpc's window probing off
+(`server.connection_options`), a stream buffers no more than its initial window before that. Once
+received, a request's bytes count against `--max-request-bytes-in-flight` until it is answered
+(32 concurrent 60 MB requests had taken the server to 1.9 GB resident).
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ class _Wait:
     """One call waiting for its message: arrives, or expires, whichever comes first."""
 
     def __init__(self, context: grpc.ServicerContext, method: str, details: str) -> None:
-        self.context: grpc.ServicerContext | None = context
+        self.context = context
         self.method, self.details = method, details
         self._lock = threading.Lock()
         self.state = "waiting"
