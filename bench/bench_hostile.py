@@ -16,10 +16,21 @@ runs each abuse from the issue:
             efficientnet-lite0/1/.., the model directory's absolute path) (4 attackers);
 - idle:     200 FineTune streams opened and left idle;
 - uploads:  4 FineTune streams each uploading 36 Mpx PNGs (cancelled before they finish, so no
-            job is trained).
+            job is trained);
+- stalled:  300 unary calls (health Check, Classify, ModelInfer) that send their headers and never
+            their message, re-opened as they end (--request-arrival-timeout-s is 5 s here);
+- watch:    300 grpc.health.v1 Watch streams, each re-opened 5 s after it opens or when refused;
+- conns:    5,000 TCP connections that never speak, re-opened as they close (the victim's
+            connection is open before; new ones are refused while the flood fills --max-connections);
+- bigmsg:   2 attackers each sending 32 concurrent 15 MB Classify requests, in a loop;
+- badcalls: 4 attackers sending Classify for unknown models and bodies that are not protobuf; the
+            row reports how much the server log grew.
 
 Prints, per phase: victim p50/p99 (ms) and their ratio to steady, victim errors, health p99,
-attacker status codes, and the server's resident memory. Figures, not assertions.
+attacker status codes, the server's resident memory (end and peak), its peak open files, and how
+much its log grew. Figures, not assertions. The server listens on both IPv4 and IPv6; the victim
+and the health checker connect over 127.0.0.1 and the attackers over [::1], so the server sees two
+client addresses, as it would two hosts (its per-address bounds apply to the attackers only).
 """
 
 from __future__ import annotations
@@ -29,11 +40,13 @@ import collections
 import io
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -48,7 +61,8 @@ from headswap.protocol import headswap_v1_pb2 as pb  # noqa: E402
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc  # noqa: E402
 
 MODEL = "efficientnet-lite0"
-ATTACKS = ("tiny256", "bigpng", "names", "aliases", "idle", "uploads")
+ATTACKS = ("tiny256", "bigpng", "names", "aliases", "idle", "uploads", "stalled", "watch", "conns", "bigmsg",
+           "badcalls")
 
 
 def encoded(image: Image.Image, fmt: str, **params) -> bytes:
@@ -75,6 +89,10 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def open_files(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -82,8 +100,10 @@ def percentile(values: list[float], q: float) -> float:
 class Phase:
     """Victim + health checker for `seconds`, while `attack` (if any) runs in its own threads."""
 
-    def __init__(self, target: str, pid: int, photo: bytes, seconds: float) -> None:
-        self.target, self.pid, self.photo, self.seconds = target, pid, photo, seconds
+    def __init__(self, target: str, attacker_target: str, pid: int, photo: bytes, seconds: float,
+                 log_path: Path) -> None:
+        self.target, self.attacker_target, self.pid = target, attacker_target, pid
+        self.photo, self.seconds, self.log_path = photo, seconds, log_path
 
     def run(self, attack=None) -> dict:
         stop = threading.Event()
@@ -92,9 +112,14 @@ class Phase:
         errors: collections.Counter = collections.Counter()
         attacker_codes: collections.Counter = collections.Counter()
         peak = [rss_mb(self.pid)]
+        peak_files = [open_files(self.pid)]
+        log_before = self.log_path.stat().st_size
+        # long-lived clients, connected before the attack starts (as gRPC clients keep their channels)
         channel = grpc.insecure_channel(self.target)
         stub = pb_grpc.InferenceStub(channel)
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(self.target))
+        stub.Classify(pb.ClassifyRequest(images=[self.photo], top_k=1), timeout=30)
+        health.Check(health_pb2.HealthCheckRequest(), timeout=30)
 
         def victim() -> None:
             request = pb.ClassifyRequest(images=[self.photo], top_k=1)
@@ -119,10 +144,11 @@ class Phase:
         def sampler() -> None:
             while not stop.is_set():
                 peak[0] = max(peak[0], rss_mb(self.pid))
+                peak_files[0] = max(peak_files[0], open_files(self.pid))
                 stop.wait(0.25)
 
         threads = [threading.Thread(target=f, daemon=True) for f in (victim, checker, sampler)]
-        attackers = attack(self.target, stop, attacker_codes) if attack else []
+        attackers = attack(self.attacker_target, stop, attacker_codes) if attack else []
         time.sleep(0.5 if attack else 0)  # let the attack take hold before measuring
         latencies.clear()
         for thread in threads:
@@ -137,7 +163,8 @@ class Phase:
         channel.close()
         return {"p50": percentile(latencies, 50) * 1000, "p99": percentile(latencies, 99) * 1000,
                 "calls": len(latencies), "errors": dict(errors), "health_p99": percentile(health_latencies, 99) * 1000,
-                "attacker": dict(attacker_codes), "rss": rss_mb(self.pid), "peak_rss": peak[0], "cpu_after": after_cpu}
+                "attacker": dict(attacker_codes), "rss": rss_mb(self.pid), "peak_rss": peak[0], "cpu_after": after_cpu,
+                "files": peak_files[0], "log_kb": (self.log_path.stat().st_size - log_before) / 1024}
 
 
 def looping(target: str, stop: threading.Event, codes: collections.Counter, threads: int, make_call) -> list:
@@ -262,6 +289,138 @@ def attack_uploads(target, stop, codes, streams: int = 4):
     return threads
 
 
+def attack_stalled(target, stop, codes, calls: int = 300):
+    methods = ["/grpc.health.v1.Health/Check", "/headswap.v1.Inference/Classify",
+               "/inference.GRPCInferenceService/ModelInfer"]
+    channels = [grpc.insecure_channel(target) for _ in range(4)]
+
+    def nothing():
+        stop.wait()
+        return
+        yield
+
+    def keep(n: int) -> None:
+        call = channels[n % 4].stream_unary(methods[n % 3], request_serializer=None, response_deserializer=None)
+        while not stop.is_set():
+            future = call.future(nothing(), timeout=120)
+            while not future.done() and not stop.is_set():
+                time.sleep(0.05)
+            future.cancel()
+            count_outcome(future, codes, "CANCELLED (by us)")
+
+    threads = [threading.Thread(target=keep, args=(n,), daemon=True) for n in range(calls)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def attack_watch(target, stop, codes, streams: int = 300):
+    channels = [grpc.insecure_channel(target) for _ in range(4)]
+
+    def keep(n: int) -> None:
+        health = health_pb2_grpc.HealthStub(channels[n % 4])
+        while not stop.is_set():
+            stream = health.Watch(health_pb2.HealthCheckRequest(), timeout=5)
+            try:
+                for _ in stream:
+                    if stop.is_set():
+                        break
+                codes["ended"] += 1
+            except grpc.RpcError as err:
+                codes[err.code().name] += 1
+                stop.wait(0.2)
+            stream.cancel()
+
+    threads = [threading.Thread(target=keep, args=(n,), daemon=True) for n in range(streams)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def attack_conns(target, stop, codes, connections: int = 5000):
+    host, port = target.rsplit(":", 1)
+    host = host.strip("[]")
+
+    def flood() -> None:
+        sockets = []
+        while not stop.is_set():
+            sockets = [s for s in sockets if s.fileno() != -1]
+            while len(sockets) < connections and not stop.is_set():
+                try:
+                    sockets.append(socket.create_connection((host, int(port)), timeout=5))
+                    codes["connected"] += 1
+                except OSError as err:
+                    codes[type(err).__name__] += 1
+                    break
+            for sock in list(sockets):  # drop the ones the server closed
+                sock.setblocking(False)
+                try:
+                    if sock.recv(65536) == b"":
+                        codes["closed by the server"] += 1
+                        sock.close()
+                        sockets.remove(sock)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    codes["closed by the server"] += 1
+                    sock.close()
+                    sockets.remove(sock)
+            stop.wait(0.5)
+        for sock in sockets:
+            sock.close()
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    return [thread]
+
+
+def attack_bigmsg(target, stop, codes, attackers: int = 2, concurrent: int = 32):
+    body = pb.ClassifyRequest(images=[b"\x89PNG" + b"\0" * (15 << 20)], top_k=1).SerializeToString()
+
+    def one(call) -> None:
+        try:
+            call(body, timeout=60)
+            codes["OK"] += 1
+        except grpc.RpcError as err:
+            codes[err.code().name] += 1
+
+    def attacker() -> None:
+        channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 256 << 20)])
+        call = channel.unary_unary("/headswap.v1.Inference/Classify", request_serializer=None,
+                                   response_deserializer=None)
+        with ThreadPoolExecutor(concurrent) as pool:
+            while not stop.is_set():
+                list(pool.map(lambda _: one(call), range(concurrent)))
+        channel.close()
+
+    threads = [threading.Thread(target=attacker, daemon=True) for _ in range(attackers)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def attack_badcalls(target, stop, codes, attackers: int = 4):
+    def attacker(n: int) -> None:
+        channel = grpc.insecure_channel(target)
+        raw = channel.unary_unary("/headswap.v1.Inference/Classify", request_serializer=None,
+                                  response_deserializer=None)
+        unknown = pb.ClassifyRequest(images=[b"x"], model="no-such-model").SerializeToString()
+        i = 0
+        while not stop.is_set():
+            try:  # alternately: an unknown model, and a body that is not protobuf
+                raw(unknown if i % 2 else b"\xff\xff\xff\xff", timeout=10)
+                codes["OK"] += 1
+            except grpc.RpcError as err:
+                codes[err.code().name] += 1
+            i += 1
+        channel.close()
+
+    threads = [threading.Thread(target=attacker, args=(n,), daemon=True) for n in range(attackers)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
 def metrics_bytes(log_path: Path) -> int:
     match = re.search(r"metrics on (\d+)", log_path.read_text(errors="replace"))
     if not match:
@@ -284,11 +443,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-hostile-"))
     try:
         model_dir = prepare_registry(work, args.model_dir)
-        proc, port = start_server(model_dir, work, "--metrics-port", "0", "--threads", "2")
-        target = f"127.0.0.1:{port}"
+        proc, port = start_server(model_dir, work, "--metrics-port", "0", "--threads", "2", "--host", "[::]",
+                                  "--metrics-host", "127.0.0.1", "--request-arrival-timeout-s", "5")
+        target, attacker_target = f"127.0.0.1:{port}", f"[::1]:{port}"
         try:
             photo = victim_photo()
-            phase = Phase(target, proc.pid, photo, args.seconds)
+            phase = Phase(target, attacker_target, proc.pid, photo, args.seconds, work / "server.log")
             for _ in range(20):  # warm-up
                 pb_grpc.InferenceStub(grpc.insecure_channel(target)).Classify(
                     pb.ClassifyRequest(images=[photo], top_k=1), timeout=30)
@@ -296,17 +456,21 @@ def main() -> None:
             rows = [("steady", steady)]
             metrics_before = metrics_bytes(work / "server.log")
             attacks = {"tiny256": attack_tiny256, "bigpng": attack_bigpng, "names": attack_names,
-                       "aliases": attack_aliases(model_dir), "idle": attack_idle, "uploads": attack_uploads}
+                       "aliases": attack_aliases(model_dir), "idle": attack_idle, "uploads": attack_uploads,
+                       "stalled": attack_stalled, "watch": attack_watch, "conns": attack_conns,
+                       "bigmsg": attack_bigmsg, "badcalls": attack_badcalls}
             for name in chosen:
                 rows.append((name, phase.run(attacks[name])))
             print(f"\nvictim: Classify of one 600x400 JPEG in a loop; {args.seconds:.0f} s per phase; "
                   f"server pid {proc.pid}")
             print(f"{'phase':9} {'p50 ms':>8} {'p99 ms':>8} {'p50 x':>6} {'p99 x':>6} {'calls':>6} "
-                  f"{'health p99':>10} {'RSS MB':>7} {'peak':>6} {'CPU-s 1s after':>14}  victim errors / attacker codes")
+                  f"{'health p99':>10} {'RSS MB':>7} {'peak':>6} {'files':>6} {'log KB':>7} {'CPU-s 1s after':>14}  "
+                  "victim errors / attacker codes")
             for name, r in rows:
                 print(f"{name:9} {r['p50']:8.1f} {r['p99']:8.1f} {r['p50'] / steady['p50']:6.2f} "
                       f"{r['p99'] / steady['p99']:6.2f} {r['calls']:6d} {r['health_p99']:10.1f} {r['rss']:7.0f} "
-                      f"{r['peak_rss']:6.0f} {r['cpu_after']:14.2f}  {r['errors'] or '-'} / {r['attacker'] or '-'}")
+                      f"{r['peak_rss']:6.0f} {r['files']:6d} {r['log_kb']:7.0f} {r['cpu_after']:14.2f}  "
+                      f"{r['errors'] or '-'} / {r['attacker'] or '-'}")
             if "names" in chosen:
                 print(f"/metrics: {metrics_before} bytes before the attacks, {metrics_bytes(work / 'server.log')} after")
         finally:
