@@ -544,6 +544,31 @@ def test_log_throttle_says_how_many_lines_it_left_out(monkeypatch):
     assert "7 more lines like this were left out" in first.getMessage()
 
 
+def test_streams_end_at_the_connection_age(server_factory, registry_copy):
+    """Before: the connection age (5 min, then 60 s of grace) was hard-coded; it is the bound on how
+    long an idle reflection or WatchJob stream stays open."""
+    server = server_factory(registry_copy, "--max-connection-age-s", "2", "--connection-age-grace-s", "1")
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel())
+    ask = reflection_pb2.ServerReflectionRequest(list_services="")
+    release = threading.Event()
+
+    def idle():
+        yield ask
+        release.wait(60)  # the stream stays open, sending nothing
+
+    stream = stub.ServerReflectionInfo(idle(), timeout=60)
+    assert next(stream).list_services_response.service
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        next(stream)
+    release.set()
+    assert time.monotonic() - started < 10, "the stream outlived the connection age and its grace"
+    assert err.value.code() != grpc.StatusCode.DEADLINE_EXCEEDED  # ended by the server, not by our deadline
+    health = health_pb2_grpc.HealthStub(server.channel())
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING  # clients reconnect
+    assert_clean_log(server)
+
+
 def test_kserve_version_strings_and_malformed_bodies(shared_server):
     """Before: model_version "²" or 5000 digits, and a garbage protobuf body, answered INTERNAL."""
     kserve = service_pb2_grpc.GRPCInferenceServiceStub(shared_server.channel())

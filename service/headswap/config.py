@@ -74,6 +74,10 @@ class Settings:
                                           "handshake this long after opening is closed.")
     connection_idle_timeout_s: float = _setting(300.0, "A connection with no call open for this long is closed "
                                                 "(clients reconnect on their next call).")
+    max_connection_age_s: float = _setting(300.0, "A connection is asked to close this long after it opened "
+                                           "(clients reconnect, and find a Service's new replicas).")
+    connection_age_grace_s: float = _setting(60.0, "After --max-connection-age-s, how long its calls may go on "
+                                             "(WatchJob and reflection streams too) before it is closed.")
     max_health_watchers: int = _setting(32, "grpc.health.v1 Watch: most streams open at once on each port; more "
                                         "get RESOURCE_EXHAUSTED.")
     max_concurrent_calls: int = _setting(1024, "Most calls open at once on the gRPC port; more get RESOURCE_EXHAUSTED. "
@@ -152,7 +156,8 @@ class Settings:
             if getattr(self, name) < 0:
                 problems.append(f"{flag_name(name)} must not be negative")
         for name in ("upload_idle_timeout_s", "max_upload_seconds", "abandoned_after_s", "metrics_timeout_s",
-                     "request_arrival_timeout_s", "handshake_timeout_s", "connection_idle_timeout_s"):
+                     "request_arrival_timeout_s", "handshake_timeout_s", "connection_idle_timeout_s",
+                     "max_connection_age_s", "connection_age_grace_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{flag_name(name)} must be positive")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -80,7 +80,7 @@ FILES_RESERVE = 1024
 
 def connection_options(settings: Settings, max_connections: int) -> list[tuple[str, int]]:
     """grpc channel arguments that bound what clients' connections hold: how many are open, how long
-    one may take to finish its handshake, and how long one may stay open with no call. Without them a
+    one may take to finish its handshake, stay open with no call, and stay open at all. Without them a
     client opening 19,000 connections that sent nothing held 19,000 file descriptors (the process
     limit was 20,000) and 400 MB, for two minutes each."""
     return [("grpc.so_reuseport", 0),
@@ -90,7 +90,10 @@ def connection_options(settings: Settings, max_connections: int) -> list[tuple[s
             ("grpc.http2.bdp_probe", 0),
             ("grpc.max_allowed_incoming_connections", max_connections),
             ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_s * 1000)),
-            ("grpc.max_connection_idle_ms", int(settings.connection_idle_timeout_s * 1000))]
+            ("grpc.max_connection_idle_ms", int(settings.connection_idle_timeout_s * 1000)),
+            # The longest any call or stream lives; clients behind a headless Service re-resolve.
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.connection_age_grace_s * 1000))]
 
 
 def allow_open_files(needed: int) -> None:
@@ -142,9 +145,7 @@ class HeadswapServer:
         self.metrics_port = 0
         options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                    ("grpc.max_send_message_length", settings.max_message_bytes),
-                   *connection_options(settings, settings.max_connections),
-                   # Clients behind a headless Service re-resolve and find new replicas.
-                   ("grpc.max_connection_age_ms", 300_000), ("grpc.max_connection_age_grace_ms", 60_000)]
+                   *connection_options(settings, settings.max_connections)]
         allow_open_files(settings.max_connections + health_port_calls(settings) + FILES_RESERVE)
         # Access control (issue 9): checked here, so that broken TLS or credentials files stop the start.
         self.credentials = CredentialStore(settings.auth_tokens_file) if settings.auth_tokens_file else None
