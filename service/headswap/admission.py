@@ -45,10 +45,6 @@ class SlotsPerKey:
         self._lock = threading.Lock()
         self._in_use: dict[str, int] = {}
 
-    def in_use(self, key: str) -> int:
-        with self._lock:
-            return self._in_use.get(key, 0)
-
     @contextlib.contextmanager
     def take(self, key: str) -> Iterator[None]:
         with self._lock:
