@@ -322,6 +322,16 @@ def test_client_connections_are_bounded_and_timed_out(server_factory, registry_c
     assert_clean_log(server)
 
 
+def idle_reflection_stream(channel: grpc.Channel, release: threading.Event, timeout: float = 90):
+    """A reflection stream that asks once, then stays open sending nothing until `release` is set."""
+
+    def idle():
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        release.wait(60)
+
+    return reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(idle(), timeout=timeout)
+
+
 def test_idle_reflection_streams_are_bounded(server_factory, registry_copy):
     """grpcio-reflection's streams each hold a pool thread: 300 idle ones took every thread, and
     health checks and ListModels timed out."""
@@ -329,12 +339,7 @@ def test_idle_reflection_streams_are_bounded(server_factory, registry_copy):
     stub = reflection_pb2_grpc.ServerReflectionStub(server.channel())
     ask = reflection_pb2.ServerReflectionRequest(list_services="")
     release = threading.Event()
-
-    def idle():
-        yield ask
-        release.wait(60)  # the stream stays open, sending nothing
-
-    held = [stub.ServerReflectionInfo(idle(), timeout=90) for _ in range(2)]
+    held = [idle_reflection_stream(server.channel(), release) for _ in range(2)]
     for stream in held:
         assert next(stream).list_services_response.service  # admitted and answered
     for _ in range(50):
@@ -548,15 +553,8 @@ def test_streams_end_at_the_connection_age(server_factory, registry_copy):
     """Before: the connection age (5 min, then 60 s of grace) was hard-coded; it is the bound on how
     long an idle reflection or WatchJob stream stays open."""
     server = server_factory(registry_copy, "--max-connection-age-s", "2", "--connection-age-grace-s", "1")
-    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel())
-    ask = reflection_pb2.ServerReflectionRequest(list_services="")
     release = threading.Event()
-
-    def idle():
-        yield ask
-        release.wait(60)  # the stream stays open, sending nothing
-
-    stream = stub.ServerReflectionInfo(idle(), timeout=60)
+    stream = idle_reflection_stream(server.channel(), release, timeout=60)
     assert next(stream).list_services_response.service
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
