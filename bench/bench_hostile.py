@@ -167,6 +167,23 @@ class Phase:
                 "files": peak_files[0], "log_kb": (self.log_path.stat().st_size - log_before) / 1024}
 
 
+def started(target, count: int) -> list[threading.Thread]:
+    """`count` daemon threads running target(n), started: an attack's attackers."""
+    threads = [threading.Thread(target=target, args=(n,), daemon=True) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def tally(codes: collections.Counter, call, *args, **kwargs) -> None:
+    """Make one attacker call and count how it ended: OK or its status code."""
+    try:
+        call(*args, **kwargs)
+        codes["OK"] += 1
+    except grpc.RpcError as err:
+        codes[err.code().name] += 1
+
+
 def looping(target: str, stop: threading.Event, codes: collections.Counter, threads: int, make_call) -> list:
     """`threads` attackers each calling make_call(stub, i) until stop."""
 
@@ -175,18 +192,11 @@ def looping(target: str, stop: threading.Event, codes: collections.Counter, thre
         stub = pb_grpc.InferenceStub(channel)
         i = 0
         while not stop.is_set():
-            try:
-                make_call(stub, n * 1_000_000 + i)
-                codes["OK"] += 1
-            except grpc.RpcError as err:
-                codes[err.code().name] += 1
+            tally(codes, make_call, stub, n * 1_000_000 + i)
             i += 1
         channel.close()
 
-    started = [threading.Thread(target=attacker, args=(n,), daemon=True) for n in range(threads)]
-    for thread in started:
-        thread.start()
-    return started
+    return started(attacker, threads)
 
 
 def attack_tiny256(target, stop, codes):
@@ -264,7 +274,7 @@ def attack_uploads(target, stop, codes, streams: int = 4):
     big = big_png()
     config = pb.FineTuneRequest(config=pb.FineTuneConfig(base_model=MODEL, name="bench-hostile-upload", epochs=1))
 
-    def upload() -> None:
+    def upload(_: int) -> None:
         channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 256 << 20)])
         stub = pb_grpc.TrainingStub(channel)
         while not stop.is_set():
@@ -283,10 +293,7 @@ def attack_uploads(target, stop, codes, streams: int = 4):
             count_outcome(future, codes, "CANCELLED (by us)")
         channel.close()
 
-    threads = [threading.Thread(target=upload, daemon=True) for _ in range(streams)]
-    for thread in threads:
-        thread.start()
-    return threads
+    return started(upload, streams)
 
 
 def attack_stalled(target, stop, codes, calls: int = 300):
@@ -308,10 +315,7 @@ def attack_stalled(target, stop, codes, calls: int = 300):
             future.cancel()
             count_outcome(future, codes, "CANCELLED (by us)")
 
-    threads = [threading.Thread(target=keep, args=(n,), daemon=True) for n in range(calls)]
-    for thread in threads:
-        thread.start()
-    return threads
+    return started(keep, calls)
 
 
 def attack_watch(target, stop, codes, streams: int = 300):
@@ -331,10 +335,7 @@ def attack_watch(target, stop, codes, streams: int = 300):
                 stop.wait(0.2)
             stream.cancel()
 
-    threads = [threading.Thread(target=keep, args=(n,), daemon=True) for n in range(streams)]
-    for thread in threads:
-        thread.start()
-    return threads
+    return started(keep, streams)
 
 
 def attack_conns(target, stop, codes, connections: int = 5000):
@@ -374,51 +375,39 @@ def attack_conns(target, stop, codes, connections: int = 5000):
     return [thread]
 
 
+def raw_classify(channel: grpc.Channel):
+    """Classify taking and answering bytes: for bodies the generated stub would not send."""
+    return channel.unary_unary("/headswap.v1.Inference/Classify", request_serializer=None,
+                               response_deserializer=None)
+
+
 def attack_bigmsg(target, stop, codes, attackers: int = 2, concurrent: int = 32):
     body = pb.ClassifyRequest(images=[b"\x89PNG" + b"\0" * (15 << 20)], top_k=1).SerializeToString()
 
-    def one(call) -> None:
-        try:
-            call(body, timeout=60)
-            codes["OK"] += 1
-        except grpc.RpcError as err:
-            codes[err.code().name] += 1
-
-    def attacker() -> None:
+    def attacker(_: int) -> None:
         channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 256 << 20)])
-        call = channel.unary_unary("/headswap.v1.Inference/Classify", request_serializer=None,
-                                   response_deserializer=None)
+        call = raw_classify(channel)
         with ThreadPoolExecutor(concurrent) as pool:
             while not stop.is_set():
-                list(pool.map(lambda _: one(call), range(concurrent)))
+                list(pool.map(lambda _: tally(codes, call, body, timeout=60), range(concurrent)))
         channel.close()
 
-    threads = [threading.Thread(target=attacker, daemon=True) for _ in range(attackers)]
-    for thread in threads:
-        thread.start()
-    return threads
+    return started(attacker, attackers)
 
 
 def attack_badcalls(target, stop, codes, attackers: int = 4):
-    def attacker(n: int) -> None:
+    unknown = pb.ClassifyRequest(images=[b"x"], model="no-such-model").SerializeToString()
+
+    def attacker(_: int) -> None:
         channel = grpc.insecure_channel(target)
-        raw = channel.unary_unary("/headswap.v1.Inference/Classify", request_serializer=None,
-                                  response_deserializer=None)
-        unknown = pb.ClassifyRequest(images=[b"x"], model="no-such-model").SerializeToString()
+        call = raw_classify(channel)
         i = 0
-        while not stop.is_set():
-            try:  # alternately: an unknown model, and a body that is not protobuf
-                raw(unknown if i % 2 else b"\xff\xff\xff\xff", timeout=10)
-                codes["OK"] += 1
-            except grpc.RpcError as err:
-                codes[err.code().name] += 1
+        while not stop.is_set():  # alternately: an unknown model, and a body that is not protobuf
+            tally(codes, call, unknown if i % 2 else b"\xff\xff\xff\xff", timeout=10)
             i += 1
         channel.close()
 
-    threads = [threading.Thread(target=attacker, args=(n,), daemon=True) for n in range(attackers)]
-    for thread in threads:
-        thread.start()
-    return threads
+    return started(attacker, attackers)
 
 
 def metrics_bytes(log_path: Path) -> int:

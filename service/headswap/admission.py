@@ -1,9 +1,10 @@
 """Bounded admission: at most N calls of one kind at once, the next one refused at the door.
 
-The gRPC server runs handlers on one thread pool. A call that may wait on its caller for long
-(an upload stream, a WatchJob stream) holds a thread while it waits, so each such kind gets a
-fixed number of slots: the pool is sized to hold every kind's slots plus a reserve (server.py),
-and slow or idle callers can never take the threads health checks and inference need.
+The gRPC server runs handlers on one thread pool with a thread for every admitted call
+(server.pool_size). A call that may wait on its caller for long (an upload stream, a WatchJob
+stream, a request message still arriving) holds its thread while it waits, so each such kind gets
+a fixed number of slots (per client address, for messages still arriving), and what a caller can
+hold stays bounded; request bytes being handled get a byte budget.
 """
 
 from __future__ import annotations
@@ -15,30 +16,9 @@ from typing import Iterator
 from headswap.errors import ResourceExhausted
 
 
-class Slots:
-    """A counter with a limit; `take()` refuses with RESOURCE_EXHAUSTED instead of waiting."""
-
-    def __init__(self, what: str, limit: int, setting: str) -> None:
-        self.what, self.limit, self.setting = what, limit, setting
-        self._lock = threading.Lock()
-        self.in_use = 0
-
-    @contextlib.contextmanager
-    def take(self) -> Iterator[None]:
-        with self._lock:
-            if self.in_use >= self.limit:
-                raise ResourceExhausted(f"{self.in_use} {self.what}; the limit is {self.limit} "
-                                        f"({self.setting}); try again when one has finished")
-            self.in_use += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.in_use -= 1
-
-
 class SlotsPerKey:
-    """`Slots` kept apart per key (a client's address): one key at its limit refuses only itself."""
+    """A counter with a limit per key (a client's address): `take(key)` refuses with
+    RESOURCE_EXHAUSTED instead of waiting, and one key at its limit refuses only itself."""
 
     def __init__(self, what: str, limit: int, setting: str) -> None:
         self.what, self.limit, self.setting = what, limit, setting
@@ -61,7 +41,14 @@ class SlotsPerKey:
                 if left:
                     self._in_use[key] = left
                 else:
-                    del self._in_use[key]  # the dict holds only addresses with calls waiting
+                    del self._in_use[key]  # the dict holds only keys with slots taken
+
+
+class Slots(SlotsPerKey):
+    """One counter with a limit for a whole kind of call: `take()` refuses instead of waiting."""
+
+    def take(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
+        return super().take("")
 
 
 class ByteBudget:

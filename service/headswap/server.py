@@ -157,12 +157,10 @@ class HeadswapServer:
         reflection_limit = StreamLimit(REFLECTION_METHODS, Slots("reflection streams already open",
                                                                  settings.max_reflection_streams,
                                                                  "--max-reflection-streams"))
-        # first: it wraps the others, so that no call waits unbounded for its message, authorised or not
-        self.arrival = RequestArrival(settings.request_arrival_timeout_s, settings.max_waiting_calls_per_client,
-                                      settings.max_request_bytes_in_flight)
         pool = futures.ThreadPoolExecutor(max_workers=pool_size(settings), thread_name_prefix="grpc")
+        # arrival first: it wraps the others, so no call waits unbounded for its message, authorised or not
         self.server = grpc.server(pool, options=options, maximum_concurrent_rpcs=settings.max_concurrent_calls,
-                                  interceptors=[self.arrival, interceptor, MalformedRequestInterceptor(),
+                                  interceptors=[self._request_arrival(), interceptor, MalformedRequestInterceptor(),
                                                 reflection_limit, self._health_watch_limit()])
         services = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -246,6 +244,12 @@ class HeadswapServer:
                         "--tls-key-file and --auth-tokens-file (docs/security.md) outside local development.",
                         s.host, self.port, " and ".join(missing))
 
+    def _request_arrival(self) -> RequestArrival:
+        """Each port's own: its per-address counts and byte budget are not shared with the other port."""
+        s = self.settings
+        return RequestArrival(s.request_arrival_timeout_s, s.max_waiting_calls_per_client,
+                              s.max_request_bytes_in_flight)
+
     def _health_watch_limit(self) -> StreamLimit:
         """Open health Watch streams on one port: health is open to every caller, and each stream
         holds a thread (the interceptors' wrappers leave grpc's health servicer in its blocking mode)."""
@@ -258,10 +262,7 @@ class HeadswapServer:
         calls = health_port_calls(s)
         self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=calls, thread_name_prefix="health"),
                                          options=connection_options(s, calls), maximum_concurrent_rpcs=calls,
-                                         interceptors=[RequestArrival(s.request_arrival_timeout_s,
-                                                                      s.max_waiting_calls_per_client,
-                                                                      s.max_request_bytes_in_flight),
-                                                       self._health_watch_limit()])
+                                         interceptors=[self._request_arrival(), self._health_watch_limit()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         self.health_port = self.health_server.add_insecure_port(f"{s.host}:{s.health_port}")
         if not self.health_port:
