@@ -98,7 +98,9 @@ def test_model_metadata(client):
     assert metadata.name == BUILTIN_NAME and metadata.platform == "onnxruntime_onnx"
     assert list(metadata.versions) == ["1"]
     (image,) = metadata.inputs
-    assert (image.name, image.datatype, list(image.shape)) == ("image", "FP32", [-1, SIZE, SIZE, 3])
+    # advertised as pixels (FP32 model input and BYTES images are accepted too): a client that follows the
+    # metadata needs no normalisation, and no value it can send is invalid
+    assert (image.name, image.datatype, list(image.shape)) == ("image", "UINT8", [-1, SIZE, SIZE, 3])
     (output,) = metadata.outputs
     assert (output.name, output.datatype, list(output.shape)) == ("probabilities", "FP32", [-1, CLASSES])
     assert client.get_model_metadata(BUILTIN_NAME, "1").name == BUILTIN_NAME

@@ -5,8 +5,10 @@ Lets `tritonclient.grpc` (and any Open Inference Protocol client) call headswap 
 A model is a registry model (`efficientnet-lite0`); its versions are registry versions as strings,
 "" meaning the active one. Every model has one input and one output:
 
-- input `image`, advertised by ModelMetadata as FP32 [-1, H, W, 3] (the model's own input), and
-  accepted on the same name in three datatypes, chosen by the tensor's `datatype`:
+- input `image`, advertised by ModelMetadata and ModelConfig as UINT8 [-1, H, W, 3] (RGB pixels:
+  every value a caller, or perf_analyzer's random data, can send is a valid image, and the caller
+  needs no knowledge of the model's normalisation), and accepted on the same name in three
+  datatypes, chosen by the tensor's `datatype`:
     * FP32  [N, H, W, 3]: already-preprocessed model input, fed to the model as is;
     * UINT8 [N, H, W, 3]: RGB pixels already cropped and resized to H x W; normalised here with
       the mean/std of the version's manifest;
@@ -56,6 +58,9 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
 PIXEL_DTYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
 ACCEPTED_DATATYPES = "FP32 or UINT8 [N, H, W, 3] pixels, or BYTES [N] encoded images"
+# Not FP32, the ONNX file's own input: FP32 with NaN or infinity is refused (a finite-input rule),
+# and Triton's perf_analyzer fills an advertised FP32 input with random bytes, which hold NaN.
+ADVERTISED_DATATYPE = "UINT8"
 UNSUPPORTED_TENSOR_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 _LENGTH = struct.Struct("<I")
 
@@ -173,12 +178,12 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
 
     @rpc("ModelMetadata", lambda r: r.name)
     def ModelMetadata(self, request, context) -> kserve_pb.ModelMetadataResponse:
-        """The input advertised is the model's own (FP32); UINT8 pixels and BYTES images are accepted
-        on the same name (see the module docstring)."""
+        """The input advertised is UINT8 pixels; preprocessed FP32 tensors and BYTES images are
+        accepted on the same name (see the module docstring)."""
         name, manifest, (height, width, classes) = self._described(request.name, request.version)
         return kserve_pb.ModelMetadataResponse(
             name=name, versions=[str(v) for v in self.registry.versions(name)], platform=PLATFORM,
-            inputs=[TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, height, width, 3])],
+            inputs=[TensorMetadata(name=INPUT_NAME, datatype=ADVERTISED_DATATYPE, shape=[-1, height, width, 3])],
             outputs=[TensorMetadata(name=OUTPUT_NAME, datatype="FP32", shape=[-1, classes])])
 
     # --- inference -------------------------------------------------------------------------
@@ -360,7 +365,8 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
 
     @rpc("ModelConfig", lambda r: r.name)
     def ModelConfig(self, request, context) -> kserve_pb.ModelConfigResponse:
-        """The model as Triton would describe it: ONNX on ONNX Runtime, NHWC FP32 input, dynamic batching.
+        """The model as Triton would describe it: ONNX on ONNX Runtime, NHWC UINT8 input (as ModelMetadata
+        advertises it), dynamic batching.
 
         max_batch_size is the most images one request may carry; the batcher's own batch size is
         the preferred batch size, and its timeout the queue delay.
@@ -368,9 +374,10 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
         name, manifest, (height, width, classes) = self._described(request.name, request.version)
         settings = self.classifier.settings
         runtime = str(manifest.get("runtime") or "onnxruntime")  # precision tiers run in OpenVINO
+        input_type = kserve_pb.DataType.Value(f"TYPE_{ADVERTISED_DATATYPE}")
         config = kserve_pb.ModelConfig(
             name=name, platform=PLATFORM, backend=runtime, max_batch_size=settings.max_images_per_request,
-            input=[kserve_pb.ModelInput(name=INPUT_NAME, data_type=kserve_pb.TYPE_FP32,
+            input=[kserve_pb.ModelInput(name=INPUT_NAME, data_type=input_type,
                                         format=kserve_pb.ModelInput.FORMAT_NHWC, dims=[height, width, 3])],
             output=[kserve_pb.ModelOutput(name=OUTPUT_NAME, data_type=kserve_pb.TYPE_FP32, dims=[classes])],
             dynamic_batching=kserve_pb.ModelDynamicBatching(
