@@ -104,6 +104,46 @@ def test_parity_refuses_a_head_that_disagrees(exported_registry, tmp_path):
         compose.compose(base_path, [_dense(rng, 1280, 2, "relu")], tmp_path / "bad.onnx")
 
 
+def test_keras_extractor_pads_short_batches_and_matches_the_onnx_embedding(exported_registry, photos):
+    """The extractor a GPU node uses (the Keras backbone: the Keras backend sees a GPU, ONNX Runtime
+    none), run here on the CPU. A short batch is padded to the one batch shape XLA compiles (on an
+    H200 a new shape per job cost 10-25 s), and the embeddings are the base ONNX file's."""
+    from headswap.export import sources
+    from headswap.training import trainer
+
+    base_path, manifest = Registry(exported_registry).verified_model_path(BUILTIN_NAME, 1)
+    pre = Preprocessing.from_manifest(manifest)
+    images = pre.normalize(np.stack([load_pixels(data, pre.height, pre.width, 10**8) for data in photos.values()]))
+    assert len(images) >= 3
+    expected = _session(str(base_path)).run(["embedding"], {"image": images})[0]
+    backbone = sources.build(manifest["source"], None, for_export=False).backbone  # its packaged weights
+    embed = trainer.keras_embedder(backbone, batch_size=len(images) + 5)
+    short = embed(images[:3])
+    assert short.shape == (3, 1280)
+    np.testing.assert_allclose(short, expected[:3], atol=1e-4)
+    whole = embed(images)  # the padding rows never reach a real row (BatchNorm in inference mode)
+    np.testing.assert_allclose(whole[:3], short, atol=1e-6)
+
+
+def test_reference_predictions_run_in_full_float32():
+    """On a GPU, JAX and TensorFlow multiply float32 in TF32 by default; the predictions a composed
+    or exported ONNX file is checked against turn it off (on an H200 the Keras head and its ONNX
+    composition differed by 1.03e-4 with TF32, over the 1e-4 tolerance, and the job was refused).
+    This CPU cannot show the numbers, so this checks the switches, and that they are put back."""
+    import jax
+    import tensorflow as tf
+
+    from headswap.float32 import exact_float32
+
+    assert tf.config.experimental.tensor_float_32_execution_enabled()
+    assert jax.config.jax_default_matmul_precision is None
+    with exact_float32():
+        assert not tf.config.experimental.tensor_float_32_execution_enabled()
+        assert jax.config.jax_default_matmul_precision == "float32"
+    assert tf.config.experimental.tensor_float_32_execution_enabled()
+    assert jax.config.jax_default_matmul_precision is None
+
+
 # --- the embedding cache -------------------------------------------------------------------
 
 

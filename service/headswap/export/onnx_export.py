@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from headswap.errors import FailedPrecondition
 from headswap.export import sources
+from headswap.float32 import exact_float32
 from headswap.registry.registry import Registry, check_model_name
 from headswap.registry.store import EXPORT_PREFIX, owner_tag
 
@@ -157,7 +158,8 @@ def check_parity(fn_or_model: Backbone, onnx_path: str | Path, input_size: tuple
     if samples.ndim != 4 or samples.shape[1:3] != tuple(input_size):
         raise ExportError(f"parity samples have shape {samples.shape}; "
                           f"expected [N, {input_size[0]}, {input_size[1]}, 3]")
-    expected = {name: np.asarray(value) for name, value in _run(fn_or_model, tf.constant(samples)).items()}
+    with exact_float32():  # ONNX Runtime runs full float32: so must the reference (no TF32 on a GPU)
+        expected = {name: np.asarray(value) for name, value in _run(fn_or_model, tf.constant(samples)).items()}
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])

@@ -42,6 +42,7 @@ import keras
 import numpy as np
 
 from headswap.errors import FailedPrecondition, InvalidInput
+from headswap.float32 import exact_float32
 from headswap.inference.images import Preprocessing, load_pixels
 from headswap.registry.registry import Registry
 from headswap.training import compose
@@ -160,6 +161,38 @@ def cached_ort_embedder(model_path: Path, sha256: str, output: str, threads: int
         _EMBEDDERS.clear()  # one base at a time: a session holds the whole backbone in memory
         _EMBEDDERS[key] = ort_embedder(model_path, output, threads)
     return _EMBEDDERS[key]
+
+
+_KERAS_EMBEDDERS: dict[tuple[str, str | None], Callable[[np.ndarray], np.ndarray]] = {}
+
+
+def cached_keras_embedder(source: str, weights: str | None) -> Callable[[np.ndarray], np.ndarray]:
+    """`keras_embedder` of the base's Keras backbone, built once in this (warm) worker: building it
+    and compiling its one batch shape took 10-25 s per job on an H200 under JAX."""
+    from headswap.export import sources
+
+    key = (source, weights)
+    if key not in _KERAS_EMBEDDERS:
+        _KERAS_EMBEDDERS.clear()  # one base at a time
+        _KERAS_EMBEDDERS[key] = keras_embedder(sources.build(source, weights, for_export=False).backbone,
+                                               GPU_EXTRACT_BATCH)
+    return _KERAS_EMBEDDERS[key]
+
+
+def keras_embedder(backbone: Any, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The backbone's embedding in Keras, every batch padded to `batch_size` rows: XLA compiles one
+    program per input shape, and a job's short last batch would otherwise compile another (seconds
+    on a GPU). BatchNormalization runs in inference mode, so the padding does not touch real rows."""
+    embed_model = feature_model_of(backbone) if isinstance(backbone, keras.Model) else None
+
+    def embed(batch: np.ndarray) -> np.ndarray:
+        count = len(batch)
+        if count < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)])
+        out = embed_model.predict_on_batch(batch) if embed_model is not None else _embedding(backbone, batch)
+        return np.asarray(out)[:count]
+
+    return embed
 
 
 def ort_embedder(model_path: Path, output: str, threads: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -395,14 +428,13 @@ def run(job: TrainingJob, report: Reporter) -> Result:
     started = time.monotonic()
     built = None
     use_keras = keras_gpu() and not ort_has_gpu()
-    if use_keras:  # a GPU for Keras but not for ORT: the backbone runs in Keras
+    if use_keras and spec.unfreeze_top_layers:  # phase 2 trains this backbone: a fresh one for the job
         from headswap.export import sources
 
-        built = sources.build(job.base["source"], job.base.get("weights") or None,
-                              for_export=bool(spec.unfreeze_top_layers))
-        embed_model = feature_model_of(built.backbone) if isinstance(built.backbone, keras.Model) else None
-        embedder = (embed_model.predict_on_batch if embed_model is not None
-                    else lambda batch: np.asarray(_embedding(built.backbone, batch)))
+        built = sources.build(job.base["source"], job.base.get("weights") or None, for_export=True)
+        embedder = keras_embedder(built.backbone, GPU_EXTRACT_BATCH)
+    elif use_keras:  # a GPU for Keras but not for ORT: the backbone runs in Keras
+        embedder = cached_keras_embedder(job.base["source"], job.base.get("weights") or None)
     else:
         embedder = cached_ort_embedder(base_path, str(base_manifest["sha256"]),
                                        base_manifest["outputs"]["embedding"], threads)
@@ -434,7 +466,8 @@ def run(job: TrainingJob, report: Reporter) -> Result:
     head = build_head(x_train.shape[1], len(labels), spec.dropout, spec.hidden_units)
     history = {"head": fit(head, x_train, y_train, x_val, y_val, spec, spec.learning_rate, spec.epochs,
                            Phase.TRAINING_HEAD, report, labels)}
-    val_probabilities = np.asarray(head.predict(x_val, batch_size=256, verbose=0))
+    with exact_float32():  # the reference the ONNX head is checked against (no TF32 on a GPU)
+        val_probabilities = np.asarray(head.predict(x_val, batch_size=256, verbose=0))
     timings["head_seconds"] = time.monotonic() - started
 
     phase2: dict[str, Any] = {}
@@ -458,7 +491,8 @@ def run(job: TrainingJob, report: Reporter) -> Result:
         tuned = keras.Model(inputs, head(top(inputs)), name="phase2")
         history["fine_tune"] = fit(tuned, cut_train, y_train, cut_val, y_val, spec, spec.finetune_learning_rate,
                                    spec.finetune_epochs, Phase.FINE_TUNING, report, labels)
-        val_probabilities = np.asarray(tuned.predict(cut_val, batch_size=64, verbose=0))
+        with exact_float32():
+            val_probabilities = np.asarray(tuned.predict(cut_val, batch_size=64, verbose=0))
         phase2 = {"unfrozen_layers": unfrozen, "trainable_weights": trainable, "cut_layer": top.layers[1].name,
                   "cut_shape": list(cut.shape[1:])}
         timings["fine_tune_seconds"] = time.monotonic() - started
