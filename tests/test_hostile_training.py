@@ -408,6 +408,9 @@ def test_jobs_are_restricted_to_their_submitter(tmp_path):
         with pytest.raises(NotFound, match="unknown job 'bobs'"):
             call()
     assert jobs.get("bobs").state == JobState.QUEUED  # untouched by alice's cancel
+    with pytest.raises(NotFound, match=r"\(5000 characters\)") as err:  # quoted and cut like every caller name
+        jobs.get("j" * 5000)
+    assert len(str(err.value)) < 200
     assert jobs.cancel("alices", owner="alice").state == JobState.CANCELLED
     # A database from before jobs had owners gains the column.
     old = tmp_path / "old.sqlite"

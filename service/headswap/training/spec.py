@@ -43,7 +43,7 @@ def normalize_label(label: str) -> str:
     text = unicodedata.normalize("NFC", str(label)).strip()
     bad = sorted({c for c in text if unicodedata.category(c).startswith("C") and c not in _ALLOWED_FORMAT})
     if bad:
-        raise InvalidInput(f"label {text[:40]!r} contains control or invisible characters "
+        raise InvalidInput(f"label {shown_name(text)} contains control or invisible characters "
                            f"{', '.join(f'U+{ord(c):04X}' for c in bad[:5])}; labels must be printable text")
     return text
 
@@ -124,7 +124,7 @@ class FineTuneSpec:
         if len(self.base_model) > MAX_BASE_MODEL_LENGTH or \
                 any(unicodedata.category(c).startswith("C") for c in self.base_model):
             problems.append(f"base_model must be a registry name or a source (builtin:, keras:, hub:) of at most "
-                            f"{MAX_BASE_MODEL_LENGTH} printable characters, got {self.base_model[:60]!r}")
+                            f"{MAX_BASE_MODEL_LENGTH} printable characters, got {shown_name(self.base_model)}")
         if not 0 <= self.seed <= MAX_SEED:
             problems.append(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if not 0 <= self.unfreeze_top_layers <= MAX_UNFREEZE_LAYERS:

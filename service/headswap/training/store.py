@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from headswap.errors import NotFound
+from headswap.errors import NotFound, shown_name
 
 
 class JobState(enum.IntEnum):
@@ -276,7 +276,7 @@ class JobStore:
         with self._connect() as db:
             row = db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             if row is None or (owner is not None and dict(zip(_JOB_COLUMNS, row))["submitter"] != owner):
-                raise NotFound(f"unknown job {str(job_id)[:64]!r}; `headswap jobs` lists the known ones")
+                raise NotFound(f"unknown job {shown_name(str(job_id))}; `headswap jobs` lists the known ones")
             last = db.execute("SELECT data FROM events WHERE job_id = ? ORDER BY sequence DESC LIMIT 1",
                               (job_id,)).fetchone()
         return self._record(row, last[0] if last else None)
