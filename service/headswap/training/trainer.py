@@ -8,7 +8,7 @@ the backend-independent Keras API is used. The steps:
    decoded (at the base's input size, with the manifest's preprocessing) and run through the
    frozen backbone once: with ONNX Runtime on the base version's own ONNX file (its `embedding`
    output; the session stays open in a warm worker), or with the Keras backbone when the Keras
-   backend has a GPU and ONNX Runtime has none.
+   backend has a GPU and ONNX Runtime has none (built once per warm worker, one batch shape).
 2. Head training: Dropout -> [Dense(hidden_units, relu) -> Dropout] -> Dense softmax, trained
    for every epoch on the embeddings; an epoch over thousands of images takes milliseconds.
 3. Head only: the head is appended to the base's ONNX graph after its `embedding` output
