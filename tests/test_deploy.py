@@ -40,7 +40,7 @@ DEPLOY_DOC = REPO / "docs" / "deploy.md"
 # (The manifests use the native preStop `sleep` action, so clusters need 1.30 or later.)
 K8S_VERSIONS = ("1.34.0", "1.37.0")
 TARGETS = ("inference", "trainer", "trainer-gpu")
-GRPC_PORT, METRICS_PORT = 50051, 9090
+GRPC_PORT, METRICS_PORT, HEALTH_PORT = 50051, 9090, 8081
 # Custom resources the overlays use (cert-manager), with the schema they are checked against.
 CRD_SCHEMAS = {("cert-manager.io/v1", "Certificate"): REPO / "tests" / "schemas" / "cert-manager-certificate-v1.json"}
 # Packages that must never reach an inference image.
@@ -475,14 +475,13 @@ def test_probes_and_ports_agree_with_the_server(rendered, overlay):
             assert ports["metrics"] == int(env.get("HEADSWAP_METRICS_PORT", Settings().metrics_port))
             assert annotations.get("prometheus.io/scrape") == "true"
             assert int(annotations["prometheus.io/port"]) == ports["metrics"]
-            # With TLS on the gRPC port (prod), probes use the plaintext health-only port instead.
-            probe_port = ports["grpc"]
-            if "health" in ports:
-                assert ports["health"] == int(env["HEADSWAP_HEALTH_PORT"]) and env.get("HEADSWAP_TLS_CERT_FILE")
-                probe_port = ports["health"]
+            # Probes ask the plaintext health-only port in every overlay: a flood on the gRPC port
+            # cannot fail them (and get a working pod restarted), and with TLS on the gRPC port
+            # (prod) the kubelet could not ask there at all.
+            assert ports["health"] == int(env["HEADSWAP_HEALTH_PORT"]) == HEALTH_PORT
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 # Kubernetes' native gRPC probe against grpc.health.v1.
-                assert container[probe]["grpc"]["port"] == probe_port, f"{probe} port"
+                assert container[probe]["grpc"]["port"] == ports["health"], f"{probe} port"
         for service in of_kind(objects, "Service"):
             if selects(service["spec"]["selector"], labels):
                 for port in service["spec"]["ports"]:
@@ -490,9 +489,10 @@ def test_probes_and_ports_agree_with_the_server(rendered, overlay):
                     container_ports = {p[k] for c in containers(deployment) for p in c["ports"]
                                        for k in ("name", "containerPort")}
                     assert target in container_ports, f"Service {service['metadata']['name']}: {target}"
+                    assert target not in ("health", HEALTH_PORT), f"Service {service['metadata']['name']} exposes health"
     [policy] = of_kind(objects, "NetworkPolicy")
     allowed = {p["port"]: rule["from"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-    assert set(allowed) == {GRPC_PORT, METRICS_PORT}
+    assert set(allowed) == {GRPC_PORT, METRICS_PORT}  # not the health port: the kubelet alone asks it
     assert all("namespaceSelector" in peer for peers in allowed.values() for peer in peers)
     assert allowed[METRICS_PORT] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]

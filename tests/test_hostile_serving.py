@@ -294,7 +294,7 @@ def test_client_connections_are_bounded_and_timed_out(server_factory, registry_c
     handshake timeout: 19,000 such connections held 19,000 file descriptors (of a 20,000 limit)
     and 400 MB; connections with no call open were kept for 5 minutes."""
     server = server_factory(registry_copy, "--max-connections", "20", "--handshake-timeout-s", "2",
-                            "--connection-idle-timeout-s", "3")
+                            "--connection-idle-timeout-s", "3", "--health-port", "0")
     ask = health_pb2.HealthCheckRequest()
     kept = health_pb2_grpc.HealthStub(server.channel())
     assert kept.Check(ask, timeout=5).status == SERVING  # a client connected before the flood
@@ -305,6 +305,11 @@ def test_client_connections_are_bounded_and_timed_out(server_factory, registry_c
     time.sleep(0.5)
     assert _open_files(pid) <= before + 20, "connections past --max-connections were kept"
     assert kept.Check(ask, timeout=5).status == SERVING  # its connection keeps working
+    # The kubelet's probes (k8s/: the health port) open a new connection each time: the flood on the
+    # gRPC port does not reach them, so it cannot fail a liveness probe and get the pod restarted.
+    probe = grpc.insecure_channel(f"127.0.0.1:{health_port_of(server)}")
+    assert health_pb2_grpc.HealthStub(probe).Check(ask, timeout=5).status == SERVING
+    probe.close()
     for sock in flood:  # every one is closed by the server: past the bound at once, the rest after 2 s
         sock.settimeout(15)
         while sock.recv(4096):  # the server's HTTP/2 settings, then the end (a timeout fails the test)
