@@ -408,6 +408,14 @@ def test_rotated_certificate_is_served_to_new_connections_without_restart(tls_se
         time.sleep(0.3)
     classify(before)  # the connection opened before the rotation still works
     classify(secure_channel(tls_server, pki))  # and a new one verifies against the same CA
+    # The metrics port (the same files here) follows the rotation too.
+    while served_certificate(tls_server.metrics_port) != new:
+        assert time.monotonic() < deadline, "the metrics port never served the replaced certificate"
+        time.sleep(0.3)
+    context = ssl.create_default_context(cafile=str(pki.ca_file))
+    with urllib.request.urlopen(f"https://localhost:{tls_server.metrics_port}/metrics", context=context,
+                                timeout=10) as response:
+        assert b"headswap_requests_total" in response.read()
     assert tls_server.proc.poll() is None
 
 

@@ -17,6 +17,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 
+from headswap.api.tls import CertificateFiles
 from headswap.deadlines import Deadlines
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], max_connections: int, timeout_s: float,
-                 tls: ssl.SSLContext | None) -> None:
+                 tls: MetricsTls | None) -> None:
         self.address_family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM,
                                                  flags=socket.AI_PASSIVE)[0][0]
         self.slots = threading.BoundedSemaphore(max_connections)
@@ -99,7 +100,7 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
             request.settimeout(self.timeout_s)
             if self.tls is not None:
                 try:
-                    request = connection[0] = self.tls.wrap_socket(request, server_side=True)
+                    request = connection[0] = self.tls.context().wrap_socket(request, server_side=True)
                 except (OSError, ValueError):
                     self.shutdown_request(request)
                     return
@@ -120,22 +121,42 @@ def _shut(connection: list[socket.socket]) -> None:
         connection[0].shutdown(socket.SHUT_RDWR)
 
 
-def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext | None:
-    """The metrics port's TLS context (None without a certificate); ValueError names a broken file.
+class MetricsTls:
+    """The metrics port's TLS context, rebuilt when its certificate files change on disk (checked at
+    most once a second, before a connection's handshake), like the gRPC port's: a rotated
+    certificate (cert-manager renewing a mounted Secret) is served without a restart."""
 
-    The certificate is read once: a rotated metrics certificate is served after a restart.
-    """
+    def __init__(self, certfile: str, keyfile: str) -> None:
+        self.files = CertificateFiles(certfile, keyfile)  # ValueError: refuse to start with broken files
+        self._context = self._load()
+
+    def _load(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.files.paths[0], self.files.paths[1])
+        return context
+
+    def context(self) -> ssl.SSLContext:
+        """The context for a new connection: a new one when the files changed and are usable."""
+        if self.files.fetch() is not None:  # changed, and checked to be a matching certificate and key
+            try:
+                self._context = self._load()
+            except (OSError, ssl.SSLError) as err:  # changed again since the check: the next change retries
+                log.warning("metrics TLS files changed but could not be loaded; still serving the previous "
+                            "certificate: %s", err)
+        return self._context
+
+
+def load_tls(certfile: str, keyfile: str) -> MetricsTls | None:
+    """The metrics port's TLS (None without a certificate); ValueError names a broken file."""
     if not certfile:
         return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(certfile, keyfile)
-    except (OSError, ssl.SSLError) as err:
+        return MetricsTls(certfile, keyfile)
+    except ValueError as err:
         raise ValueError(f"--metrics-tls-cert-file {certfile} / --metrics-tls-key-file {keyfile}: {err}") from None
-    return context
 
 
-def serve_metrics(port: int, host: str, tls: ssl.SSLContext | None, max_connections: int, timeout_s: float) -> int:
+def serve_metrics(port: int, host: str, tls: MetricsTls | None, max_connections: int, timeout_s: float) -> int:
     """Start the /metrics endpoint (HTTPS with a TLS context); returns the bound port (0 picks one)."""
     server = MetricsServer((host, port), max_connections, timeout_s, tls)
     server.set_app(make_wsgi_app())

@@ -150,7 +150,7 @@ class HeadswapServer:
         # Access control (issue 9): checked here, so that broken TLS or credentials files stop the start.
         self.credentials = CredentialStore(settings.auth_tokens_file) if settings.auth_tokens_file else None
         self.tls = server_credentials(settings)
-        self.metrics_tls = metrics.tls_context(settings.metrics_tls_cert_file, settings.metrics_tls_key_file)
+        self.metrics_tls = metrics.load_tls(settings.metrics_tls_cert_file, settings.metrics_tls_key_file)
         self.health_server: grpc.Server | None = None
         self.health_port = 0
         interceptor = AuthInterceptor(self.credentials, mutual_tls=bool(settings.tls_client_ca_file))
