@@ -107,6 +107,38 @@ def test_concurrent_inference_calls_are_bounded(server_factory, registry_copy, p
     assert_clean_log(server)
 
 
+def test_one_caller_cannot_take_every_inference_slot(server_factory, registry_copy, photos):
+    """Before: one caller could hold every --max-inference-calls slot, and every other caller was
+    refused. Now a caller (a credential; without authentication, as here, a client address) holds
+    at most --max-inference-calls-per-caller of them."""
+    server = server_factory(registry_copy, "--host", "[::]", "--max-inference-calls", "4",
+                            "--max-inference-calls-per-caller", "1", "--max-request-pixels", "400000000")
+    other_address = grpc.insecure_channel(f"[::1]:{server.port}")  # the first caller uses 127.0.0.1
+    errors: list[grpc.StatusCode] = []
+    slow = threading.Thread(target=lambda: errors.append(code_of(classify, server, [big_png()] * 6, top_k=1)))
+    slow.start()
+    try:
+        refused = None
+        for _ in range(100):  # until the slow call holds its caller's only slot
+            time.sleep(0.05)
+            try:
+                classify(server, [photos["coffee"]], top_k=1)
+            except grpc.RpcError as err:
+                refused = err
+                break
+        assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+        assert "--max-inference-calls-per-caller" in refused.details(), refused.details()
+        answer = pb_grpc.InferenceStub(other_address).Classify(
+            pb.ClassifyRequest(images=[photos["coffee"]], top_k=1), timeout=30)
+        assert answer.results[0].predictions[0].index == ESPRESSO
+        assert slow.is_alive(), "the slow call ended before the other caller was served: nothing was shown"
+    finally:
+        slow.join(120)
+        other_address.close()
+    assert errors == [grpc.StatusCode.OK]
+    assert_clean_log(server)
+
+
 # --- item 3: decoding respects deadlines, cancellation and the SIGTERM grace period -------------
 
 def test_decoding_stops_soon_after_the_deadline(server_factory, registry_copy):

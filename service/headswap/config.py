@@ -62,6 +62,9 @@ class Settings:
     # --- bounds on what callers control (issue 8) ---
     max_request_pixels: int = _setting(120_000_000, "Most decoded pixels (sum of width*height) in one request.")
     max_inference_calls: int = _setting(128, "Most inference calls handled at once; more get RESOURCE_EXHAUSTED.")
+    max_inference_calls_per_caller: int = _setting(64, "Most inference calls one caller has in progress at once "
+                                                   "(a credential; without authentication, a client address), "
+                                                   "so one caller cannot take every --max-inference-calls slot.")
     max_uploads: int = _setting(4, "FineTune: most uploads streaming at once; more get RESOURCE_EXHAUSTED.")
     upload_idle_timeout_s: float = _setting(30.0, "FineTune: an upload that sends nothing for this long is ended.")
     max_upload_seconds: float = _setting(3600.0, "FineTune: longest one upload stream may stay open.")
@@ -143,8 +146,9 @@ class Settings:
             problems.append("--health-port must be between -1 and 65535")
         for name in ("max_message_bytes", "max_image_pixels", "max_images_per_request", "max_batch_size",
                      "max_queue", "max_loaded_models", "max_train_images", "max_train_bytes", "max_label_length",
-                     "max_request_pixels", "max_inference_calls", "max_uploads", "max_watchers",
-                     "max_reflection_streams", "max_health_watchers", "max_concurrent_calls", "max_connections",
+                     "max_request_pixels", "max_inference_calls", "max_inference_calls_per_caller", "max_uploads",
+                     "max_watchers", "max_reflection_streams", "max_health_watchers", "max_concurrent_calls",
+                     "max_connections",
                      "max_waiting_calls_per_client", "max_request_bytes_in_flight", "log_refusals_per_minute",
                      "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections"):
             if getattr(self, name) < 1:

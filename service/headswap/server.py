@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from headswap import metrics
-from headswap.admission import Slots
+from headswap.admission import Slots, SlotsPerKey
 from headswap.api.arrival import RequestArrival
 from headswap.api.auth import AuthInterceptor
 from headswap.api.labels import model_label
@@ -180,10 +180,13 @@ class HeadswapServer:
         self.manager = ModelManager(self.registry, self.settings, on_ready_change=self._model_ready)
         model_label.attach(self.registry.models)  # metric labels: registry models only
         classifier = Classifier(self.manager, self.settings, self.default_model)
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(classifier), self.server)
+        # One caller (a credential, else a client address) cannot take every --max-inference-calls slot.
+        callers = SlotsPerKey("inference calls of yours in progress", self.settings.max_inference_calls_per_caller,
+                              "--max-inference-calls-per-caller")
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(classifier, callers), self.server)
         pb_grpc.add_ModelsServicer_to_server(ModelsServicer(self.registry, self.manager), self.server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(classifier, self.registry, self.manager, self.ready), self.server)
+            KServeServicer(classifier, self.registry, self.manager, self.ready, callers), self.server)
         return [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Inference", "Models")] + [
             kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
 
@@ -212,7 +215,7 @@ class HeadswapServer:
                 raise RuntimeError("no address was bound")
         self._warn_if_open()
         if s.metrics_port >= 0:
-            metrics_host = s.metrics_host or s.host
+            metrics_host = (s.metrics_host or s.host).strip("[]")  # gRPC's [::] is HTTP's ::
             with _binding("--metrics-port", f"{metrics_host}:{s.metrics_port}"):
                 self.metrics_port = metrics.serve_metrics(s.metrics_port, metrics_host, self.metrics_tls,
                                                           s.metrics_max_connections, s.metrics_timeout_s)

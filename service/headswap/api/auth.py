@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
+from headswap.api.arrival import client_address
 from headswap.api.status import count_refused
 from headswap.errors import shown_name
 from headswap.security.credentials import ADMIN, ANONYMOUS_SCOPES, CLASSIFY, TRAIN, CredentialStore, Principal
@@ -77,6 +78,15 @@ _CALLER: contextvars.ContextVar[Principal] = contextvars.ContextVar("headswap_ca
 def caller() -> Principal:
     """Who makes the current call (set by the interceptor before the servicer runs)."""
     return _CALLER.get()
+
+
+def caller_key(context: grpc.ServicerContext) -> str:
+    """Who the current caller is, for per-caller bounds: its credential when it presented one,
+    else its client address (every caller behind one proxy shares that)."""
+    principal = caller()
+    if principal.via != "none":
+        return f"{principal.via}:{principal.name}"
+    return client_address(context.peer())
 
 
 def job_owner() -> str | None:

@@ -7,6 +7,8 @@ import time
 
 import grpc
 
+from headswap.admission import SlotsPerKey
+from headswap.api.auth import caller_key
 from headswap.api.names import requested_model
 from headswap.api.status import rpc
 from headswap.errors import InvalidInput, NotFound
@@ -30,14 +32,16 @@ def stopped(context: grpc.ServicerContext):
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, classifier: Classifier) -> None:
+    def __init__(self, classifier: Classifier, callers: SlotsPerKey) -> None:
         self.classifier = classifier
+        self.callers = callers  # --max-inference-calls-per-caller, shared with KServe's ModelInfer
 
     @rpc("Classify", lambda r: r.model)
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         model = requested_model(request.model, self.classifier.default_model)
-        answer, results = self.classifier.classify(list(request.images), request.top_k, model,
-                                                   request.version, deadline_of(context), stopped(context))
+        with self.callers.take(caller_key(context)):
+            answer, results = self.classifier.classify(list(request.images), request.top_k, model,
+                                                       request.version, deadline_of(context), stopped(context))
         return pb.ClassifyResponse(
             model=answer.model, version=answer.version,
             results=[pb.Classification(predictions=[pb.Prediction(label=p.label, index=p.index, score=p.score)

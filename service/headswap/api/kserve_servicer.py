@@ -40,6 +40,8 @@ import time
 import grpc
 import numpy as np
 
+from headswap.admission import SlotsPerKey
+from headswap.api.auth import caller_key
 from headswap.api.inference_servicer import deadline_of, stopped
 from headswap.api.names import known_model
 from headswap.api.status import rpc
@@ -135,8 +137,10 @@ def serialize_bytes_tensor(items: list[bytes]) -> bytes:
 class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
     """The KServe V2 data plane and model repository extension over the classifier and registry."""
 
-    def __init__(self, classifier: Classifier, registry: Registry, manager: ModelManager, ready) -> None:
+    def __init__(self, classifier: Classifier, registry: Registry, manager: ModelManager, ready,
+                 callers: SlotsPerKey) -> None:
         self.classifier = classifier
+        self.callers = callers  # --max-inference-calls-per-caller, shared with headswap.v1 Classify
         self.registry = registry
         self.manager = manager
         self.ready = ready  # threading.Event, set once the server serves its default model
@@ -232,11 +236,13 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 if len(images) != count:
                     raise InvalidInput(f"input {tensor.name!r}: shape says {count} BYTES elements, "
                                        f"bytes_contents holds {len(images)}")
-            answer = self.classifier.infer_encoded(images, name, version, deadline, stopped(context))
+            with self.callers.take(caller_key(context)):
+                answer = self.classifier.infer_encoded(images, name, version, deadline, stopped(context))
         elif datatype in PIXEL_DTYPES:
             pixels = self._pixels(tensor, raw, PIXEL_DTYPES[datatype], shape)
-            answer = self.classifier.infer_pixels(pixels, name, version, deadline, normalized=datatype == "FP32",
-                                                  should_stop=stopped(context))
+            with self.callers.take(caller_key(context)):
+                answer = self.classifier.infer_pixels(pixels, name, version, deadline,
+                                                      normalized=datatype == "FP32", should_stop=stopped(context))
         else:
             raise InvalidInput(f"input {tensor.name!r} has datatype {shown_name(datatype)}; "
                                f"accepted: {ACCEPTED_DATATYPES}")
