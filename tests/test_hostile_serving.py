@@ -31,12 +31,27 @@ from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
 from hostile import big_png, code_of, cpu_seconds, metrics_text, raw_call, rss_mb, tiny_png
 
 ESPRESSO = 967
+# For tests that send requests past the default --max-message-bytes (16 MiB).
+LARGE_MESSAGES = ("--max-message-bytes", str(64 * 2**20))
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def classify(server, images, timeout=120, **kwargs) -> pb.ClassifyResponse:
     return pb_grpc.InferenceStub(server.channel()).Classify(pb.ClassifyRequest(images=images, **kwargs),
                                                             timeout=timeout)
+
+
+def refused_while_held(server, image: bytes) -> grpc.RpcError | None:
+    """Classify `image` every 50 ms (up to 5 s) until the server refuses it with RESOURCE_EXHAUSTED,
+    as it does once a slow call holds the slot; that refusal, or None."""
+    for _ in range(100):
+        time.sleep(0.05)
+        try:
+            classify(server, [image], top_k=1)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                return err
+    return None
 
 
 def assert_clean_log(server) -> None:
@@ -49,7 +64,7 @@ def assert_clean_log(server) -> None:
 def test_many_tiny_images_go_in_bounded_chunks_and_memory_stays_flat(server_factory, registry_copy, photos):
     """Before: 256 x 1x1 PNG in one Classify took the server from 163 MB to 3.4 GB (one ORT batch of 256)."""
     # 38.5 MB KServe requests: past the default --max-message-bytes (16 MiB), allowed here
-    server = server_factory(registry_copy, "--max-batch-size", "8", "--max-message-bytes", str(64 * 2**20))
+    server = server_factory(registry_copy, "--max-batch-size", "8", *LARGE_MESSAGES)
     for _ in range(10):  # steady state: ordinary traffic, the arena at its usual batches
         classify(server, [photos["coffee"]] * 8, top_k=1)
     steady = rss_mb(server.proc.pid)
@@ -91,14 +106,8 @@ def test_concurrent_inference_calls_are_bounded(server_factory, registry_copy, p
     slow = threading.Thread(target=lambda: errors.append(code_of(classify, server, [big_png()] * 6, top_k=1)))
     slow.start()
     try:
-        refused = None
-        for _ in range(100):  # until the slow call holds the only slot
-            time.sleep(0.05)
-            code = code_of(classify, server, [photos["coffee"]], top_k=1)
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                refused = code
-                break
-        assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED
+        refused = refused_while_held(server, photos["coffee"])  # once the slow call holds the only slot
+        assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         health = health_pb2_grpc.HealthStub(server.channel())
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == SERVING
     finally:
@@ -118,14 +127,7 @@ def test_one_caller_cannot_take_every_inference_slot(server_factory, registry_co
     slow = threading.Thread(target=lambda: errors.append(code_of(classify, server, [big_png()] * 6, top_k=1)))
     slow.start()
     try:
-        refused = None
-        for _ in range(100):  # until the slow call holds its caller's only slot
-            time.sleep(0.05)
-            try:
-                classify(server, [photos["coffee"]], top_k=1)
-            except grpc.RpcError as err:
-                refused = err
-                break
+        refused = refused_while_held(server, photos["coffee"])  # once the slow call holds its caller's only slot
         assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
         assert "--max-inference-calls-per-caller" in refused.details(), refused.details()
         answer = pb_grpc.InferenceStub(other_address).Classify(
@@ -144,7 +146,7 @@ def test_one_caller_cannot_take_every_inference_slot(server_factory, registry_co
 def test_decoding_stops_soon_after_the_deadline(server_factory, registry_copy):
     """Before: 48 x 36 Mpx with a 3 s deadline kept both cores busy for 17 s."""
     # 24 large PNGs are 19 MB: past the default --max-message-bytes (16 MiB), allowed here
-    server = server_factory(registry_copy, "--max-request-pixels", "2000000000", "--max-message-bytes", str(64 * 2**20))
+    server = server_factory(registry_copy, "--max-request-pixels", "2000000000", *LARGE_MESSAGES)
     pid = server.proc.pid
     with pytest.raises(grpc.RpcError) as err:
         classify(server, [big_png()] * 24, timeout=1.5, top_k=1)
@@ -159,7 +161,7 @@ def test_decoding_stops_soon_after_the_deadline(server_factory, registry_copy):
 
 def test_cancelled_call_stops_decoding(server_factory, registry_copy):
     """Before: a cancelled call decoded on to the end."""
-    server = server_factory(registry_copy, "--max-request-pixels", "2000000000", "--max-message-bytes", str(64 * 2**20))
+    server = server_factory(registry_copy, "--max-request-pixels", "2000000000", *LARGE_MESSAGES)
     stub = pb_grpc.InferenceStub(server.channel())
     future = stub.Classify.future(pb.ClassifyRequest(images=[big_png()] * 24, top_k=1), timeout=120)
     time.sleep(1.5)
@@ -176,7 +178,7 @@ def test_cancelled_call_stops_decoding(server_factory, registry_copy):
 def test_sigterm_drain_respects_the_grace_period(server_factory, registry_copy):
     """Before: SIGTERM with a large request in flight took 15 s against a 10 s grace period."""
     server = server_factory(registry_copy, "--max-request-pixels", "2000000000", "--grace-period-s", "1",
-                            "--max-message-bytes", str(64 * 2**20))
+                            *LARGE_MESSAGES)
     stub = pb_grpc.InferenceStub(server.channel())
     future = stub.Classify.future(pb.ClassifyRequest(images=[big_png()] * 40, top_k=1), timeout=300)
     time.sleep(1.5)

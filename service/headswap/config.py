@@ -148,9 +148,8 @@ class Settings:
                      "max_queue", "max_loaded_models", "max_train_images", "max_train_bytes", "max_label_length",
                      "max_request_pixels", "max_inference_calls", "max_inference_calls_per_caller", "max_uploads",
                      "max_watchers", "max_reflection_streams", "max_health_watchers", "max_concurrent_calls",
-                     "max_connections",
-                     "max_waiting_calls_per_client", "max_request_bytes_in_flight", "log_refusals_per_minute",
-                     "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections"):
+                     "max_connections", "max_waiting_calls_per_client", "max_request_bytes_in_flight",
+                     "log_refusals_per_minute", "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag_name(name)} must be at least 1")
         for name in ("threads", "decode_workers", "memory_budget_mb", "inference_lanes"):

@@ -236,16 +236,19 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 if len(images) != count:
                     raise InvalidInput(f"input {tensor.name!r}: shape says {count} BYTES elements, "
                                        f"bytes_contents holds {len(images)}")
-            with self.callers.take(caller_key(context)):
-                answer = self.classifier.infer_encoded(images, name, version, deadline, stopped(context))
+            def infer() -> Answer:
+                return self.classifier.infer_encoded(images, name, version, deadline, stopped(context))
         elif datatype in PIXEL_DTYPES:
             pixels = self._pixels(tensor, raw, PIXEL_DTYPES[datatype], shape)
-            with self.callers.take(caller_key(context)):
-                answer = self.classifier.infer_pixels(pixels, name, version, deadline,
-                                                      normalized=datatype == "FP32", should_stop=stopped(context))
+
+            def infer() -> Answer:
+                return self.classifier.infer_pixels(pixels, name, version, deadline, normalized=datatype == "FP32",
+                                                    should_stop=stopped(context))
         else:
             raise InvalidInput(f"input {tensor.name!r} has datatype {shown_name(datatype)}; "
                                f"accepted: {ACCEPTED_DATATYPES}")
+        with self.callers.take(caller_key(context)):  # checked once the request is known to be valid
+            answer = infer()
         return self._response(request, answer, class_count)
 
     @staticmethod
