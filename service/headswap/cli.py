@@ -65,7 +65,7 @@ def serve(**flags: Any) -> None:
               help="fp32, or a fast tier served by OpenVINO (bf16; int8 calibrated on photos that ship with "
                    "scikit-image), published only if it passes the accuracy gate.")
 @click.option("--min-agreement", type=click.FloatRange(0.0, 1.0), default=0.99, show_default=True,
-              help="Accuracy gate of a bf16/int8 tier: agreement with fp32's answers on held-out photos.")
+              help="Accuracy gate of a bf16/int8 tier: share of held-out photos answered with fp32's top-1.")
 def export(source: str, weights: str | None, name: str | None, model_dir: str | None, no_activate: bool,
            precision: str, min_agreement: float) -> None:
     """Convert SOURCE (builtin:NAME, keras:APP, hub:HANDLE) to ONNX and store it in the registry."""
@@ -86,9 +86,11 @@ def export(source: str, weights: str | None, name: str | None, model_dir: str | 
     tier = ""
     if manifest.get("accuracy"):
         accuracy = manifest["accuracy"]
+        recheck = manifest.get("recheck")
+        rechecked = (f", {100 * recheck['heldout_share']:.1f}% of them re-checked in fp32 as near ties"
+                     if recheck else "")
         tier = (f", {manifest['precision']} in {manifest['runtime']}: top-1 agreement with fp32 "
-                f"{100 * accuracy['gated_top1_agreement']:.1f}% on {accuracy['gated_images']} confident held-out "
-                f"photos, {100 * accuracy['top1_agreement']:.1f}% on all {accuracy['heldout_images']}")
+                f"{100 * accuracy['top1_agreement']:.1f}% on {accuracy['heldout_images']} held-out photos{rechecked}")
     click.echo(f"stored {model} version {version} in {registry.url} "
                f"(parity max abs diff {manifest['parity']['max_abs_diff']:.2e}{tier})")
 

@@ -4,7 +4,8 @@ on an AVX-512 BF16/VNNI CPU (see `headswap.export.precision`).
 OpenVINO is an optional extra of the serving install (`pip install 'headswap[openvino]'`): a server
 without it refuses such a version with a message that says so (the previous version keeps serving)
 rather than serving it slowly in fp32. The export's accuracy gate compiles the model through
-`compile_model` here too, so the figures in the manifest come from the engine the server runs.
+`compile_model` here too, and applies the same re-check rule (`needs_recheck`), so the figures in
+the manifest come from what the server runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from headswap import metrics
 from headswap.errors import CorruptModel
 from headswap.inference.runtime import ModelRuntime
 
@@ -22,6 +24,18 @@ INSTALL_HINT = "install the serving extra with pip install 'headswap[openvino]'"
 # The OpenVINO inference precision behind each tier. int8 is carried by the QDQ nodes of the file;
 # f32 keeps whatever the graph does not quantize in full precision.
 INFERENCE_PRECISION = {"bf16": "bf16", "int8": "f32"}
+
+
+def top1_lead(probabilities: np.ndarray) -> np.ndarray:
+    """Per row: the top-1 probability minus the runner-up's."""
+    top2 = np.partition(probabilities, -2, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def needs_recheck(probabilities: np.ndarray, margin: float) -> np.ndarray:
+    """Rows whose top-1 leads by no more than `margin`: near ties that a bf16 tier runs again in fp32
+    (see `headswap.export.precision`). A negative margin re-checks nothing."""
+    return top1_lead(probabilities) <= margin
 
 
 class OpenVinoMissing(CorruptModel):
@@ -78,7 +92,25 @@ class OpenVinoRuntime(ModelRuntime):
         self.input_name = self.session.inputs[0].get_any_name()
         self._request = self.session.create_infer_request()
         self._lock = threading.Lock()  # an infer request runs one call at a time
-        return [name for output in self.session.outputs for name in output.get_names()]
+        outputs = [name for output in self.session.outputs for name in output.get_names()]
+        self._open_recheck(path, threads)
+        return outputs
+
+    def _open_recheck(self, path: Path, threads: int) -> None:
+        """The fp32 session that answers near ties (manifest `recheck`), on the same file; it runs under
+        the same lock as OpenVINO, so the two never compete for the threads."""
+        recheck = self.manifest.get("recheck") or {}
+        self.recheck_margin = float(recheck.get("margin", -1.0))
+        self.recheck_session = None
+        self.rechecked_counter = metrics.RECHECKED.labels(self.name, str(self.version))
+        if "margin" not in recheck:
+            return
+        try:
+            self.recheck_session = self._session(path, threads, spin=False)
+            self.recheck_input = self.recheck_session.get_inputs()[0].name
+        except Exception as err:  # onnxruntime raises its own exception types for bad files
+            raise CorruptModel(f"{self.name} version {self.version}: ONNX Runtime cannot load {path.name} "
+                               f"for the fp32 re-check: {err}") from err
 
     @property
     def session(self) -> Any:
@@ -91,8 +123,29 @@ class OpenVinoRuntime(ModelRuntime):
         if compiled is None:
             self._request = None
 
+    def weight_copies(self) -> int:
+        return 1 + (self.recheck_session is not None)
+
+    def warm_up(self) -> None:
+        if self.recheck_session is not None:  # its first run pays for lazy initialisation, not a request's
+            h, w, c = self.input_shape
+            self.recheck_session.run([self.probabilities_output], {self.recheck_input: np.zeros((1, h, w, c), np.float32)})
+        super().warm_up()
+
+    def close(self) -> None:
+        self.recheck_session = None
+        super().close()
+
     def infer(self, batch: np.ndarray, lane: int = 0) -> np.ndarray:
-        """float32 NHWC model input -> probabilities [N, classes] (a copy: the request reuses its buffers)."""
+        """float32 NHWC model input -> probabilities [N, classes] (a copy: the request reuses its buffers);
+        rows near a tie come from the fp32 re-check."""
         with self._lock:
             result = self._request.infer({self.input_name: batch})
-            return np.array(result[self.probabilities_output], dtype=np.float32, copy=True)
+            probabilities = np.array(result[self.probabilities_output], dtype=np.float32, copy=True)
+            if self.recheck_session is not None:
+                rows = np.flatnonzero(needs_recheck(probabilities, self.recheck_margin))
+                if rows.size:
+                    probabilities[rows] = self.recheck_session.run(
+                        [self.probabilities_output], {self.recheck_input: np.ascontiguousarray(batch[rows])})[0]
+                    self.rechecked_counter.inc(rows.size)
+            return probabilities

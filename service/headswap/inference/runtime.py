@@ -86,8 +86,11 @@ class ModelRuntime:
         self.ready = threading.Event()
         self.images_counter = metrics.IMAGES.labels(name, str(version))
         self.stats = ModelStats(name, version)  # Triton-style statistics and latency histograms
-        # for the memory budget: every session holds its own copy of the weights
-        self.size_bytes = path.stat().st_size * (self.lane_count + (self.lone_session is not None))
+        self.size_bytes = path.stat().st_size * self.weight_copies()  # for the memory budget
+
+    def weight_copies(self) -> int:
+        """How many copies of the weights this runtime holds: every session has its own."""
+        return self.lane_count + (self.lone_session is not None)
 
     def _open(self, path: Path, threads: int, lanes: int) -> list[str]:
         """Create the sessions (`lane_sessions`, `session` = lane 0, `lone_session`) and `input_name`;
