@@ -321,8 +321,9 @@ def test_cancel_kills_the_warm_worker_and_a_fresh_one_takes_over(backend_server,
 
 
 @pytest.mark.parametrize("backend_server", ["jax"], indirect=True)
-def test_precision_tier_is_built_and_gated_on_the_jobs_validation_images(backend_server, digit_sets):
-    """precision=int8 goes through the precision tier (headswap.export.precision) at publish, gated
+@pytest.mark.parametrize("tier", ["int8", "bf16"])
+def test_precision_tier_is_built_and_gated_on_the_jobs_validation_images(backend_server, digit_sets, tier):
+    """precision=int8/bf16 goes through the precision tier (headswap.export.precision) at publish, gated
     on the job's validation images: on 30 digits one changed answer is 3.3 points, over the
     0.5-point gate. Either the tier keeps every answer and is stored with its figures, or the job
     fails with the measured figures (or earlier, where this CPU cannot run int8) and nothing is
@@ -330,18 +331,24 @@ def test_precision_tier_is_built_and_gated_on_the_jobs_validation_images(backend
     backend, server, registry_dir = backend_server
     train, _ = digit_sets
     stub = pb_grpc.TrainingStub(server.channel())
-    job = stub.FineTune(stream(pb.FineTuneConfig(name="digits-int8", epochs=3, precision="int8"), train), timeout=120)
+    name = f"digits-{tier}"
+    job = stub.FineTune(stream(pb.FineTuneConfig(name=name, epochs=3, precision=tier), train), timeout=120)
     final = watch(server, job.job_id)[-1]
     record = stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
     if final.state == DONE:
-        manifest = Registry(registry_dir).manifest("digits-int8", 1)
-        assert manifest["precision"] == "int8" and manifest["export"]["method"] == "composed"
+        manifest = Registry(registry_dir).manifest(name, 1)
+        assert manifest["precision"] == tier and manifest["export"]["method"] == "composed"
         assert manifest["accuracy"]["gate"]["max_accuracy_drop"] == 0.005
+        assert manifest["accuracy"]["accuracy_drop"] <= 0.005
+        # bf16 re-checks near ties in fp32, with a margin from the job's training images; int8 cannot
+        assert ("recheck" in manifest) == (tier == "bf16")
+        if tier == "bf16":
+            assert manifest["recheck"]["margin"] >= 0 and 0 <= manifest["recheck"]["heldout_share"] <= 1
         return
     assert final.state == pb.JOB_STATE_FAILED, final.message
-    assert "int8" in record.error and ("points of validation accuracy" in record.error or
-                                       "no native int8" in record.error or "OpenVINO" in record.error), record.error
-    assert Registry(registry_dir).versions("digits-int8") == []
+    assert tier in record.error and ("points of validation accuracy" in record.error or
+                                     f"no native {tier}" in record.error or "OpenVINO" in record.error), record.error
+    assert Registry(registry_dir).versions(name) == []
 
 
 @pytest.mark.parametrize("value, text", [(-1, "hidden_units must be between 0 and 4096"),

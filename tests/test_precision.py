@@ -158,8 +158,12 @@ def test_bf16_tier_answers_near_ties_with_fp32(bf16_registry, server_factory, ph
                    for version in ("1", "2")}
         assert answers["2"].argmax() == answers["1"].argmax() == reference[index].argmax()
         np.testing.assert_allclose(answers["2"], answers["1"], atol=1e-5)
-    assert metric(server, "headswap_recheck_images_total", version="2") >= len(flipped)
-    assert metric(server, "headswap_recheck_images_total", version="1") == 0
+    # each answered in fp32: re-checked as a near tie, or in a batch run in fp32 straight because, with
+    # every image a near tie, that measures cheaper than bf16 plus the re-check
+    counted = {reason: metric(server, "headswap_tier_fp32_images_total", version="2", reason=reason)
+               for reason in ("near tie", "whole batch")}
+    assert counted["near tie"] >= 1 and sum(counted.values()) >= len(flipped), counted
+    assert metric(server, "headswap_tier_fp32_images_total", version="1") == 0
 
 
 def test_tier_below_its_gate_is_refused_with_the_figures(exported_registry, photo_inputs, tmp_path):

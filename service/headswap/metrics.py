@@ -28,8 +28,9 @@ REQUEST_LATENCY = Histogram("headswap_request_duration_seconds", "gRPC request l
                             ["method", "model"],
                             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
 IMAGES = Counter("headswap_images_total", "Images classified", ["model", "version"])
-RECHECKED = Counter("headswap_recheck_images_total",
-                    "Images a bf16 tier answered near a tie and so ran again in fp32", ["model", "version"])
+TIER_FP32_IMAGES = Counter("headswap_tier_fp32_images_total",
+                           "Images a bf16 tier answered in fp32: a near tie re-checked, or a whole batch while "
+                           "that measured faster", ["model", "version", "reason"])
 BATCH_SIZE = Histogram("headswap_batch_size", "Images per ONNX Runtime call", ["model"],
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
 QUEUE_DEPTH = Gauge("headswap_queue_depth", "Images waiting for inference", ["model"])

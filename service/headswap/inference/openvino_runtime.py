@@ -11,6 +11,7 @@ the manifest come from what the server runs.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from headswap import metrics
 from headswap.errors import CorruptModel
+from headswap.inference.measured_choice import FasterOfTwo
 from headswap.inference.runtime import ModelRuntime
 
 INSTALL_HINT = "install the serving extra with pip install 'headswap[openvino]'"
@@ -98,11 +100,13 @@ class OpenVinoRuntime(ModelRuntime):
 
     def _open_recheck(self, path: Path, threads: int) -> None:
         """The fp32 session that answers near ties (manifest `recheck`), on the same file; it runs under
-        the same lock as OpenVINO, so the two never compete for the threads."""
+        the same lock as OpenVINO, so the two never compete for the threads (see `infer`)."""
         recheck = self.manifest.get("recheck") or {}
         self.recheck_margin = float(recheck.get("margin", -1.0))
         self.recheck_session = None
-        self.rechecked_counter = metrics.RECHECKED.labels(self.name, str(self.version))
+        self._recheck_choice = FasterOfTwo()  # option 0: bf16 + re-check of near ties; 1: fp32 straight
+        self.fp32_counters = {reason: metrics.TIER_FP32_IMAGES.labels(self.name, str(self.version), reason)
+                              for reason in ("near tie", "whole batch")}
         if "margin" not in recheck:
             return
         try:
@@ -127,25 +131,43 @@ class OpenVinoRuntime(ModelRuntime):
         return 1 + (self.recheck_session is not None)
 
     def warm_up(self) -> None:
-        if self.recheck_session is not None:  # its first run pays for lazy initialisation, not a request's
-            h, w, c = self.input_shape
-            self.recheck_session.run([self.probabilities_output], {self.recheck_input: np.zeros((1, h, w, c), np.float32)})
-        super().warm_up()
+        """First runs pay for lazy initialisation: made here, and not timed for the re-check choice."""
+        zeros = np.zeros((1, *self.input_shape), np.float32)
+        with self._lock:
+            self._infer_tier(zeros)
+            if self.recheck_session is not None:
+                self._infer_fp32(zeros)
+        self.ready.set()
 
     def close(self) -> None:
         self.recheck_session = None
         super().close()
 
     def infer(self, batch: np.ndarray, lane: int = 0) -> np.ndarray:
-        """float32 NHWC model input -> probabilities [N, classes] (a copy: the request reuses its buffers);
-        rows near a tie come from the fp32 re-check."""
+        """float32 NHWC model input -> probabilities [N, classes] (a copy: the request reuses its buffers).
+
+        With a re-check: bf16, its near ties run again in fp32; or, while that measures slower (when
+        many images are near ties), the whole batch in fp32, which gives fp32's answers outright."""
         with self._lock:
-            result = self._request.infer({self.input_name: batch})
-            probabilities = np.array(result[self.probabilities_output], dtype=np.float32, copy=True)
-            if self.recheck_session is not None:
+            if self.recheck_session is None:
+                return self._infer_tier(batch)
+            option = self._recheck_choice.pick()
+            started = time.perf_counter_ns()
+            if option == 0:
+                probabilities = self._infer_tier(batch)
                 rows = np.flatnonzero(needs_recheck(probabilities, self.recheck_margin))
                 if rows.size:
-                    probabilities[rows] = self.recheck_session.run(
-                        [self.probabilities_output], {self.recheck_input: np.ascontiguousarray(batch[rows])})[0]
-                    self.rechecked_counter.inc(rows.size)
+                    probabilities[rows] = self._infer_fp32(np.ascontiguousarray(batch[rows]))
+                    self.fp32_counters["near tie"].inc(rows.size)
+            else:
+                probabilities = self._infer_fp32(batch)
+                self.fp32_counters["whole batch"].inc(len(batch))
+            self._recheck_choice.record(option, (time.perf_counter_ns() - started) / len(batch))
             return probabilities
+
+    def _infer_tier(self, batch: np.ndarray) -> np.ndarray:
+        result = self._request.infer({self.input_name: batch})
+        return np.array(result[self.probabilities_output], dtype=np.float32, copy=True)
+
+    def _infer_fp32(self, batch: np.ndarray) -> np.ndarray:
+        return self.recheck_session.run([self.probabilities_output], {self.recheck_input: batch})[0]

@@ -14,7 +14,7 @@ import onnxruntime as ort
 from headswap import metrics
 from headswap.errors import CorruptModel
 from headswap.inference.images import Preprocessing
-from headswap.inference.spinning import FasterOfTwo
+from headswap.inference.measured_choice import FasterOfTwo
 from headswap.inference.stats import ModelStats
 
 
@@ -146,7 +146,7 @@ class ModelRuntime:
     def infer_lone(self, batch: np.ndarray) -> np.ndarray:
         """`infer` for a batch that runs while nothing else runs, is queued or is being decoded: on
         whichever of the every-thread session and lane 0 has been faster for lone runs on this
-        machine (see `headswap.inference.spinning`)."""
+        machine (see `headswap.inference.measured_choice`)."""
         if self.lone_session is None:
             return self.infer(batch)
         option = self._lone_choice.pick()

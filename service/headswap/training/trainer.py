@@ -57,7 +57,7 @@ EXTRACT_BATCH = 32
 GPU_EXTRACT_BATCH = 128
 REPORT_INTERVAL_S = 0.5
 HASH_CHUNK = 256
-TIER_CALIBRATION_IMAGES = 64  # precision tiers: training images to calibrate int8 on
+TIER_CALIBRATION_IMAGES = 64  # precision tiers: training images to calibrate on (int8 ranges, bf16 re-check)
 TIER_HELDOUT_IMAGES = 512  # ...and validation images the accuracy gate measures
 DEFAULT_CACHE_MB = 1024
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import BUILTIN_NAME
-from headswap.inference.spinning import PROBE_EVERY, RARE_FACTOR, FasterOfTwo
+from headswap.inference.measured_choice import PROBE_EVERY, RARE_FACTOR, FasterOfTwo
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
 
