@@ -14,6 +14,7 @@ import pytest
 
 from conftest import BUILTIN, BUILTIN_NAME, run_cli
 from test_hot_swap import metric
+from headswap.errors import CorruptModel
 from headswap.export import precision
 from headswap.export.calibration_images import photo_sets
 from headswap.inference.images import Preprocessing
@@ -164,6 +165,14 @@ def test_bf16_tier_answers_near_ties_with_fp32(bf16_registry, server_factory, ph
                for reason in ("near tie", "whole batch")}
     assert counted["near tie"] >= 1 and sum(counted.values()) >= len(flipped), counted
     assert metric(server, "headswap_tier_fp32_images_total", version="1") == 0
+
+
+@pytest.mark.parametrize("recheck", [{"margin": "wide"}, {"margin": float("nan")}, {"margin": 7}, ["margin"]])
+def test_a_manifest_with_a_broken_recheck_is_refused_at_load(bf16_registry, recheck):
+    path, manifest = fp32_version(bf16_registry)
+    tier_manifest = {**Registry(str(bf16_registry)).manifest(BUILTIN_NAME, 2), "recheck": recheck}
+    with pytest.raises(CorruptModel, match="recheck margin must be a number between 0 and 1"):
+        OpenVinoRuntime(BUILTIN_NAME, 2, path, tier_manifest, 2)
 
 
 def test_tier_below_its_gate_is_refused_with_the_figures(exported_registry, photo_inputs, tmp_path):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from headswap import metrics
-from headswap.errors import CorruptModel
+from headswap.errors import CorruptModel, shown_name
 from headswap.inference.measured_choice import FasterOfTwo
 from headswap.inference.runtime import ModelRuntime
 
@@ -102,7 +102,11 @@ class OpenVinoRuntime(ModelRuntime):
         """The fp32 session that answers near ties (manifest `recheck`), on the same file; it runs under
         the same lock as OpenVINO, so the two never compete for the threads (see `infer`)."""
         recheck = self.manifest.get("recheck") or {}
-        self.recheck_margin = float(recheck.get("margin", -1.0))
+        margin = recheck.get("margin", -1.0) if isinstance(recheck, dict) else None
+        if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not -1.0 <= margin <= 1.0:
+            raise CorruptModel(f"{self.name} version {self.version}: its manifest's recheck margin must be a "
+                               f"number between 0 and 1, got {shown_name(str(margin))}")
+        self.recheck_margin = float(margin)
         self.recheck_session = None
         self._recheck_choice = FasterOfTwo()  # option 0: bf16 + re-check of near ties; 1: fp32 straight
         self.fp32_counters = {reason: metrics.TIER_FP32_IMAGES.labels(self.name, str(self.version), reason)
