@@ -1,4 +1,5 @@
-"""Adaptive intra-op spinning: the lone-run chooser, and a server in every spinning mode."""
+"""The measured choice between two ways to run (lone-run spinning, a bf16 tier's re-check), and a
+server in every spinning mode."""
 
 from __future__ import annotations
 
@@ -35,6 +36,19 @@ def test_chooser_follows_a_change_of_conditions():
     assert late.count(0) > late.count(1)
     # a clear loser is probed rarely
     assert late.count(1) <= -(-len(late) // (PROBE_EVERY * RARE_FACTOR)) + 1
+
+
+def test_one_stalled_run_does_not_hand_the_choice_to_the_slower_option():
+    """bf16 (3 ms an image) against fp32 (6 ms): one bf16 batch stalled 10x by another process must not
+    make fp32 look cheaper (it would then keep fp32 until rare probes brought bf16's average back)."""
+    chooser = FasterOfTwo()
+    run(chooser, (3.0, 6.0), 50)
+    chooser.record(0, 30.0)  # the stalled run
+    picks = run(chooser, (3.0, 6.0), 50)
+    assert picks.count(0) >= 49
+    # a lasting change (near ties make bf16 plus their re-check cost 8 ms) still turns the choice
+    picks = run(chooser, (8.0, 6.0), 20)
+    assert picks[-10:].count(1) >= 9
 
 
 @pytest.mark.parametrize("mode", ["off", "on", "adaptive"])

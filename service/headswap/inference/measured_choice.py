@@ -17,13 +17,18 @@ from __future__ import annotations
 PROBE_EVERY = 32  # one run in this many tries the slower-so-far option again...
 CLEAR_LOSS = 1.5  # ...or one in PROBE_EVERY * RARE_FACTOR when it costs this many times the faster one
 RARE_FACTOR = 8
-SMOOTHING = 0.2  # weight of the newest run in the moving average of each session's cost
+SMOOTHING = 0.2  # weight of the newest run in the moving average of each option's cost
+# A run counts as at most this many times its option's average: one run stalled by another process
+# (seen here: 10x for one batch) would otherwise make the usual winner look slower, and a loser is
+# re-measured only once every PROBE_EVERY * RARE_FACTOR runs. A real change still shows in a few runs.
+OUTLIER_CAP = 2.0
 
 
 class FasterOfTwo:
     """Moving-average cost (ns per image) of two options; `pick` mostly returns the cheaper one.
 
-    Used from one thread at a time (a batcher thread, or under the runtime's lock); a race with the warm-up only blurs one sample.
+    Used from one thread at a time (a batcher thread, or under the runtime's lock); a race with the
+    warm-up only blurs one sample.
     """
 
     def __init__(self) -> None:
@@ -41,4 +46,7 @@ class FasterOfTwo:
 
     def record(self, option: int, ns_per_image: float) -> None:
         cost = self.cost[option]
-        self.cost[option] = ns_per_image if cost is None else cost + SMOOTHING * (ns_per_image - cost)
+        if cost is None:
+            self.cost[option] = ns_per_image
+        else:
+            self.cost[option] = cost + SMOOTHING * (min(ns_per_image, OUTLIER_CAP * cost) - cost)
