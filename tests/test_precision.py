@@ -155,8 +155,8 @@ def test_bf16_tier_answers_near_ties_with_fp32(bf16_registry, server_factory, ph
     for index in flipped:
         infer_input = triton.InferInput("image", [1, *heldout.shape[1:]], "FP32")
         infer_input.set_data_from_numpy(heldout[index:index + 1])
-        answers = {version: client.infer(BUILTIN_NAME, [infer_input], model_version=version).as_numpy("probabilities")[0]
-                   for version in ("1", "2")}
+        answers = {version: client.infer(BUILTIN_NAME, [infer_input], model_version=version)
+                   .as_numpy("probabilities")[0] for version in ("1", "2")}
         assert answers["2"].argmax() == answers["1"].argmax() == reference[index].argmax()
         np.testing.assert_allclose(answers["2"], answers["1"], atol=1e-5)
     # each answered in fp32: re-checked as a near tie, or in a batch run in fp32 straight because, with
@@ -171,7 +171,7 @@ def test_bf16_tier_answers_near_ties_with_fp32(bf16_registry, server_factory, ph
 def test_a_manifest_with_a_broken_recheck_is_refused_at_load(bf16_registry, recheck):
     path, manifest = fp32_version(bf16_registry)
     tier_manifest = {**Registry(str(bf16_registry)).manifest(BUILTIN_NAME, 2), "recheck": recheck}
-    with pytest.raises(CorruptModel, match="recheck margin must be a number between 0 and 1"):
+    with pytest.raises(CorruptModel, match=r"recheck margin must be a number from -1 \(no re-check\) to 1"):
         OpenVinoRuntime(BUILTIN_NAME, 2, path, tier_manifest, 2)
 
 

@@ -104,8 +104,8 @@ class OpenVinoRuntime(ModelRuntime):
         recheck = self.manifest.get("recheck") or {}
         margin = recheck.get("margin", -1.0) if isinstance(recheck, dict) else None
         if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not -1.0 <= margin <= 1.0:
-            raise CorruptModel(f"{self.name} version {self.version}: its manifest's recheck margin must be a "
-                               f"number between 0 and 1, got {shown_name(str(margin))}")
+            raise CorruptModel(f"{self.name} version {self.version}: its manifest's recheck margin must be a number "
+                               f"from -1 (no re-check) to 1, got {shown_name(str(margin))}")
         self.recheck_margin = float(margin)
         self.recheck_session = None
         self._recheck_choice = FasterOfTwo()  # option 0: bf16 + re-check of near ties; 1: fp32 straight
