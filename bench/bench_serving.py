@@ -363,13 +363,13 @@ def bench_precision(model_dir: Path, registry: Registry, path: Path, manifest: d
             order = list(mixed)[round_ % len(mixed):] + list(mixed)[:round_ % len(mixed)]
             for tier in order:
                 kresults.setdefault(f"{tier} held-out", []).append(load(mixed[tier], 16, seconds))
-        for label, base_key in (("one clear photo (coffee)", ""), ("the held-out photos in turn", " held-out")):
-            kbase = median(kresults["fp32" + base_key], "rate")
+        for label, suffix in (("one clear photo (coffee)", ""), ("the held-out photos in turn", " held-out")):
+            base_rate = median(kresults["fp32" + suffix], "rate")
             print(f"\nKServe V2 ModelInfer per tier, FP32 [1,224,224,3], 16 clients, {label}: " + ", ".join(
-                f"{tier} {median(kresults[tier + base_key], 'rate'):.1f} img/s "
-                f"({median(kresults[tier + base_key], 'rate') / kbase:.2f}x, p99 "
-                f"{median(kresults[tier + base_key], 'p99'):.0f} ms, "
-                f"{sum(r['errors'] for r in kresults[tier + base_key])} errors)" for tier in kcalls))
+                f"{tier} {median(kresults[tier + suffix], 'rate'):.1f} img/s "
+                f"({median(kresults[tier + suffix], 'rate') / base_rate:.2f}x, p99 "
+                f"{median(kresults[tier + suffix], 'p99'):.0f} ms, "
+                f"{sum(r['errors'] for r in kresults[tier + suffix])} errors)" for tier in kcalls))
         kbase, mixed_base = median(kresults["fp32"], "rate"), median(kresults["fp32 held-out"], "rate")
         if 16 in clients:
             base = median(results[("fp32", 16)], "rate")

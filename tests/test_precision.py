@@ -53,6 +53,15 @@ def bf16_registry(exported_registry, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def heldout_answers(bf16_registry, photo_inputs) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 (ONNX Runtime) and bf16 alone (OpenVINO) probabilities on the held-out photos, computed here."""
+    _, heldout, _, _ = photo_inputs
+    path, _ = fp32_version(bf16_registry)
+    return (precision.ort_probabilities(precision.fp32_session(path, 2), heldout),
+            precision.openvino_probabilities(compile_model(path, "bf16", 2), heldout))
+
+
 def test_calibration_and_heldout_photos_are_real_and_disjoint():
     calibration, heldout = photo_sets(224, 224)
     assert calibration.pixels.dtype == np.uint8 and calibration.pixels.shape[1:] == (224, 224, 3)
@@ -68,7 +77,7 @@ def test_calibration_and_heldout_photos_are_real_and_disjoint():
     assert np.array_equal(again.pixels, calibration.pixels)  # deterministic: the gate is reproducible
 
 
-def test_bf16_export_records_gated_accuracy(bf16_registry, photo_inputs):
+def test_bf16_export_records_gated_accuracy(bf16_registry, photo_inputs, heldout_answers):
     manifest = Registry(str(bf16_registry)).manifest(BUILTIN_NAME, 2)
     assert manifest["precision"] == "bf16" and manifest["runtime"] == "openvino"
     accuracy, recheck = manifest["accuracy"], manifest["recheck"]
@@ -82,9 +91,8 @@ def test_bf16_export_records_gated_accuracy(bf16_registry, photo_inputs):
     assert accuracy["heldout_photos"] == sorted(set(heldout_sources))
     assert recheck["calibration_photos"] == sorted(set(calibration_sources))
     # the recorded figures are what fp32 (ORT) and bf16 (OpenVINO) give on these photos under the rule
-    path, fp32_manifest = fp32_version(bf16_registry)
-    reference = precision.ort_probabilities(path, heldout, 2)
-    tier = precision.openvino_probabilities(compile_model(path, "bf16", 2), heldout)
+    _, fp32_manifest = fp32_version(bf16_registry)
+    reference, tier = heldout_answers
     rechecked = needs_recheck(tier, recheck["margin"])
     served = np.where(rechecked[:, None], reference, tier)
     assert (served.argmax(1) == reference.argmax(1)).mean() == pytest.approx(accuracy["top1_agreement"], abs=0.01)
@@ -139,16 +147,14 @@ def test_server_without_openvino_refuses_the_tier_and_keeps_serving(bf16_registr
     assert Registry(str(registry)).active_version(BUILTIN_NAME) == 1
 
 
-def test_bf16_tier_answers_near_ties_with_fp32(bf16_registry, server_factory, photo_inputs):
+def test_bf16_tier_answers_near_ties_with_fp32(bf16_registry, server_factory, photo_inputs, heldout_answers):
     """Held-out crops on which bf16 alone changes fp32's top-1, sent as the exact model input over KServe
     V2: version 2 (bf16) answers each with fp32's probabilities, and the metrics count the re-checks."""
     import tritonclient.grpc as triton
 
     _, heldout, _, _ = photo_inputs
-    path, _ = fp32_version(bf16_registry)
-    reference = precision.ort_probabilities(path, heldout, 2)
-    flipped = np.flatnonzero(precision.openvino_probabilities(compile_model(path, "bf16", 2), heldout).argmax(1)
-                             != reference.argmax(1))
+    reference, tier = heldout_answers
+    flipped = np.flatnonzero(tier.argmax(1) != reference.argmax(1))
     assert len(flipped) >= 2, "bf16 flips no held-out photo here: nothing to re-check"
     server = server_factory(bf16_registry)
     client = triton.InferenceServerClient(server.target)

@@ -128,11 +128,11 @@ def make_tier(onnx_path: Path, precision: str, calibration: np.ndarray, heldout:
         tier_path = onnx_path  # OpenVINO runs the fp32 file in bf16
     built = time.monotonic()
     compiled = openvino_runtime.compile_model(tier_path, precision, threads)
+    fp32 = fp32_session(onnx_path, threads)
     margin = -1.0  # no re-check: no lead is <= -1
     if precision in RECHECKED:
-        margin = recheck_margin(ort_probabilities(onnx_path, calibration, threads),
-                                openvino_probabilities(compiled, calibration))
-    reference = ort_probabilities(onnx_path, heldout, threads)
+        margin = recheck_margin(ort_probabilities(fp32, calibration), openvino_probabilities(compiled, calibration))
+    reference = ort_probabilities(fp32, heldout)
     tier = openvino_probabilities(compiled, heldout)
     rechecked = openvino_runtime.needs_recheck(tier, margin)
     accuracy = measure(reference, np.where(rechecked[:, None], reference, tier), labels)
@@ -260,13 +260,16 @@ def _batches(images: np.ndarray, size: int = EVAL_BATCH) -> Iterable[np.ndarray]
         yield np.ascontiguousarray(images[start:start + size], dtype=np.float32)
 
 
-def ort_probabilities(path: Path, images: np.ndarray, threads: int = 0) -> np.ndarray:
+def fp32_session(path: Path, threads: int = 0) -> Any:
     """The fp32 reference: ONNX Runtime on the fp32 file, as the fp32 tier is served."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_probabilities(session: Any, images: np.ndarray) -> np.ndarray:
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(["probabilities"], {name: batch})[0] for batch in _batches(images)])
 

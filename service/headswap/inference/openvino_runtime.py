@@ -108,11 +108,11 @@ class OpenVinoRuntime(ModelRuntime):
                                f"from -1 (no re-check) to 1, got {shown_name(str(margin))}")
         self.recheck_margin = float(margin)
         self.recheck_session = None
+        if "margin" not in recheck:
+            return
         self._recheck_choice = FasterOfTwo()  # option 0: bf16 + re-check of near ties; 1: fp32 straight
         self.fp32_counters = {reason: metrics.TIER_FP32_IMAGES.labels(self.name, str(self.version), reason)
                               for reason in ("near tie", "whole batch")}
-        if "margin" not in recheck:
-            return
         try:
             self.recheck_session = self._session(path, threads, spin=False)
             self.recheck_input = self.recheck_session.get_inputs()[0].name
