@@ -165,10 +165,10 @@ def build_tiers(registry: Registry, path: Path, manifest: dict, tiers: list[str]
         scratch.mkdir()
         shutil.copy(path, scratch / "model.onnx")
         started = time.perf_counter()
-        tier_path, fields = precision.zero_shot_tier(scratch / "model.onnx", tier, manifest,
-                                                     precision.Gate(min_agreement=0.0))
+        built = precision.zero_shot_tier(scratch / "model.onnx", tier, manifest, precision.Gate(min_agreement=0.0))
+        tier_path, fields = built.path, built.fields
         base = {k: v for k, v in manifest.items() if k not in ("name", "version", "sha256")}
-        versions[tier] = registry.publish(MODEL, tier_path, {**base, **fields})
+        versions[tier] = registry.publish(MODEL, tier_path, {**base, **fields}, extra_files=built.extra_files)
         verdict = precision.gate_failure(tier, fields, precision.Gate(), fine_tune=False)
         a, recheck = fields["accuracy"], fields.get("recheck")
         rechecked = (f" (alone {100 * a['tier_alone']['top1_agreement']:.1f}%; {100 * recheck['heldout_share']:.1f}% "

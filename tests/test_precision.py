@@ -21,7 +21,7 @@ from headswap.inference.images import Preprocessing
 from headswap.inference.openvino_runtime import OpenVinoRuntime, compile_model, cpu_capabilities, needs_recheck
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
-from headswap.registry.registry import Registry
+from headswap.registry.registry import RECHECK_FILE, Registry, sha256_file
 
 HAS_BF16 = "BF16" in cpu_capabilities()
 
@@ -186,7 +186,7 @@ def test_tier_below_its_gate_is_refused_with_the_figures(exported_registry, phot
     calibration, heldout, _, _ = photo_inputs
     source, _ = fp32_version(exported_registry)
     shutil.copy(source, tmp_path / "model.onnx")
-    # every held-out image must agree: int8 changes some answers, and has no re-check (its file is not fp32's)
+    # every held-out image must agree: int8 changes some answers, more than its re-check of 16 photos' flips catches
     strict = precision.Gate(min_agreement=1.0)
     with pytest.raises(precision.PrecisionRefused) as info:
         precision.make_tier(tmp_path / "model.onnx", "int8", calibration[:16], heldout, gate=strict, threads=2)
@@ -195,28 +195,142 @@ def test_tier_below_its_gate_is_refused_with_the_figures(exported_registry, phot
     assert "gate: >= 100.0%" in message and "Nothing published" in message
 
 
-def test_int8_tier_is_calibrated_on_real_photos_and_measured(exported_registry, photo_inputs, tmp_path):
-    calibration, heldout, calibration_sources, _ = photo_inputs
+def test_int8_tier_is_calibrated_on_real_photos_and_rechecks_on_its_fp32_file(exported_registry, photo_inputs,
+                                                                               tmp_path):
+    calibration, heldout, _, _ = photo_inputs
     source, manifest = fp32_version(exported_registry)
     shutil.copy(source, tmp_path / "model.onnx")
-    path, fields = precision.make_tier(tmp_path / "model.onnx", "int8", calibration[:96], heldout,
-                                       gate=precision.Gate(min_agreement=0.0), threads=2)
-    assert path.name == precision.INT8_FILE and path.stat().st_size < 0.5 * source.stat().st_size
+    built = precision.make_tier(tmp_path / "model.onnx", "int8", calibration[:96], heldout,
+                                gate=precision.Gate(min_agreement=0.0), threads=2)
+    assert built.path.name == precision.INT8_FILE and built.path.stat().st_size < 0.5 * source.stat().st_size
+    # the quantized file is not the fp32 file: the version carries the fp32 one for the re-check
+    assert built.extra_files == {RECHECK_FILE: tmp_path / "model.onnx"}
+    fields = built.fields
     assert fields["precision"] == "int8" and fields["runtime"] == "openvino"
     assert fields["quantization"]["calibration_images"] == 96
+    assert fields["recheck"]["margin"] > 0 and RECHECK_FILE in fields["recheck"]["engine"]
     accuracy = fields["accuracy"]
-    assert accuracy["heldout_images"] == len(heldout) and 0.0 < accuracy["top1_agreement"] <= 1.0
-    # no re-check (the int8 file is not the fp32 file): what it serves is the tier alone
-    assert "recheck" not in fields and accuracy["tier_alone"]["top1_agreement"] == accuracy["top1_agreement"]
+    assert accuracy["heldout_images"] == len(heldout)
+    assert accuracy["tier_alone"]["top1_agreement"] < accuracy["top1_agreement"] <= 1.0
     # the gate judges these same figures: the message carries them when they miss it
     refusal = precision.gate_failure("int8", fields, precision.Gate(min_agreement=1.0), fine_tune=False)
     if accuracy["top1_agreement"] < 1.0:
-        assert f"{100 * accuracy['top1_agreement']:.1f}% of {len(heldout)}" in refusal
-    # the int8 file runs in the serving runtime and still answers with probabilities
-    runtime = OpenVinoRuntime("m", 3, path, {**manifest, **fields}, 2)
+        assert f"{100 * accuracy['top1_agreement']:.1f}% of {len(heldout)}" in refusal and "int8 alone" in refusal
+    # the int8 file runs in the serving runtime with its fp32 file, and answers with probabilities
+    runtime = OpenVinoRuntime("m", 3, built.path, {**manifest, **fields}, 2, files=built.extra_files)
     runtime.warm_up()
     probabilities = runtime.infer(heldout[:4])
     assert probabilities.shape == (4, 1000) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-3)
+    # without its fp32 file the int8 version cannot re-check: refused, never re-checked on the int8 file
+    with pytest.raises(CorruptModel, match=f"has no fp32 file \\({RECHECK_FILE}\\) to re-check on"):
+        OpenVinoRuntime("m", 3, built.path, {**manifest, **fields}, 2)
+
+
+@pytest.fixture(scope="module")
+def int8_registry(exported_registry, tmp_path_factory) -> Path:
+    """The exported registry plus an int8 version 2 made by `headswap export --precision int8` with the
+    default gate, not activated."""
+    root = tmp_path_factory.mktemp("registry-int8")
+    shutil.copytree(exported_registry, root, dirs_exist_ok=True)
+    result = run_cli("export", BUILTIN, "--model-dir", str(root), "--precision", "int8", "--no-activate")
+    assert "int8 in openvino" in result.stdout, result.stdout
+    return root
+
+
+def test_int8_export_passes_the_default_gate_with_its_recheck(int8_registry, photo_inputs):
+    registry = Registry(str(int8_registry))
+    manifest = registry.manifest(BUILTIN_NAME, 2)
+    accuracy, recheck = manifest["accuracy"], manifest["recheck"]
+    assert manifest["precision"] == "int8" and accuracy["gate"] == {"min_agreement": 0.99}
+    assert accuracy["top1_agreement"] >= 0.99 and accuracy["heldout_images"] >= precision.MIN_HELDOUT_IMAGES
+    # int8 alone misses the gate by far; the re-check of near ties in fp32 is what passes it
+    assert accuracy["tier_alone"]["top1_agreement"] < 0.95 and 0 < recheck["heldout_share"] < 1
+    # stored: the quantized model.onnx, and the fp32 file beside it with its sha256 in the manifest
+    directory = int8_registry / BUILTIN_NAME / "2"
+    fp32_file = directory / RECHECK_FILE
+    assert manifest["files"] == {RECHECK_FILE: sha256_file(fp32_file)}
+    assert (directory / "model.onnx").stat().st_size < 0.5 * fp32_file.stat().st_size
+    path, _ = registry.verified_model_path(BUILTIN_NAME, 2)
+    assert registry.verified_extra_files(BUILTIN_NAME, 2, manifest) == {RECHECK_FILE: fp32_file}
+    # the recorded figures are what fp32 and the stored int8 file give on the held-out photos under the rule
+    _, heldout, _, _ = photo_inputs
+    reference = precision.ort_probabilities(precision.fp32_session(fp32_file, 2), heldout)
+    tier = precision.openvino_probabilities(compile_model(path, "int8", 2), heldout)
+    rechecked = needs_recheck(tier, recheck["margin"])
+    served = np.where(rechecked[:, None], reference, tier)
+    assert (served.argmax(1) == reference.argmax(1)).mean() == pytest.approx(accuracy["top1_agreement"], abs=0.01)
+    assert rechecked.mean() == pytest.approx(recheck["heldout_share"], abs=0.02)
+
+
+def test_int8_tier_answers_near_ties_with_fp32_and_clear_photos_in_int8(int8_registry, server_factory,
+                                                                       photo_inputs, photos):
+    """Held-out crops that int8 alone answers differently from fp32, sent over KServe V2 as the exact model
+    input: version 2 (int8) answers each with version 1's (fp32) probabilities."""
+    import tritonclient.grpc as triton
+
+    _, heldout, _, _ = photo_inputs
+    directory = int8_registry / BUILTIN_NAME / "2"
+    reference = precision.ort_probabilities(precision.fp32_session(directory / RECHECK_FILE, 2), heldout)
+    tier = precision.openvino_probabilities(compile_model(directory / "model.onnx", "int8", 2), heldout)
+    flipped = np.flatnonzero(tier.argmax(1) != reference.argmax(1))[:12]
+    assert len(flipped) >= 2, "int8 flips no held-out photo here: nothing to re-check"
+    server = server_factory(int8_registry)
+    client = triton.InferenceServerClient(server.target)
+    for index in flipped:
+        infer_input = triton.InferInput("image", [1, *heldout.shape[1:]], "FP32")
+        infer_input.set_data_from_numpy(heldout[index:index + 1])
+        answers = {version: client.infer(BUILTIN_NAME, [infer_input], model_version=version)
+                   .as_numpy("probabilities")[0] for version in ("1", "2")}
+        assert answers["2"].argmax() == answers["1"].argmax() == reference[index].argmax()
+        np.testing.assert_allclose(answers["2"], answers["1"], atol=1e-5)
+    counted = sum(metric(server, "headswap_tier_fp32_images_total", version="2", reason=reason)
+                  for reason in ("near tie", "whole batch"))
+    assert counted >= len(flipped)
+    # a clear photo: the same top-1 from the int8 version
+    stub = pb_grpc.InferenceStub(server.channel())
+    answer = stub.Classify(pb.ClassifyRequest(images=[photos["coffee"]], top_k=1, model=BUILTIN_NAME, version=2),
+                           timeout=60)
+    assert answer.version == 2 and answer.results[0].predictions[0].label == "espresso"
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", f"{RECHECK_FILE} is missing"),
+    ("changed", f"sha256 of {RECHECK_FILE} is"),
+    ("unlisted", "has no fp32 file"),
+    ("unknown file", "manifest's files must map"),
+    ("not a sha", "manifest's files must map"),
+])
+def test_an_int8_version_with_a_damaged_fp32_file_is_refused_and_the_active_one_keeps_serving(
+        int8_registry, server_factory, photos, tmp_path, damage, message):
+    registry = tmp_path / "registry"
+    shutil.copytree(int8_registry, registry)
+    directory = registry / BUILTIN_NAME / "2"
+    manifest = json.loads((directory / "manifest.json").read_text())
+    if damage == "missing":
+        (directory / RECHECK_FILE).unlink()
+    elif damage == "changed":
+        with open(directory / RECHECK_FILE, "r+b") as handle:
+            handle.seek(4096)
+            handle.write(b"\0" * 64)
+    elif damage == "unlisted":
+        del manifest["files"]
+    elif damage == "unknown file":
+        manifest["files"] = {"../../active.json": manifest["files"][RECHECK_FILE]}
+    else:
+        manifest["files"] = {RECHECK_FILE: "not a sha"}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    server = server_factory(registry)
+    channel = server.channel()
+    with pytest.raises(grpc.RpcError) as info:
+        pb_grpc.ModelsStub(channel).ActivateModel(pb.ActivateModelRequest(name=BUILTIN_NAME, version=2), timeout=60)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+    assert message in info.value.details() and "version 2" in info.value.details()
+    answer = pb_grpc.InferenceStub(channel).Classify(pb.ClassifyRequest(images=[photos["coffee"]], top_k=1),
+                                                     timeout=60)
+    assert answer.version == 1 and answer.results[0].predictions[0].label == "espresso"
+    assert Registry(str(registry)).active_version(BUILTIN_NAME) == 1
+    assert "Traceback" not in server.log()
 
 
 def test_fine_tune_gate_is_the_validation_accuracy_drop():

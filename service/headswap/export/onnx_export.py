@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from headswap.errors import FailedPrecondition
 from headswap.export import sources
+from headswap.export.precision import BuiltTier, Tier
 from headswap.float32 import exact_float32
 from headswap.registry.registry import Registry, check_model_name
 from headswap.registry.store import EXPORT_PREFIX, owner_tag
@@ -38,7 +39,6 @@ class ExportError(FailedPrecondition):
 
 
 Backbone = Callable[[Any], dict[str, Any]]
-Tier = Callable[[Path, dict[str, Any]], tuple[Path, dict[str, Any]]]
 
 
 def _run(fn_or_model: Backbone, images: Any) -> dict[str, Any]:
@@ -215,10 +215,12 @@ def export_keras_model(model_or_fn: Backbone, input_size: tuple[int, int], manif
                        "parity_seconds": round(time.monotonic() - converted, 2),
                        "tensorflow": tf.__version__, "keras": keras.__version__, "onnx": onnx.__version__},
         }
+        extra_files: dict[str, Path] = {}
         if tier is not None:
-            onnx_path, fields = tier(onnx_path, manifest)
-            manifest.update(fields)
-        version = registry.publish(name, onnx_path, manifest, activate=activate)
+            built = tier(onnx_path, manifest)
+            onnx_path, extra_files = built.path, built.extra_files
+            manifest.update(built.fields)
+        version = registry.publish(name, onnx_path, manifest, activate=activate, extra_files=extra_files)
     log.info("exported %s version %d: convert %.1f s, parity max abs diff %.2e over %d samples",
              name, version, converted - started, parity["max_abs_diff"], parity["samples"])
     return version
@@ -246,7 +248,7 @@ def export_source(source: str, registry: Registry, name: str | None = None, weig
                      "labels": built.labels, "preprocessing": built.preprocessing}
     tier = None
     if precision != "fp32":
-        def tier(path: Path, manifest: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+        def tier(path: Path, manifest: dict[str, Any]) -> BuiltTier:
             return tiers.zero_shot_tier(path, precision, manifest, gate)
     version = export_keras_model(built.backbone, built.input_size, manifest_base, registry, name, activate=activate,
                                  tier=tier)

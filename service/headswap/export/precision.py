@@ -10,17 +10,18 @@ served by OpenVINO:
 - int8: ONNX Runtime's static quantizer (QDQ, per-channel int8 weights, uint8 activations),
   calibrated on real images, then compiled by OpenVINO.
 
-Near ties: bf16 rounding flips the top-1 of images on which fp32 itself is near a tie (on the
-shipped held-out photos, 22 of 268 flipped, each with fp32's lead over its runner-up at most 0.07;
-marking ops to stay in f32 changed nothing in OpenVINO's CPU plugin). So a bf16 tier re-checks:
-an image whose bf16 top-1 leads its runner-up by no more than `recheck.margin` is run again in fp32
-(ONNX Runtime, the same file) and answered with fp32's probabilities. The margin is the largest
-lead bf16 had on a calibration image whose top-1 it flipped, so every flip seen in calibration would
-have been re-checked. Clear images stay at bf16 speed; the share re-checked on the held-out photos
-goes into the manifest (about half of these texture-heavy photos, none of the 41 where fp32's top-1
-is 0.5 or more). Where near ties are common the server runs whole batches in fp32 instead, while
-that measures faster (`OpenVinoRuntime.infer`). An int8 file is not the fp32 file, so int8 has no
-re-check.
+Near ties: reduced precision flips the top-1 of images on which fp32 itself is near a tie (on the
+shipped held-out photos bf16 flipped 22 of 268, each with fp32's lead over its runner-up at most
+0.07; int8 flipped 62; marking ops to stay in f32 changed nothing in OpenVINO's CPU plugin). So both
+tiers re-check: an image whose tier top-1 leads its runner-up by no more than `recheck.margin` is
+run again in fp32 (ONNX Runtime) and answered with fp32's probabilities. bf16 re-checks on its own
+file (it is the fp32 file); an int8 version carries the fp32 file beside its quantized one
+(`registry.RECHECK_FILE`). The margin is the largest lead the tier had on a calibration image whose
+top-1 it flipped, so every flip seen in calibration would have been re-checked. Clear images stay
+at the tier's speed; the share re-checked on the held-out photos goes into the manifest (built-in
+model: bf16 margin 0.058, about half of these texture-heavy photos; int8 margin 0.19, about three
+quarters). Where near ties are common the server runs whole batches in fp32 instead, while that
+measures faster (`OpenVinoRuntime.infer`).
 
 Every tier is measured against the fp32 model before it is published, and refused below the gate,
 on what the tier serves (after its re-check):
@@ -34,13 +35,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from headswap.errors import FailedPrecondition, InvalidInput, shown_name
+from headswap.registry.registry import RECHECK_FILE
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,20 @@ EVAL_BATCH = 16
 FLOAT_OPS = ("Softmax", "Gemm", "MatMul")  # int8: kept in float (see quantize_int8)
 MAX_CALIBRATION_IMAGES = 128  # the quantizer holds their activations in memory
 MIN_HELDOUT_IMAGES = 20  # zero-shot: fewer held-out images than this measure nothing
-RECHECKED = ("bf16",)  # tiers that run the fp32 file, so can re-check near ties in fp32
+
+
+@dataclass(frozen=True)
+class BuiltTier:
+    """What a tier publishes: the file to serve, the manifest fields to add, and the other files
+    the version carries (`Registry.publish(extra_files=...)`)."""
+
+    path: Path
+    fields: dict[str, Any]
+    extra_files: dict[str, Path] = field(default_factory=dict)
+
+
+# A precision tier step, as the exporter and the trainer take it: the checked fp32 file and its manifest.
+Tier = Callable[[Path, dict[str, Any]], BuiltTier]
 
 
 @dataclass(frozen=True)
@@ -101,8 +116,8 @@ def check_available(precision: str, capabilities: list[str] | None = None) -> No
 
 
 def make_tier(onnx_path: Path, precision: str, calibration: np.ndarray, heldout: np.ndarray,
-              labels: np.ndarray | None = None, gate: Gate = Gate(), threads: int = 0) -> tuple[Path, dict[str, Any]]:
-    """Build the `precision` tier of an fp32 ONNX model and gate it; returns (file to publish, manifest fields).
+              labels: np.ndarray | None = None, gate: Gate = Gate(), threads: int = 0) -> BuiltTier:
+    """Build the `precision` tier of an fp32 ONNX model and gate it.
 
     `calibration` and `heldout` are model inputs (float32 NHWC, already normalised) from disjoint
     images. With `labels` (one class index per held-out image) the gate is the validation-accuracy
@@ -112,7 +127,7 @@ def make_tier(onnx_path: Path, precision: str, calibration: np.ndarray, heldout:
     precision = check_precision(precision)
     gate.check()
     if precision == "fp32":
-        return onnx_path, {"precision": "fp32", "runtime": RUNTIME["fp32"]}
+        return BuiltTier(onnx_path, {"precision": "fp32", "runtime": RUNTIME["fp32"]})
     from headswap.inference import openvino_runtime
 
     check_available(precision)
@@ -129,9 +144,7 @@ def make_tier(onnx_path: Path, precision: str, calibration: np.ndarray, heldout:
     built = time.monotonic()
     compiled = openvino_runtime.compile_model(tier_path, precision, threads)
     fp32 = fp32_session(onnx_path, threads)
-    margin = -1.0  # no re-check: no lead is <= -1
-    if precision in RECHECKED:
-        margin = recheck_margin(ort_probabilities(fp32, calibration), openvino_probabilities(compiled, calibration))
+    margin = recheck_margin(ort_probabilities(fp32, calibration), openvino_probabilities(compiled, calibration))
     reference = ort_probabilities(fp32, heldout)
     tier = openvino_probabilities(compiled, heldout)
     rechecked = openvino_runtime.needs_recheck(tier, margin)
@@ -140,17 +153,19 @@ def make_tier(onnx_path: Path, precision: str, calibration: np.ndarray, heldout:
     accuracy["seconds"] = round(time.monotonic() - built, 2)
     accuracy["gate"] = {k: v for k, v in asdict(gate).items()
                         if (k == "max_accuracy_drop") == (labels is not None)}
-    fields: dict[str, Any] = {"precision": precision, "runtime": RUNTIME[precision], "accuracy": accuracy}
-    if precision in RECHECKED:
-        fields["recheck"] = {"margin": round(margin, 6), "engine": "onnxruntime fp32, same file",
-                             "heldout_share": round(float(rechecked.mean()), 6)}
+    extra_files = {RECHECK_FILE: onnx_path} if tier_path != onnx_path else {}
+    fields: dict[str, Any] = {
+        "precision": precision, "runtime": RUNTIME[precision], "accuracy": accuracy,
+        "recheck": {"margin": round(margin, 6),
+                    "engine": f"onnxruntime fp32, {RECHECK_FILE if extra_files else 'same file'}",
+                    "heldout_share": round(float(rechecked.mean()), 6)}}
     message = gate_failure(precision, fields, gate, labels is not None)
     if message:
         raise PrecisionRefused(message)
     if quantization:
         fields["quantization"] = {**quantization, "seconds": round(built - started, 2)}
     log.info("%s tier passed its gate: %s", precision, {k: v for k, v in fields.items() if k != "runtime"})
-    return tier_path, fields
+    return BuiltTier(tier_path, fields, extra_files)
 
 
 def recheck_margin(reference: np.ndarray, tier: np.ndarray) -> float:
@@ -184,7 +199,7 @@ def gate_failure(precision: str, fields: dict[str, Any], gate: Gate, fine_tune: 
     """The refusal message with the figures, or '' when the tier passes. `fields`: make_tier's."""
     figures = fields["accuracy"]
     recheck = fields.get("recheck")
-    served = (f" (bf16 alone: {100 * figures['tier_alone']['top1_agreement']:.1f}%; "
+    served = (f" ({precision} alone: {100 * figures['tier_alone']['top1_agreement']:.1f}%; "
               f"{100 * recheck['heldout_share']:.1f}% of them re-checked in fp32)") if recheck else ""
     if fine_tune:
         if figures["accuracy_drop"] <= gate.max_accuracy_drop + 1e-12:
@@ -281,7 +296,7 @@ def openvino_probabilities(compiled: Any, images: np.ndarray) -> np.ndarray:
 
 
 def zero_shot_tier(onnx_path: Path, precision: str, manifest: dict[str, Any], gate: Gate = Gate(),
-                   threads: int = 0) -> tuple[Path, dict[str, Any]]:
+                   threads: int = 0) -> BuiltTier:
     """A zero-shot export's tier: calibrated on the shipped photos, gated on the other (held-out) photos."""
     from headswap.export.calibration_images import photo_sets
     from headswap.inference.images import Preprocessing
@@ -290,11 +305,12 @@ def zero_shot_tier(onnx_path: Path, precision: str, manifest: dict[str, Any], ga
         return make_tier(onnx_path, precision, np.empty((0,)), np.empty((0,)), gate=gate, threads=threads)
     pre = Preprocessing.from_manifest(manifest)
     calibration, heldout = photo_sets(pre.height, pre.width)
-    path, fields = make_tier(onnx_path, precision, pre.normalize(calibration.pixels), pre.normalize(heldout.pixels),
-                             gate=gate, threads=threads)
+    built = make_tier(onnx_path, precision, pre.normalize(calibration.pixels), pre.normalize(heldout.pixels),
+                      gate=gate, threads=threads)
+    fields = built.fields
     fields["accuracy"].update(against="fp32 (onnxruntime) on held-out photos shipped with scikit-image/scikit-learn",
                               heldout_photos=sorted(set(heldout.sources)))
     for calibrated in ("quantization", "recheck"):
         if calibrated in fields:
             fields[calibrated]["calibration_photos"] = sorted(set(calibration.sources))
-    return path, fields
+    return built

@@ -163,8 +163,9 @@ class ModelManager:
             started = time.monotonic()
             try:
                 path, manifest = self.registry.verified_model_path(name, version)
+                files = self.registry.verified_extra_files(name, version, manifest)
                 runtime = load_runtime(name, version, path, manifest, self.settings.cpu_threads,
-                                       spinning=self.settings.intra_op_spinning, lanes=self.settings.lanes)
+                                       spinning=self.settings.intra_op_spinning, lanes=self.settings.lanes, files=files)
                 runtime.warm_up()
             except CorruptModel as err:
                 self._refused.add(key)

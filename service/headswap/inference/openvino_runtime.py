@@ -21,6 +21,7 @@ from headswap import metrics
 from headswap.errors import CorruptModel, shown_name
 from headswap.inference.measured_choice import FasterOfTwo
 from headswap.inference.runtime import ModelRuntime
+from headswap.registry.registry import RECHECK_FILE
 
 INSTALL_HINT = "install the serving extra with pip install 'headswap[openvino]'"
 # The OpenVINO inference precision behind each tier. int8 is carried by the QDQ nodes of the file;
@@ -35,7 +36,7 @@ def top1_lead(probabilities: np.ndarray) -> np.ndarray:
 
 
 def needs_recheck(probabilities: np.ndarray, margin: float) -> np.ndarray:
-    """Rows whose top-1 leads by no more than `margin`: near ties that a bf16 tier runs again in fp32
+    """Rows whose top-1 leads by no more than `margin`: near ties that a tier runs again in fp32
     (see `headswap.export.precision`). A negative margin re-checks nothing."""
     return top1_lead(probabilities) <= margin
 
@@ -99,8 +100,9 @@ class OpenVinoRuntime(ModelRuntime):
         return outputs
 
     def _open_recheck(self, path: Path, threads: int) -> None:
-        """The fp32 session that answers near ties (manifest `recheck`), on the same file; it runs under
-        the same lock as OpenVINO, so the two never compete for the threads (see `infer`)."""
+        """The fp32 session that answers near ties (manifest `recheck`): on the same file for bf16, on
+        the fp32 file beside it (RECHECK_FILE) for int8. It runs under the same lock as OpenVINO, so
+        the two never compete for the threads (see `infer`)."""
         recheck = self.manifest.get("recheck") or {}
         margin = recheck.get("margin", -1.0) if isinstance(recheck, dict) else None
         if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not -1.0 <= margin <= 1.0:
@@ -110,15 +112,20 @@ class OpenVinoRuntime(ModelRuntime):
         self.recheck_session = None
         if "margin" not in recheck:
             return
-        self._recheck_choice = FasterOfTwo()  # option 0: bf16 + re-check of near ties; 1: fp32 straight
+        fp32_path = self.files.get(RECHECK_FILE) or (path if self.manifest.get("precision") == "bf16" else None)
+        if fp32_path is None:
+            raise CorruptModel(f"{self.name} version {self.version}: its manifest asks for a re-check in fp32, but "
+                               f"the version has no fp32 file ({RECHECK_FILE}) to re-check on")
+        self._recheck_choice = FasterOfTwo()  # option 0: the tier + re-check of near ties; 1: fp32 straight
         self.fp32_counters = {reason: metrics.TIER_FP32_IMAGES.labels(self.name, str(self.version), reason)
                               for reason in ("near tie", "whole batch")}
         try:
-            self.recheck_session = self._session(path, threads, spin=False)
+            self.recheck_session = self._session(fp32_path, threads, spin=False)
             self.recheck_input = self.recheck_session.get_inputs()[0].name
         except Exception as err:  # onnxruntime raises its own exception types for bad files
-            raise CorruptModel(f"{self.name} version {self.version}: ONNX Runtime cannot load {path.name} "
+            raise CorruptModel(f"{self.name} version {self.version}: ONNX Runtime cannot load {fp32_path.name} "
                                f"for the fp32 re-check: {err}") from err
+        self.recheck_path = fp32_path
 
     @property
     def session(self) -> Any:
@@ -131,8 +138,8 @@ class OpenVinoRuntime(ModelRuntime):
         if compiled is None:
             self._request = None
 
-    def weight_copies(self) -> int:
-        return 1 + (self.recheck_session is not None)
+    def weights_bytes(self, path: Path) -> int:
+        return path.stat().st_size + (self.recheck_path.stat().st_size if self.recheck_session is not None else 0)
 
     def warm_up(self) -> None:
         """First runs pay for lazy initialisation: made here, and not timed for the re-check choice."""
@@ -150,7 +157,7 @@ class OpenVinoRuntime(ModelRuntime):
     def infer(self, batch: np.ndarray, lane: int = 0) -> np.ndarray:
         """float32 NHWC model input -> probabilities [N, classes] (a copy: the request reuses its buffers).
 
-        With a re-check: bf16, its near ties run again in fp32; or, while that measures slower (when
+        With a re-check: the tier, its near ties run again in fp32; or, while that measures slower (when
         many images are near ties), the whole batch in fp32, which gives fp32's answers outright."""
         with self._lock:
             if self.recheck_session is None:

@@ -71,11 +71,12 @@ class ModelRuntime:
     lane_count = 1  # how many batches may run at once (`infer(batch, lane)`)
 
     def __init__(self, name: str, version: int, path: Path, manifest: dict[str, Any], threads: int,
-                 spinning: str = "adaptive", lanes: int = 1) -> None:
+                 spinning: str = "adaptive", lanes: int = 1, files: dict[str, Path] | None = None) -> None:
         self.name = name
         self.version = version
         self.spinning = spinning
         self.manifest = manifest
+        self.files = files or {}  # the version's other verified files (`Registry.verified_extra_files`)
         self.labels: list[str] = list(manifest.get("labels") or [])
         self.preprocessing = Preprocessing.from_manifest(manifest)
         outputs = self._open(path, threads, lanes)
@@ -86,11 +87,11 @@ class ModelRuntime:
         self.ready = threading.Event()
         self.images_counter = metrics.IMAGES.labels(name, str(version))
         self.stats = ModelStats(name, version)  # Triton-style statistics and latency histograms
-        self.size_bytes = path.stat().st_size * self.weight_copies()  # for the memory budget
+        self.size_bytes = self.weights_bytes(path)  # for the memory budget
 
-    def weight_copies(self) -> int:
-        """How many copies of the weights this runtime holds: every session has its own."""
-        return self.lane_count + (self.lone_session is not None)
+    def weights_bytes(self, path: Path) -> int:
+        """What the weights this runtime holds take: every session has its own copy."""
+        return path.stat().st_size * (self.lane_count + (self.lone_session is not None))
 
     def _open(self, path: Path, threads: int, lanes: int) -> list[str]:
         """Create the sessions (`lane_sessions`, `session` = lane 0, `lone_session`) and `input_name`;
@@ -177,15 +178,15 @@ RUNTIMES = ("onnxruntime", "openvino")
 
 
 def load_runtime(name: str, version: int, path: Path, manifest: dict[str, Any], threads: int,
-                 spinning: str = "adaptive", lanes: int = 1) -> ModelRuntime:
+                 spinning: str = "adaptive", lanes: int = 1, files: dict[str, Path] | None = None) -> ModelRuntime:
     """The engine a version's manifest names: ONNX Runtime (default), or OpenVINO for the bf16/int8
     precision tiers (`headswap.export.precision`), which is an optional extra of the serving install."""
     runtime = manifest.get("runtime") or "onnxruntime"
     if runtime == "onnxruntime":
-        return ModelRuntime(name, version, path, manifest, threads, spinning, lanes)
+        return ModelRuntime(name, version, path, manifest, threads, spinning, lanes, files)
     if runtime == "openvino":
         from headswap.inference.openvino_runtime import OpenVinoRuntime
 
-        return OpenVinoRuntime(name, version, path, manifest, threads)
+        return OpenVinoRuntime(name, version, path, manifest, threads, files=files)
     raise CorruptModel(f"{name} version {version}: its manifest asks for runtime {runtime!r}; "
                        f"this server runs {', '.join(RUNTIMES)}")

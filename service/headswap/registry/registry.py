@@ -3,13 +3,15 @@
 Layout, as TF Serving watches a base path:
 
     <root>/<model>/<version>/model.onnx
+    <root>/<model>/<version>/model.fp32.onnx only in an int8 version: the fp32 file its near ties
+                                             are re-checked on (`headswap.export.precision`)
     <root>/<model>/<version>/manifest.json   written last: a version without it does not exist
     <root>/<model>/active.json               {"version": N, "history": [older actives...]}
 
 A version is published whole (see `Store.publish_dir`), "active" is one small object replaced
 atomically and updated conditionally (`Store.update_bytes`: two activations at once never drop a
-rollback entry), and `verified_model_path` checks the sha256 recorded in the manifest before
-anyone serves the file. A model serves only once a version has been activated: a first version
+rollback entry), and `verified_model_path` (and `verified_extra_files`) check the sha256 recorded in the
+manifest before anyone serves a file. A model serves only once a version has been activated: a first version
 published with activate=false stays dark. `prune` keeps the newest N inactive versions (never
 the active one or its rollback target).
 """
@@ -27,6 +29,9 @@ from headswap.errors import CorruptModel, FailedPrecondition, InvalidInput, NotF
 from headswap.registry.store import MANIFEST, Store, open_store
 
 MODEL_FILE = "model.onnx"
+RECHECK_FILE = "model.fp32.onnx"  # an int8 version's fp32 file, for its re-check of near ties
+EXTRA_FILES = (RECHECK_FILE,)  # the only other files a version may carry (manifest `files`: name -> sha256)
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}\Z")
 ACTIVE_FILE = "active.json"
 # The one model-name rule (every API checks it where a request enters, and the registry again):
 # names are path segments and metric labels. `\Z`, not `$`: "$" also matches before a final "\n".
@@ -149,6 +154,29 @@ class Registry:
                                f"manifest says {expected}")
         return path, manifest
 
+    def verified_extra_files(self, name: str, version: int, manifest: dict[str, Any]) -> dict[str, Path]:
+        """The version's other files (manifest `files`, see EXTRA_FILES), each checked against its
+        sha256 like the model file; {} for a version that has none."""
+        files = manifest.get("files", {})
+        if not isinstance(files, dict) or not all(
+                file in EXTRA_FILES and isinstance(digest, str) and SHA256_PATTERN.match(digest)
+                for file, digest in files.items()):
+            raise CorruptModel(f"{name} version {version}: its manifest's files must map "
+                               f"{', '.join(EXTRA_FILES)} to a sha256, got {shown_name(str(files))}")
+        paths = {}
+        for file, expected in files.items():
+            try:
+                path = self.store.local_path(f"{name}/{version}/{file}", self.cache_dir)
+            except FileNotFoundError:
+                raise CorruptModel(f"{name} version {version}: {file} is missing") from None
+            if not path.exists():
+                raise CorruptModel(f"{name} version {version}: {file} is missing")
+            actual = self._sha256(path)
+            if actual != expected:
+                raise CorruptModel(f"{name} version {version}: sha256 of {file} is {actual}, manifest says {expected}")
+            paths[file] = path
+        return paths
+
     def _sha256(self, path: Path) -> str:
         """sha256 of a file, remembered per (path, size, mtime): swapping back to a version
         verified moments ago should not re-read 20 MB while the server is busy."""
@@ -160,15 +188,25 @@ class Registry:
 
     # --- writing ---------------------------------------------------------------------------
 
-    def publish(self, name: str, onnx_path: Path, manifest: dict[str, Any], activate: bool = False) -> int:
-        """Store a new version (next free number) whole, and optionally make it active."""
+    def publish(self, name: str, onnx_path: Path, manifest: dict[str, Any], activate: bool = False,
+                extra_files: dict[str, Path] | None = None) -> int:
+        """Store a new version (next free number) whole, and optionally make it active.
+        `extra_files` (names from EXTRA_FILES) are stored beside the model, with their sha256."""
         check_model_name(name)
+        extra_files = extra_files or {}
+        unknown = sorted(set(extra_files) - set(EXTRA_FILES))
+        if unknown:
+            raise ValueError(f"a version cannot carry {unknown}; only {', '.join(EXTRA_FILES)}")
         staging = Path(onnx_path).parent / f".publish-{name}"
         staging.mkdir(parents=True, exist_ok=True)
         try:
             model_copy = staging / MODEL_FILE
             if Path(onnx_path).resolve() != model_copy.resolve():
                 model_copy.write_bytes(Path(onnx_path).read_bytes())
+            manifest = {key: value for key, value in manifest.items() if key != "files"}  # only what is stored
+            for file, source in sorted(extra_files.items()):
+                (staging / file).write_bytes(Path(source).read_bytes())
+                manifest.setdefault("files", {})[file] = sha256_file(staging / file)
             for _ in range(20):
                 version = (max(self.versions_including_incomplete(name), default=0)) + 1
                 full = dict(manifest, format=MANIFEST_FORMAT, name=name, version=version,

@@ -42,6 +42,7 @@ import keras
 import numpy as np
 
 from headswap.errors import FailedPrecondition, InvalidInput
+from headswap.export.precision import BuiltTier, Tier
 from headswap.float32 import exact_float32
 from headswap.inference.images import Preprocessing, load_pixels
 from headswap.registry.registry import Registry
@@ -60,10 +61,6 @@ HASH_CHUNK = 256
 TIER_CALIBRATION_IMAGES = 64  # precision tiers: training images to calibrate on (int8 ranges, bf16 re-check)
 TIER_HELDOUT_IMAGES = 512  # ...and validation images the accuracy gate measures
 DEFAULT_CACHE_MB = 1024
-
-
-# A precision tier step: the checked fp32 file and its manifest -> the file to publish, fields to add.
-Tier = Callable[[Path, dict[str, Any]], tuple[Path, dict[str, Any]]]
 
 
 class Stopped(Exception):
@@ -673,10 +670,12 @@ def publish_composed(base_path: Path, base_manifest: dict[str, Any], head: keras
                        "keras": keras.__version__, "keras_backend": keras.backend.backend(),
                        "onnx": onnx.__version__},
         }
+        extra_files: dict[str, Path] = {}
         if tier is not None:
-            onnx_path, fields = tier(onnx_path, manifest)
-            manifest.update(fields)
-        return registry.publish(spec.name, onnx_path, manifest, activate=False)
+            built = tier(onnx_path, manifest)
+            onnx_path, extra_files = built.path, built.extra_files
+            manifest.update(built.fields)
+        return registry.publish(spec.name, onnx_path, manifest, activate=False, extra_files=extra_files)
 
 
 def precision_tier(spec: FineTuneSpec,
@@ -691,7 +690,7 @@ def precision_tier(spec: FineTuneSpec,
         return None
     from headswap.export import precision as tiers
 
-    def tier(onnx_path: Path, manifest: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    def tier(onnx_path: Path, manifest: dict[str, Any]) -> BuiltTier:
         calibration, heldout, labels = samples()
         return tiers.make_tier(onnx_path, spec.precision, calibration, heldout, labels)
 
