@@ -10,10 +10,10 @@ Layout, as TF Serving watches a base path:
 
 A version is published whole (see `Store.publish_dir`), "active" is one small object replaced
 atomically and updated conditionally (`Store.update_bytes`: two activations at once never drop a
-rollback entry), and `verified_model_path` (and `verified_extra_files`) check the sha256 recorded in the
-manifest before anyone serves a file. A model serves only once a version has been activated: a first version
-published with activate=false stays dark. `prune` keeps the newest N inactive versions (never
-the active one or its rollback target).
+rollback entry), and `verified_model_path` (and `verified_extra_files`) check the sha256
+recorded in the manifest before anyone serves a file. A model serves only once a version has been
+activated: a first version published with activate=false stays dark. `prune` keeps the newest N
+inactive versions (never the active one or its rollback target).
 """
 
 from __future__ import annotations
@@ -142,17 +142,7 @@ class Registry:
         expected = manifest.get("sha256")
         if not expected:
             raise CorruptModel(f"{name} version {version}: manifest has no sha256")
-        try:
-            path = self.store.local_path(f"{name}/{version}/{MODEL_FILE}", self.cache_dir)
-        except FileNotFoundError:
-            raise CorruptModel(f"{name} version {version}: {MODEL_FILE} is missing") from None
-        if not path.exists():
-            raise CorruptModel(f"{name} version {version}: {MODEL_FILE} is missing")
-        actual = self._sha256(path)
-        if actual != expected:
-            raise CorruptModel(f"{name} version {version}: sha256 of {MODEL_FILE} is {actual}, "
-                               f"manifest says {expected}")
-        return path, manifest
+        return self._verified_file(name, version, MODEL_FILE, expected), manifest
 
     def verified_extra_files(self, name: str, version: int, manifest: dict[str, Any]) -> dict[str, Path]:
         """The version's other files (manifest `files`, see EXTRA_FILES), each checked against its
@@ -163,19 +153,20 @@ class Registry:
                 for file, digest in files.items()):
             raise CorruptModel(f"{name} version {version}: its manifest's files must map "
                                f"{', '.join(EXTRA_FILES)} to a sha256, got {shown_name(str(files))}")
-        paths = {}
-        for file, expected in files.items():
-            try:
-                path = self.store.local_path(f"{name}/{version}/{file}", self.cache_dir)
-            except FileNotFoundError:
-                raise CorruptModel(f"{name} version {version}: {file} is missing") from None
-            if not path.exists():
-                raise CorruptModel(f"{name} version {version}: {file} is missing")
-            actual = self._sha256(path)
-            if actual != expected:
-                raise CorruptModel(f"{name} version {version}: sha256 of {file} is {actual}, manifest says {expected}")
-            paths[file] = path
-        return paths
+        return {file: self._verified_file(name, version, file, expected) for file, expected in files.items()}
+
+    def _verified_file(self, name: str, version: int, file: str, expected: str) -> Path:
+        """A local copy of one of the version's files, refused (CorruptModel) when missing or changed."""
+        try:
+            path = self.store.local_path(f"{name}/{version}/{file}", self.cache_dir)
+        except FileNotFoundError:
+            raise CorruptModel(f"{name} version {version}: {file} is missing") from None
+        if not path.exists():
+            raise CorruptModel(f"{name} version {version}: {file} is missing")
+        actual = self._sha256(path)
+        if actual != expected:
+            raise CorruptModel(f"{name} version {version}: sha256 of {file} is {actual}, manifest says {expected}")
+        return path
 
     def _sha256(self, path: Path) -> str:
         """sha256 of a file, remembered per (path, size, mtime): swapping back to a version
