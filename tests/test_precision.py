@@ -377,3 +377,32 @@ def test_finetune_cli_sends_its_precision():
     assert "--precision [fp32|bf16|int8]" in result.stdout
     result = run_cli("finetune", ".", "--name", "x", "--precision", "fp16", check=False)
     assert result.returncode == 2 and "fp16" in result.stderr
+
+
+def test_a_finetune_on_an_int8_base_trains_on_its_fp32_file(int8_registry, server_factory, tmp_path):
+    """An active int8 version is served quantized, but a FineTune on it extracts and composes on the fp32
+    file stored beside it: the new version records that file's sha256 and has no quantized node."""
+    import onnx
+    from sklearn.datasets import load_digits
+
+    from test_finetune import digit_png, stream, watch
+
+    registry_dir = tmp_path / "registry"
+    shutil.copytree(int8_registry, registry_dir)
+    registry = Registry(str(registry_dir))
+    registry.activate(BUILTIN_NAME, 2)
+    int8 = registry.manifest(BUILTIN_NAME, 2)
+    server = server_factory(registry_dir, env={"KERAS_BACKEND": "jax"})
+    digits = load_digits()
+    examples = [(digit_png(digits.images[i]), str(digits.target[i])) for i in range(100)]
+    job = pb_grpc.TrainingStub(server.channel()).FineTune(
+        stream(pb.FineTuneConfig(name="digits-on-int8", epochs=2), examples), timeout=300)
+    final = watch(server, job.job_id)[-1]
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.message
+    manifest = registry.manifest("digits-on-int8", 1)
+    assert manifest["base_model"]["name"] == BUILTIN_NAME and manifest["base_model"]["version"] == 2
+    assert manifest["export"]["base_sha256"] == int8["files"][RECHECK_FILE] != int8["sha256"]
+    assert "precision" not in manifest and "files" not in manifest
+    graph = onnx.load(str(registry_dir / "digits-on-int8" / "1" / "model.onnx")).graph
+    assert not [node for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert "Traceback" not in server.log()

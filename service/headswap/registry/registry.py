@@ -155,6 +155,16 @@ class Registry:
                                f"{', '.join(EXTRA_FILES)} to a sha256, got {shown_name(str(files))}")
         return {file: self._verified_file(name, version, file, expected) for file, expected in files.items()}
 
+    def verified_fp32_path(self, name: str, version: int) -> tuple[Path, dict[str, Any]]:
+        """The fp32 ONNX file of a version, for training on it: an int8 version's RECHECK_FILE, any
+        other version's model file (a bf16 version's is the fp32 file). The returned manifest's
+        sha256 is that file's, so embedding caches and the fine-tune's record name what was used."""
+        path, manifest = self.verified_model_path(name, version)
+        files = self.verified_extra_files(name, version, manifest)
+        if RECHECK_FILE in files:
+            return files[RECHECK_FILE], dict(manifest, sha256=manifest["files"][RECHECK_FILE])
+        return path, manifest
+
     def _verified_file(self, name: str, version: int, file: str, expected: str) -> Path:
         """A local copy of one of the version's files, refused (CorruptModel) when missing or changed."""
         try:

@@ -408,7 +408,7 @@ def run(job: TrainingJob, report: Reporter) -> Result:
     set_random_seed(spec.seed)
     registry = Registry(runtime["model_dir"], cache_dir=Path(runtime["cache_dir"]))
     base_name, base_version = job.base["name"], int(job.base["version"])
-    base_path, base_manifest = registry.verified_model_path(base_name, base_version)
+    base_path, base_manifest = registry.verified_fp32_path(base_name, base_version)  # int8: its fp32 file
     pre = Preprocessing.from_manifest(base_manifest)
     input_size = (pre.height, pre.width)
     dataset = StoredDataset.load(job.directory)

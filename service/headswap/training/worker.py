@@ -111,7 +111,7 @@ def preload(base: dict[str, Any]) -> None:
     from headswap.training import trainer
 
     registry = Registry(base["model_dir"], cache_dir=Path(base["cache_dir"]))
-    path, manifest = registry.verified_model_path(base["name"], int(base["version"]))
+    path, manifest = registry.verified_fp32_path(base["name"], int(base["version"]))
     trainer.cached_ort_embedder(path, str(manifest["sha256"]), manifest["outputs"]["embedding"],
                                 int(base.get("threads") or 2))
     log.info("warm worker %d: %s version %d ready", os.getpid(), base["name"], int(base["version"]))
