@@ -32,7 +32,7 @@ import s3fs
 from conftest import BUILTIN_NAME
 from headswap.errors import CorruptModel, FailedPrecondition, NotFound
 from headswap.registry.object_store import CLAIM, ObjectStore
-from headswap.registry.registry import Registry
+from headswap.registry.registry import RECHECK_FILE, Registry
 from headswap.registry.store import open_store
 
 POLL = "0.5"
@@ -283,6 +283,35 @@ def test_registry_over_s3(bucket_url, tmp_path):
         other.verified_model_path("digits", 1)
 
 
+def test_a_version_with_an_extra_file_over_s3(bucket_url, tmp_path):
+    """An int8 version's fp32 file (RECHECK_FILE) is stored beside its model over S3, its sha256 in the
+    manifest, fetched into the reader's cache and checked like the model; nothing else can be stored."""
+    registry = Registry(bucket_url, cache_dir=tmp_path / "cache")
+    fp32 = fake_model(tmp_path / "fp32.onnx", seed=4)
+    stale = {"labels": ["0", "1"], "files": {RECHECK_FILE: "0" * 64}}  # a manifest copied from another version
+    version = registry.publish("digits", fake_model(tmp_path / "int8.onnx", seed=5), stale,
+                               extra_files={RECHECK_FILE: fp32})
+    reader = Registry(bucket_url, cache_dir=tmp_path / "reader-cache")
+    _, manifest = reader.verified_model_path("digits", version)
+    assert manifest["files"] == {RECHECK_FILE: hashlib.sha256(fp32.read_bytes()).hexdigest()}
+    files = reader.verified_extra_files("digits", version, manifest)
+    assert files[RECHECK_FILE].read_bytes() == fp32.read_bytes()
+    path, fp32_manifest = reader.verified_fp32_path("digits", version)
+    assert path == files[RECHECK_FILE] and fp32_manifest["sha256"] == manifest["files"][RECHECK_FILE]
+    # a version without extra files records none, even from a manifest that listed some
+    plain = registry.publish("digits", fake_model(tmp_path / "plain.onnx", seed=6), stale)
+    assert "files" not in registry.manifest("digits", plain)
+    assert reader.verified_fp32_path("digits", plain)[0].read_bytes() == (tmp_path / "plain.onnx").read_bytes()
+    with pytest.raises(ValueError, match="cannot carry"):
+        registry.publish("digits", fp32, {"labels": ["0", "1"]}, extra_files={"../active.json": fp32})
+    assert registry.versions("digits") == [version, plain]
+    # changed behind the registry's back: refused
+    evil = fake_model(tmp_path / "evil", seed=7).read_bytes()
+    ObjectStore(bucket_url).write_bytes(f"digits/{version}/{RECHECK_FILE}", evil)
+    with pytest.raises(CorruptModel, match=f"sha256 of {RECHECK_FILE}"):
+        Registry(bucket_url, cache_dir=tmp_path / "third-cache").verified_extra_files("digits", version, manifest)
+
+
 def test_concurrent_writers_get_distinct_versions(bucket_url, tmp_path):
     """Three processes publish at once: each version number is taken by exactly one of them."""
     writers = []
@@ -291,7 +320,7 @@ def test_concurrent_writers_get_distinct_versions(bucket_url, tmp_path):
             import json, sys
             from pathlib import Path
             import numpy as np
-            from headswap.registry.registry import Registry
+            from headswap.registry.registry import RECHECK_FILE, Registry
             registry = Registry({bucket_url!r}, cache_dir=Path({str(tmp_path)!r}) / "cache{w}")
             out = []
             for i in range(3):
@@ -319,7 +348,7 @@ def test_concurrent_writers_get_distinct_versions(bucket_url, tmp_path):
 PUBLISH_ONE = """
     import sys
     from pathlib import Path
-    from headswap.registry.registry import Registry
+    from headswap.registry.registry import RECHECK_FILE, Registry
     url, name, model = sys.argv[1:4]
     print("version", Registry(url, cache_dir=Path(model).parent / "cache").publish(name, Path(model), {}), flush=True)
 """
@@ -420,7 +449,7 @@ def test_killed_upload_is_never_served(exported_registry, bucket_url, s3_endpoin
 PUBLISH_AND_ACTIVATE = """
     import json, sys
     from pathlib import Path
-    from headswap.registry.registry import Registry
+    from headswap.registry.registry import RECHECK_FILE, Registry
     url, onnx, manifest, name = sys.argv[1:5]
     registry = Registry(url, cache_dir=Path(onnx).parent / "cache")
     print(registry.publish(name, Path(onnx), json.loads(Path(manifest).read_text()), activate=True))
