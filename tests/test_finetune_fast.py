@@ -257,6 +257,9 @@ def test_head_only_finetune_composes_caches_and_stays_warm(backend_server, digit
     assert events[-1].state == DONE, events[-1].message + "\n" + server.log()[-3000:]
     metrics = json.loads(events[-1].metrics_json)
     assert metrics["keras_backend"] == backend and metrics["export_method"] == "composed"
+    # the warm worker readied the base's extractor during the upload: ONNX Runtime on a node without a GPU
+    warm_log = (server.log_path.parent / "warm-worker.log").read_text()
+    assert f"{BUILTIN_NAME} version 1 ready (onnxruntime" in warm_log, warm_log[-2000:]
     assert metrics["embedding_cache_hits"] == 0 and metrics["embedding_cache_misses"] == 150
     if backend == "jax":
         assert metrics["tensorflow_imported"] is False

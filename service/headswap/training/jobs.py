@@ -156,10 +156,11 @@ class JobManager:
         return spec, base
 
     def _prepare_worker(self, base: BaseModel) -> None:
-        """Have a warm worker ready, with this base's ONNX session open, by the time the upload ends."""
+        """Have a warm worker ready, with this base's extractor ready, by the time the upload ends."""
         s = self.settings
         preload = {"model_dir": s.model_dir, "cache_dir": str(self.registry.cache_dir), "name": base.name,
-                   "version": base.version, "threads": s.cpu_threads}
+                   "version": base.version, "source": base.source, "weights": self._weights_for(base),
+                   "threads": s.cpu_threads}
         with self._lock:
             self._warm_base = preload
             warm = self._warm
@@ -342,11 +343,15 @@ class JobManager:
             raise AlreadyExists(f"job {running} is already training {spec.name!r}; wait for it or cancel it "
                                 f"(`headswap cancel {running}`)")
 
+    def _weights_for(self, base: BaseModel) -> str:
+        """The server's --weights file, for the base built from the server's own --model source."""
+        s = self.settings
+        return s.weights if s.weights and base.source.lower() == s.model.lower() else ""
+
     def _write_job_file(self, directory: Path, job_id: str, spec: FineTuneSpec, base: BaseModel,
                         upload: Upload) -> None:
         s = self.settings
-        base_source = base.source
-        weights = s.weights if s.weights and base_source.lower() == s.model.lower() else ""
+        weights = self._weights_for(base)
         job = {
             "job_id": job_id,
             "spec": spec.to_dict(),

@@ -227,6 +227,12 @@ def ort_has_gpu() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def keras_extracts() -> bool:
+    """Whether jobs here extract features with the Keras backbone: a GPU for Keras but not for ONNX
+    Runtime. Elsewhere the base's ONNX graph in ONNX Runtime does."""
+    return keras_gpu() and not ort_has_gpu()
+
+
 def extract_features(dataset: StoredDataset, positions: np.ndarray, pre: Preprocessing, max_pixels: int,
                      embedder: Callable[[np.ndarray], np.ndarray], batch_size: int, threads: int,
                      report: Reporter, cache: EmbeddingCache, embedding_size: int | None) -> tuple[np.ndarray, int]:
@@ -426,7 +432,7 @@ def run(job: TrainingJob, report: Reporter) -> Result:
 
     started = time.monotonic()
     built = None
-    use_keras = keras_gpu() and not ort_has_gpu()
+    use_keras = keras_extracts()
     if use_keras and spec.unfreeze_top_layers:  # phase 2 trains this backbone: a fresh one for the job
         from headswap.export import sources
 

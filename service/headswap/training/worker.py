@@ -3,7 +3,7 @@
 
 A subprocess so that TensorFlow or JAX (its memory, its threads, a crash) never touches the
 serving process. A warm worker (`warm_worker.py` is the server's side) imports the trainer once,
-then reads JSON lines on stdin: `{"preload": BASE}` opens that base's ONNX session while idle,
+then reads JSON lines on stdin: `{"preload": BASE}` readies that base's extractor while idle,
 `{"job": JOB_DIR}` runs a job with its output in the job's worker.log, and answers
 `{"code": N}` on the control pipe; it exits when stdin closes.
 
@@ -106,15 +106,29 @@ def run_job(job_dir: Path) -> int:
 
 
 def preload(base: dict[str, Any]) -> None:
-    """Open a base version's ONNX session now, so the next job on it starts extracting at once."""
+    """Ready the base's feature extractor now, so the next job on it starts extracting at once: its
+    ONNX session or, where jobs extract in Keras (a GPU node, `trainer.keras_extracts`), its Keras
+    backbone with the one batch shape compiled."""
+    import numpy as np
+
+    from headswap.inference.images import Preprocessing
     from headswap.registry.registry import Registry
     from headswap.training import trainer
 
     registry = Registry(base["model_dir"], cache_dir=Path(base["cache_dir"]))
     path, manifest = registry.verified_fp32_path(base["name"], int(base["version"]))
-    trainer.cached_ort_embedder(path, str(manifest["sha256"]), manifest["outputs"]["embedding"],
-                                int(base.get("threads") or 2))
-    log.info("warm worker %d: %s version %d ready", os.getpid(), base["name"], int(base["version"]))
+    started = time.monotonic()
+    if trainer.keras_extracts():
+        pre = Preprocessing.from_manifest(manifest)
+        embed = trainer.cached_keras_embedder(base["source"], base.get("weights") or None)
+        embed(np.zeros((1, pre.height, pre.width, 3), np.float32))
+        extractor = "keras"
+    else:
+        trainer.cached_ort_embedder(path, str(manifest["sha256"]), manifest["outputs"]["embedding"],
+                                    int(base.get("threads") or 2))
+        extractor = "onnxruntime"
+    log.info("warm worker %d: %s version %d ready (%s, %.1f s)", os.getpid(), base["name"], int(base["version"]),
+             extractor, time.monotonic() - started)
 
 
 def serve_warm(control_fd: int, work_dir: Path) -> int:
