@@ -51,6 +51,20 @@ def test_one_stalled_run_does_not_hand_the_choice_to_the_slower_option():
     assert picks[-10:].count(1) >= 9
 
 
+def test_a_probe_measures_the_other_option_afresh_so_the_choice_follows_the_traffic():
+    """A tier's chooser: near-tie traffic made the tier plus its re-check cost 1.6x fp32; when the traffic
+    turns clear (the tier now half of fp32) the tier serves again after one probe, within PROBE_EVERY runs
+    (averaging the probe into the old figure kept fp32 for several probe periods)."""
+    chooser = FasterOfTwo(rare_factor=1)
+    run(chooser, (9.6, 6.0), 300)
+    assert chooser.best() == 1
+    picks = run(chooser, (3.0, 6.0), PROBE_EVERY + 4)
+    assert chooser.best() == 0 and picks[-4:] == [0, 0, 0, 0]
+    # and back: near ties again, the tier loses within a few runs and fp32 serves (bar a probe)
+    picks = run(chooser, (9.6, 6.0), 20)
+    assert chooser.best() == 1 and picks[-10:].count(1) >= 9
+
+
 @pytest.mark.parametrize("mode", ["off", "on", "adaptive"])
 def test_server_classifies_in_every_spinning_mode(server_factory, registry_copy, photos, mode):
     server = server_factory(registry_copy, "--intra-op-spinning", mode)

@@ -7,9 +7,10 @@ other is tried again now and then, because which one wins depends on the machine
    14% faster for one client); when other processes compete for the cores, spinning threads take
    turns away from the working ones and the same run became 3-5x slower on the shared development
    machine.
-2. Whether a bf16 tier runs bf16 and re-checks near ties in fp32, or runs fp32 straight
-   (`OpenVinoRuntime.infer`). On clear photos almost nothing is re-checked and bf16 wins; when
-   about half the images are near ties, bf16 plus their re-check costs more than fp32 alone.
+2. Whether a bf16 or int8 tier runs the tier and re-checks near ties in fp32, or runs fp32
+   straight (`OpenVinoRuntime.infer`). On clear photos almost nothing is re-checked and the tier
+   wins; when about half the images are near ties, the tier plus their re-check costs more than
+   fp32 alone.
 """
 
 from __future__ import annotations
@@ -25,28 +26,46 @@ OUTLIER_CAP = 2.0
 
 
 class FasterOfTwo:
-    """Moving-average cost (ns per image) of two options; `pick` mostly returns the cheaper one.
+    """Moving-average cost (ns per image) of the option that serves; the latest probe of the other.
+    `pick` mostly returns the cheaper one.
+
+    A probe replaces the other option's cost instead of nudging it: that cost is old (it was last
+    measured a probe period ago), and the traffic may have changed meanwhile. Averaged, a bf16 tier
+    that near-tie traffic had made look 1.6x dearer needed five probes (over 20 s at 16 clients)
+    before clear photos ran in bf16 again; replaced, one. A probe that stalled only delays the next
+    switch; a lucky one is averaged away by the runs that follow.
+
+    `rare_factor`: how much less often a clear loser (CLEAR_LOSS) is probed. The lone-run spinning
+    choice keeps RARE_FACTOR, because a contended spinning run cost 3-5x; a tier's probe costs at
+    most its re-checks, so it probes every PROBE_EVERY runs to follow its traffic.
 
     Used from one thread at a time (a batcher thread, or under the runtime's lock); a race with the
     warm-up only blurs one sample.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rare_factor: int = RARE_FACTOR) -> None:
         self.cost: list[float | None] = [None, None]
+        self.rare_factor = rare_factor
         self._runs = 0
+
+    def best(self) -> int | None:
+        """The cheaper option so far; None until both are measured."""
+        if self.cost[0] is None or self.cost[1] is None:
+            return None
+        return 0 if self.cost[0] <= self.cost[1] else 1
 
     def pick(self) -> int:
         self._runs += 1
-        for option, cost in enumerate(self.cost):
-            if cost is None:
-                return option  # measure each once first
-        best = 0 if self.cost[0] <= self.cost[1] else 1
-        every = PROBE_EVERY * (RARE_FACTOR if self.cost[1 - best] > CLEAR_LOSS * self.cost[best] else 1)
+        best = self.best()
+        if best is None:
+            return 0 if self.cost[0] is None else 1  # measure each once first
+        rare = self.cost[1 - best] > CLEAR_LOSS * self.cost[best]
+        every = PROBE_EVERY * (self.rare_factor if rare else 1)
         return 1 - best if self._runs % every == 0 else best
 
     def record(self, option: int, ns_per_image: float) -> None:
         cost = self.cost[option]
-        if cost is None:
-            self.cost[option] = ns_per_image
+        if cost is None or option != self.best():
+            self.cost[option] = ns_per_image  # a first measurement, or a probe: the latest figure
         else:
             self.cost[option] = cost + SMOOTHING * (min(ns_per_image, OUTLIER_CAP * cost) - cost)
