@@ -147,16 +147,11 @@ def test_server_without_openvino_refuses_the_tier_and_keeps_serving(bf16_registr
     assert Registry(str(registry)).active_version(BUILTIN_NAME) == 1
 
 
-def test_bf16_tier_answers_near_ties_with_fp32(bf16_registry, server_factory, photo_inputs, heldout_answers):
-    """Held-out crops on which bf16 alone changes fp32's top-1, sent as the exact model input over KServe
-    V2: version 2 (bf16) answers each with fp32's probabilities, and the metrics count the re-checks."""
+def answer_flips_like_fp32(server, heldout: np.ndarray, flipped: np.ndarray, reference: np.ndarray) -> None:
+    """Each flipped held-out crop, sent over KServe V2 as the exact FP32 model input: version 2 (the tier)
+    answers with version 1's (fp32) probabilities and fp32's top-1."""
     import tritonclient.grpc as triton
 
-    _, heldout, _, _ = photo_inputs
-    reference, tier = heldout_answers
-    flipped = np.flatnonzero(tier.argmax(1) != reference.argmax(1))
-    assert len(flipped) >= 2, "bf16 flips no held-out photo here: nothing to re-check"
-    server = server_factory(bf16_registry)
     client = triton.InferenceServerClient(server.target)
     for index in flipped:
         infer_input = triton.InferInput("image", [1, *heldout.shape[1:]], "FP32")
@@ -165,6 +160,17 @@ def test_bf16_tier_answers_near_ties_with_fp32(bf16_registry, server_factory, ph
                    .as_numpy("probabilities")[0] for version in ("1", "2")}
         assert answers["2"].argmax() == answers["1"].argmax() == reference[index].argmax()
         np.testing.assert_allclose(answers["2"], answers["1"], atol=1e-5)
+
+
+def test_bf16_tier_answers_near_ties_with_fp32(bf16_registry, server_factory, photo_inputs, heldout_answers):
+    """Held-out crops on which bf16 alone changes fp32's top-1, sent as the exact model input over KServe
+    V2: version 2 (bf16) answers each with fp32's probabilities, and the metrics count the re-checks."""
+    _, heldout, _, _ = photo_inputs
+    reference, tier = heldout_answers
+    flipped = np.flatnonzero(tier.argmax(1) != reference.argmax(1))
+    assert len(flipped) >= 2, "bf16 flips no held-out photo here: nothing to re-check"
+    server = server_factory(bf16_registry)
+    answer_flips_like_fp32(server, heldout, flipped, reference)
     # each answered in fp32: re-checked as a near tie, or in a batch run in fp32 straight because, with
     # every image a near tie, that measures cheaper than bf16 plus the re-check
     counted = {reason: metric(server, "headswap_tier_fp32_images_total", version="2", reason=reason)
@@ -266,8 +272,6 @@ def test_int8_tier_answers_near_ties_with_fp32_and_clear_photos_in_int8(int8_reg
                                                                        photo_inputs, photos):
     """Held-out crops that int8 alone answers differently from fp32, sent over KServe V2 as the exact model
     input: version 2 (int8) answers each with version 1's (fp32) probabilities."""
-    import tritonclient.grpc as triton
-
     _, heldout, _, _ = photo_inputs
     directory = int8_registry / BUILTIN_NAME / "2"
     reference = precision.ort_probabilities(precision.fp32_session(directory / RECHECK_FILE, 2), heldout)
@@ -275,14 +279,7 @@ def test_int8_tier_answers_near_ties_with_fp32_and_clear_photos_in_int8(int8_reg
     flipped = np.flatnonzero(tier.argmax(1) != reference.argmax(1))[:12]
     assert len(flipped) >= 2, "int8 flips no held-out photo here: nothing to re-check"
     server = server_factory(int8_registry)
-    client = triton.InferenceServerClient(server.target)
-    for index in flipped:
-        infer_input = triton.InferInput("image", [1, *heldout.shape[1:]], "FP32")
-        infer_input.set_data_from_numpy(heldout[index:index + 1])
-        answers = {version: client.infer(BUILTIN_NAME, [infer_input], model_version=version)
-                   .as_numpy("probabilities")[0] for version in ("1", "2")}
-        assert answers["2"].argmax() == answers["1"].argmax() == reference[index].argmax()
-        np.testing.assert_allclose(answers["2"], answers["1"], atol=1e-5)
+    answer_flips_like_fp32(server, heldout, flipped, reference)
     counted = sum(metric(server, "headswap_tier_fp32_images_total", version="2", reason=reason)
                   for reason in ("near tie", "whole batch"))
     assert counted >= len(flipped)

@@ -105,9 +105,9 @@ class OpenVinoRuntime(ModelRuntime):
         return outputs
 
     def _open_recheck(self, path: Path, threads: int) -> None:
-        """The fp32 session that answers near ties (manifest `recheck`): on the same file for bf16, on
-        the fp32 file beside it (RECHECK_FILE) for int8. It runs under the same lock as OpenVINO, so
-        the two never compete for the threads (see `infer`)."""
+        """The fp32 sessions that answer near ties and whole fp32 batches (manifest `recheck`): on the
+        same file for bf16, on the fp32 file beside it (RECHECK_FILE) for int8. They run under the
+        same lock as OpenVINO, so the two never compete for the threads (see `infer`)."""
         recheck = self.manifest.get("recheck") or {}
         margin = recheck.get("margin", -1.0) if isinstance(recheck, dict) else None
         if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not -1.0 <= margin <= 1.0:
