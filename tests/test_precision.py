@@ -268,8 +268,7 @@ def test_int8_export_passes_the_default_gate_with_its_recheck(int8_registry, pho
     assert rechecked.mean() == pytest.approx(recheck["heldout_share"], abs=0.02)
 
 
-def test_int8_tier_answers_near_ties_with_fp32_and_clear_photos_in_int8(int8_registry, server_factory,
-                                                                       photo_inputs, photos):
+def test_int8_tier_answers_near_ties_with_fp32(int8_registry, server_factory, photo_inputs, photos):
     """Held-out crops that int8 alone answers differently from fp32, sent over KServe V2 as the exact model
     input: version 2 (int8) answers each with version 1's (fp32) probabilities."""
     _, heldout, _, _ = photo_inputs
@@ -283,7 +282,7 @@ def test_int8_tier_answers_near_ties_with_fp32_and_clear_photos_in_int8(int8_reg
     counted = sum(metric(server, "headswap_tier_fp32_images_total", version="2", reason=reason)
                   for reason in ("near tie", "whole batch"))
     assert counted >= len(flipped)
-    # a clear photo: the same top-1 from the int8 version
+    # and a whole photo through Classify: version 2 answers it, with fp32's label
     stub = pb_grpc.InferenceStub(server.channel())
     answer = stub.Classify(pb.ClassifyRequest(images=[photos["coffee"]], top_k=1, model=BUILTIN_NAME, version=2),
                            timeout=60)
