@@ -30,9 +30,10 @@ class FasterOfTwo:
     `pick` mostly returns the cheaper one.
 
     A probe replaces the other option's cost instead of nudging it: that cost is old (it was last
-    measured a probe period ago), and the traffic may have changed meanwhile. Averaged, a bf16 tier
-    that near-tie traffic had made look 1.6x dearer needed five probes (over 20 s at 16 clients)
-    before clear photos ran in bf16 again; replaced, one. A probe that stalled only delays the next
+    measured a probe period ago), and the traffic may have changed meanwhile. Averaged, after
+    near-tie traffic had made an int8 tier look 1.6x dearer, clear photos ran at fp32 speed through
+    a whole 8-second bench point at 16 clients (each probe, 256 runs apart, moved the average a
+    fifth of the way); replaced, one probe switches back. A probe that stalled only delays the next
     switch; a lucky one is averaged away by the runs that follow.
 
     `rare_factor`: how much less often a clear loser (CLEAR_LOSS) is probed. The lone-run spinning
