@@ -29,7 +29,7 @@ REQUEST_LATENCY = Histogram("headswap_request_duration_seconds", "gRPC request l
                             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
 IMAGES = Counter("headswap_images_total", "Images classified", ["model", "version"])
 TIER_FP32_IMAGES = Counter("headswap_tier_fp32_images_total",
-                           "Images a bf16 tier answered in fp32: a near tie re-checked, or a whole batch while "
+                           "Images a bf16 or int8 tier answered in fp32: a near tie re-checked, or a whole batch while "
                            "that measured faster", ["model", "version", "reason"])
 BATCH_SIZE = Histogram("headswap_batch_size", "Images per ONNX Runtime call", ["model"],
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))

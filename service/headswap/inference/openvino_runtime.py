@@ -80,6 +80,7 @@ class OpenVinoRuntime(ModelRuntime):
     """A compiled OpenVINO model for one (model, version); same interface as the ONNX Runtime one."""
 
     recheck_session: Any = None  # fp32 (ONNX Runtime) on every thread, for near ties and lone batches
+    recheck_path: Path | None = None  # the file the fp32 sessions run
     _fp32_halves: list[Any] = []  # two 1-thread fp32 sessions, for batches answered in fp32
     _helper: ThreadPoolExecutor | None = None  # runs the second half
 
@@ -114,7 +115,6 @@ class OpenVinoRuntime(ModelRuntime):
             raise CorruptModel(f"{self.name} version {self.version}: its manifest's recheck margin must be a number "
                                f"from -1 (no re-check) to 1, got {shown_name(str(margin))}")
         self.recheck_margin = float(margin)
-        self.recheck_session = None
         if "margin" not in recheck:
             return
         fp32_path = self.files.get(RECHECK_FILE) or (path if self.manifest.get("precision") == "bf16" else None)
@@ -148,7 +148,8 @@ class OpenVinoRuntime(ModelRuntime):
 
     def weights_bytes(self, path: Path) -> int:
         fp32_sessions = (self.recheck_session is not None) + len(self._fp32_halves)
-        return path.stat().st_size + (self.recheck_path.stat().st_size * fp32_sessions if fp32_sessions else 0)
+        fp32_bytes = self.recheck_path.stat().st_size if self.recheck_path is not None else 0
+        return path.stat().st_size + fp32_bytes * fp32_sessions
 
     def warm_up(self) -> None:
         """First runs pay for lazy initialisation: made here, and not timed for the re-check choice."""
