@@ -165,16 +165,37 @@ def test_same_top1_for_every_encoding_of_a_photo(shared_server):
         assert sixteen_rgb == rotated == palette == original
 
 
-def test_server_refuses_truncated_jpeg_and_non_finite_tensors(shared_server):
+def normalized(photo: np.ndarray) -> np.ndarray:
+    """The built-in model's FP32 input for a photo, as its manifest says: (pixel - 127) / 128."""
+    pixels = load_pixels(save(Image.fromarray(photo)), SIZE, SIZE, 10**8).astype(np.float32)
+    return (pixels - 127.0) / 128.0
+
+
+def fp32_infer(server, batch: np.ndarray) -> service_pb2.ModelInferResponse:
+    request = service_pb2.ModelInferRequest(model_name=BUILTIN_NAME, raw_input_contents=[batch.tobytes()], inputs=[
+        service_pb2.ModelInferRequest.InferInputTensor(name="image", datatype="FP32", shape=list(batch.shape))])
+    return service_pb2_grpc.GRPCInferenceServiceStub(server.channel()).ModelInfer(request, timeout=60)
+
+
+def test_server_refuses_truncated_jpeg_and_fp32_tensors_outside_the_models_input_range(shared_server):
     with pytest.raises(grpc.RpcError) as err:
         top1(shared_server, [short_jpeg(data.chelsea())])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "truncated" in err.value.details()
-    kserve = service_pb2_grpc.GRPCInferenceServiceStub(shared_server.channel())
-    for bad in (np.nan, np.inf, -np.inf):
-        batch = np.zeros((2, SIZE, SIZE, 3), dtype=np.float32)
+    photo = normalized(data.chelsea())  # the built-in model takes (pixel - 127) / 128: about -1..1
+    for bad, says in ((np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"), (-np.inf, "NaN or infinite"),
+                      (3e38, "holds values from"), (-5.0, "holds values from")):
+        batch = np.stack([photo, photo])
         batch[1, 5, 5, 1] = bad
-        request = service_pb2.ModelInferRequest(model_name=BUILTIN_NAME, raw_input_contents=[batch.tobytes()], inputs=[
-            service_pb2.ModelInferRequest.InferInputTensor(name="image", datatype="FP32", shape=list(batch.shape))])
         with pytest.raises(grpc.RpcError) as err:
-            kserve.ModelInfer(request, timeout=60)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image 1" in err.value.details()
+            fp32_infer(shared_server, batch)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (bad, err.value.details())
+        assert "image 1" in err.value.details() and says in err.value.details(), err.value.details()
+    # raw 0..255 pixels sent as FP32: refused with what the model takes, not answered with garbage
+    with pytest.raises(grpc.RpcError) as err:
+        fp32_infer(shared_server, data.chelsea()[None, :SIZE, :SIZE].astype(np.float32))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "-0.9922 to 1" in err.value.details() and "UINT8" in err.value.details(), err.value.details()
+    # the whole normalised range and a rounding past its ends are served, with finite probabilities
+    edges = np.stack([np.full((SIZE, SIZE, 3), value, np.float32) for value in (-1.0, 1.0, -2.9, 2.9)])
+    probabilities = np.frombuffer(fp32_infer(shared_server, edges).raw_output_contents[0], np.float32)
+    assert probabilities.shape == (4 * 1000,) and np.isfinite(probabilities).all()

@@ -109,10 +109,7 @@ class Classifier:
                 part = pixels[start:start + step]
                 if normalized:
                     part = np.ascontiguousarray(part, dtype=np.float32)
-                    if not np.isfinite(part).all():
-                        bad = start + int(np.argwhere(~np.isfinite(part).reshape(len(part), -1).all(axis=1))[0][0])
-                        raise InvalidInput(f"FP32 input image {bad} holds NaN or infinite values; "
-                                           "every value must be a finite number")
+                    loaded.runtime.preprocessing.check_fp32(part, first_index=start)
                     yield part
                 else:
                     yield loaded.runtime.preprocessing.normalize(part)

@@ -34,6 +34,10 @@ EXIF_ORIENTATION = 0x0112
 _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
             4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
             6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+# FP32 tensors from callers may stray this many whole pixel ranges beyond the model's normalised range
+# (augmented or rounded input passes); further out is a caller's mistake (0..255 pixels sent to a
+# model that takes -1..1, or values so large the model's output overflows to NaN) and is refused.
+FP32_INPUT_SLACK = 1.0
 _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _WITH_ALPHA = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 # Start-of-frame markers of arithmetic-coded JPEGs: they can hold less than one bit per block,
@@ -68,6 +72,36 @@ class Preprocessing:
         batch -= self.mean
         batch /= self.std
         return batch
+
+    def input_range(self) -> tuple[float, float]:
+        """The lowest and highest model input that a 0..255 pixel normalises to, over the channels."""
+        ends = (np.array([0.0, 255.0], dtype=np.float32)[:, None] - self.mean) / self.std
+        return float(ends.min()), float(ends.max())
+
+    def accepted_range(self) -> tuple[float, float]:
+        """The FP32 input values a caller may send: `input_range` widened by FP32_INPUT_SLACK."""
+        low, high = self.input_range()
+        slack = FP32_INPUT_SLACK * (high - low)
+        return low - slack, high + slack
+
+    def check_fp32(self, batch: np.ndarray, first_index: int = 0) -> None:
+        """Refuse a caller's FP32 batch holding NaN, infinity or values outside `accepted_range`,
+        naming the first such image (counted from `first_index`) and what the model takes."""
+        low, high = self.accepted_range()
+        if low <= batch.min() and batch.max() <= high:  # NaN fails both comparisons
+            return
+        rows = batch.reshape(len(batch), -1)
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():
+            bad = int(np.argmin(finite))
+            raise InvalidInput(f"FP32 input image {first_index + bad} holds NaN or infinite values; "
+                               "every value must be a finite number")
+        bad = int(np.argmax((rows.min(axis=1) < low) | (rows.max(axis=1) > high)))
+        lowest, highest = self.input_range()
+        raise InvalidInput(
+            f"FP32 input image {first_index + bad} holds values from {rows[bad].min():.4g} to {rows[bad].max():.4g}; "
+            f"this model takes pixels normalised as (pixel - mean) / std, {lowest:.4g} to {highest:.4g} "
+            f"(values outside {low:.4g} to {high:.4g} are refused). Send raw 0..255 pixels as UINT8 instead")
 
 
 def pixel_count(image: Image.Image) -> int:
