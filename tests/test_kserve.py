@@ -254,6 +254,37 @@ def test_byte_size_mismatch_and_unknown_output_are_invalid_argument(client, phot
     assert status_of(err) == "StatusCode.INVALID_ARGUMENT" and "logits" in err.value.message()
 
 
+def test_request_parameters_of_the_wrong_kind_are_invalid_argument(shared_server):
+    """Triton's int64 `timeout` and `classification` parameters: a string, a bool, a double or a
+    negative count is refused (a string timeout used to be ignored, so the call ran without it)."""
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(shared_server.channel())
+
+    def infer(where: str, name: str, kind: str, value) -> tuple[grpc.StatusCode, str]:
+        request = service_pb2.ModelInferRequest(model_name=BUILTIN_NAME)
+        request.inputs.add(name="image", datatype="UINT8", shape=[1, SIZE, SIZE, 3])
+        request.raw_input_contents.append(np.zeros((1, SIZE, SIZE, 3), np.uint8).tobytes())
+        parameters = request.parameters if where == "request" else request.outputs.add(name="probabilities").parameters
+        setattr(parameters[name], kind, value)
+        try:
+            stub.ModelInfer(request, timeout=60)
+            return grpc.StatusCode.OK, ""
+        except grpc.RpcError as err:
+            return err.code(), err.details()
+
+    refused = [("request", "timeout", "string_param", "5000"), ("request", "timeout", "int64_param", -1),
+               ("request", "timeout", "bool_param", True), ("request", "timeout", "double_param", 1e6),
+               ("output", "classification", "string_param", "5"), ("output", "classification", "int64_param", 0),
+               ("output", "classification", "double_param", 3.0)]
+    for case in refused:
+        code, details = infer(*case)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and f"the {case[1]} parameter must be" in details, (case, details)
+    for case in [("request", "timeout", "int64_param", 0), ("request", "timeout", "uint64_param", 60_000_000),
+                 ("output", "classification", "uint64_param", 3)]:
+        assert infer(*case) == (grpc.StatusCode.OK, ""), case
+    # a timeout the call cannot meet ends it, as the gRPC deadline would
+    assert infer("request", "timeout", "int64_param", 1)[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 def test_unknown_model_and_version_are_not_found(client, photos):
     pixels = server_pixels(photos["coffee"])[None]
     with pytest.raises(InferenceServerException) as err:

@@ -9,7 +9,8 @@ A model is a registry model (`efficientnet-lite0`); its versions are registry ve
   every value a caller, or perf_analyzer's random data, can send is a valid image, and the caller
   needs no knowledge of the model's normalisation), and accepted on the same name in three
   datatypes, chosen by the tensor's `datatype`:
-    * FP32  [N, H, W, 3]: already-preprocessed model input, fed to the model as is;
+    * FP32  [N, H, W, 3]: already-preprocessed model input, fed to the model as is (values outside
+      the manifest's normalised range by more than its width are refused: `Preprocessing.check_fp32`);
     * UINT8 [N, H, W, 3]: RGB pixels already cropped and resized to H x W; normalised here with
       the mean/std of the version's manifest;
     * BYTES [N] (or [N, 1]): encoded images (JPEG, PNG, WebP, BMP), decoded, center-cropped,
@@ -21,6 +22,8 @@ A model is a registry model (`efficientnet-lite0`); its versions are registry ve
   `classification` parameter of k (tritonclient's `InferRequestedOutput(name, class_count=k)`),
   it is instead a BYTES [N, k] tensor of "score:index:label" strings, best first, as Triton's
   classification extension returns them.
+- request parameter `timeout` (microseconds, 0 for none) tightens the gRPC deadline. `timeout` and
+  `classification` must be int64/uint64 parameters: any other kind is refused, not ignored.
 
 Triton's ModelConfig and ModelStatistics (the statistics extension) are answered too, from the
 manifest and settings and from the per-version counters the classifier and batcher keep
@@ -115,6 +118,17 @@ def split_bytes_tensor(raw: bytes, count: int, name: str) -> list[bytes]:
     if len(items) != count:
         raise InvalidInput(f"input {name!r}: shape says {count} BYTES elements, the data holds {len(items)}")
     return items
+
+
+def _whole_number(parameter: kserve_pb.InferParameter, what: str, least: int, expected: str) -> int:
+    """An int64/uint64 request parameter of at least `least`; any other kind or value is refused
+    (a `timeout` sent as a string was ignored, so the call ran without the limit its caller set)."""
+    kind = parameter.WhichOneof("parameter_choice")
+    value = getattr(parameter, kind) if kind else None
+    if kind not in ("int64_param", "uint64_param") or value < least:
+        shown = shown_name(value) if isinstance(value, str) else repr(value)
+        raise InvalidInput(f"{what} must be {expected}, got {shown}")
+    return int(value)
 
 
 def classification_strings(probabilities: np.ndarray, k: int, labels: list[str]) -> list[bytes]:
@@ -269,20 +283,17 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
         _refuse_shared_memory(parameters, f"output {output.name!r}")
         if "classification" not in parameters:
             return 0
-        parameter = parameters["classification"]
-        kind = parameter.WhichOneof("parameter_choice")
-        value = getattr(parameter, kind) if kind else None
-        if kind not in ("int64_param", "uint64_param") or value < 1:
-            raise InvalidInput("the classification parameter must be a positive integer (the number of "
-                               f"classes to return), got {value!r}")
-        return int(value)
+        return _whole_number(parameters["classification"], "the classification parameter", 1,
+                             "a positive integer (the number of classes to return)")
 
     @staticmethod
     def _deadline(request: kserve_pb.ModelInferRequest, context: grpc.ServicerContext) -> float | None:
-        """The gRPC deadline, tightened by Triton's `timeout` request parameter (microseconds)."""
+        """The gRPC deadline, tightened by Triton's `timeout` request parameter (microseconds; 0 for
+        none). Any other kind or a negative value is refused rather than ignored."""
         deadline = deadline_of(context)
         if request.parameters and "timeout" in request.parameters:
-            timeout_us = request.parameters["timeout"].int64_param
+            timeout_us = _whole_number(request.parameters["timeout"], "the timeout parameter", 0,
+                                       "a whole number of microseconds (0 for none)")
             if timeout_us > 0:
                 limit = time.monotonic() + timeout_us / 1e6
                 deadline = limit if deadline is None else min(deadline, limit)
