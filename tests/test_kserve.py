@@ -24,6 +24,7 @@ from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
 SIZE = 224
 CLASSES = 1000
 ESPRESSO = 967
+MAX_REQUEST_ID_LENGTH = 1024  # kserve_servicer's bound; that module cannot be imported here (see above)
 CAT_CLASSES = set(range(281, 286))
 
 
@@ -283,6 +284,26 @@ def test_request_parameters_of_the_wrong_kind_are_invalid_argument(shared_server
         assert infer(*case) == (grpc.StatusCode.OK, ""), case
     # a timeout the call cannot meet ends it, as the gRPC deadline would
     assert infer("request", "timeout", "int64_param", 1)[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_request_id_is_echoed_up_to_its_bound(shared_server, photos):
+    """The response echoes the request id. An id near --max-message-bytes made a finished answer
+    fail at send with grpc's own message; a long id is now refused before any work, naming the bound."""
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(shared_server.channel())
+    png = photos["coffee"]
+
+    def infer(request_id: str) -> service_pb2.ModelInferResponse:
+        request = service_pb2.ModelInferRequest(model_name=BUILTIN_NAME, id=request_id)
+        request.inputs.add(name="image", datatype="BYTES", shape=[1])
+        request.raw_input_contents.append(len(png).to_bytes(4, "little") + png)
+        return stub.ModelInfer(request, timeout=60)
+
+    assert infer("é" * MAX_REQUEST_ID_LENGTH).id == "é" * MAX_REQUEST_ID_LENGTH
+    for length in (MAX_REQUEST_ID_LENGTH + 1, 16 * 1024 * 1024 - len(png) - 1000):
+        with pytest.raises(grpc.RpcError) as err:
+            infer("i" * length)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert f"the request id has {length} characters; at most {MAX_REQUEST_ID_LENGTH}" in err.value.details()
 
 
 def test_unknown_model_and_version_are_not_found(client, photos):

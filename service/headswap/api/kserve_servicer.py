@@ -66,6 +66,10 @@ ACCEPTED_DATATYPES = "FP32 or UINT8 [N, H, W, 3] pixels, or BYTES [N] encoded im
 # Not FP32, the ONNX file's own input: FP32 with NaN or infinity is refused (a finite-input rule),
 # and Triton's perf_analyzer fills an advertised FP32 input with random bytes, which hold NaN.
 ADVERTISED_DATATYPE = "UINT8"
+# The request `id` comes back in the response. A longer one is refused up front: echoed, a
+# megabytes-long id could push a finished answer past --max-message-bytes, and the caller would get
+# grpc's "Sent message larger than max" after the server had done all the work.
+MAX_REQUEST_ID_LENGTH = 1024
 UNSUPPORTED_TENSOR_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 _LENGTH = struct.Struct("<I")
 
@@ -211,6 +215,9 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
                    ) -> kserve_pb.ModelInferResponse:
         name = self._name(request.model_name)
         version = parse_version(request.model_version)
+        if len(request.id) > MAX_REQUEST_ID_LENGTH:
+            raise InvalidInput(f"the request id has {len(request.id)} characters; at most {MAX_REQUEST_ID_LENGTH} "
+                               "are accepted (it is echoed in the response)")
         class_count = self._requested_output(request)
         deadline = self._deadline(request, context)
 
