@@ -415,6 +415,38 @@ def stalled_calls(channel: grpc.Channel, methods: list[str], release: threading.
         nothing(), timeout=120) for method in methods]
 
 
+def test_handler_threads_of_a_burst_retire_when_idle(server_factory, registry_copy, photos):
+    """Before: the gRPC handler pool (a thread for every admitted call) never ended a thread, so one
+    burst of 120 slow calls left the process 120 threads for good. Now a thread idle for
+    --idle-thread-timeout-s exits, and calls after that start threads again."""
+    server = server_factory(registry_copy, "--request-arrival-timeout-s", "3", "--max-waiting-calls-per-client",
+                            "150", "--idle-thread-timeout-s", "2")
+    pid = server.proc.pid
+    assert classify(server, [photos["coffee"]], top_k=1, timeout=30).results[0].predictions[0].index == ESPRESSO
+    before = _threads(pid)
+    release = threading.Event()
+    held = stalled_calls(server.channel(), ["/headswap.v1.Models/ListModels"] * 120, release)
+    assert wait_until(lambda: _threads(pid) >= before + 100, 10), (before, _threads(pid))
+    for call in held:  # each ends at the arrival timeout, and gives its thread back
+        with pytest.raises(grpc.RpcError) as err:
+            call.result(timeout=30)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    release.set()
+    assert wait_until(lambda: _threads(pid) <= before + 4, 15), f"{_threads(pid)} threads, {before} before the burst"
+    assert classify(server, [photos["coffee"]], top_k=1, timeout=30).results[0].predictions[0].index == ESPRESSO
+    assert health_pb2_grpc.HealthStub(server.channel()).Check(health_pb2.HealthCheckRequest(),
+                                                               timeout=3).status == SERVING
+
+
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def health_port_of(server) -> int:
     deadline = time.monotonic() + 30
     while not (match := re.search(r"health port (\d+)", server.log())):

@@ -85,6 +85,8 @@ class Settings:
                                         "get RESOURCE_EXHAUSTED.")
     max_concurrent_calls: int = _setting(1024, "Most calls open at once on the gRPC port; more get RESOURCE_EXHAUSTED. "
                                          "Each has a thread, so calls waiting on slow callers never hold up others.")
+    idle_thread_timeout_s: float = _setting(60.0, "A gRPC handler thread that has waited this long for a call "
+                                            "exits (threads start again as calls need them).")
     request_arrival_timeout_s: float = _setting(30.0, "A call whose request message has not arrived this long "
                                                 "after its headers is ended with DEADLINE_EXCEEDED.")
     max_waiting_calls_per_client: int = _setting(16, "Most calls from one client address still waiting for "
@@ -160,7 +162,7 @@ class Settings:
                 problems.append(f"{flag_name(name)} must not be negative")
         for name in ("upload_idle_timeout_s", "max_upload_seconds", "abandoned_after_s", "metrics_timeout_s",
                      "request_arrival_timeout_s", "handshake_timeout_s", "connection_idle_timeout_s",
-                     "max_connection_age_s", "connection_age_grace_s"):
+                     "max_connection_age_s", "connection_age_grace_s", "idle_thread_timeout_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{flag_name(name)} must be positive")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-from concurrent import futures
 from pathlib import Path
 from typing import Iterator
 
@@ -41,6 +40,7 @@ from headswap.protocol import kserve_v2_pb2 as kserve_pb
 from headswap.protocol import kserve_v2_pb2_grpc as kserve_grpc
 from headswap.registry.registry import Registry, model_name_for_source
 from headswap.security.credentials import CredentialStore
+from headswap.thread_pool import ShrinkingThreadPool
 from headswap.workdir import WorkDirBusy, lock_work_dir
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ def pool_size(settings: Settings) -> int:
     grpc's sync server runs each call on a thread of one pool, and a call holds its thread while
     it waits on its caller: for its request message (`api.arrival`), an upload's next chunk, a
     stream's reader. With fewer threads than admitted calls, slow or idle callers left the rest
-    (health checks included) queued behind them. Threads are started only when needed, and what a
+    (health checks included) queued behind them. Threads are started only when needed and exit after
+    --idle-thread-timeout-s without work (`thread_pool.ShrinkingThreadPool`), and what a
     caller can hold is bounded per kind: inference calls, uploads, WatchJob, reflection and health
     Watch streams each by their own setting, calls waiting for their message per client address.
     (grpc's asyncio server would avoid the threads, but every servicer and the batcher are
@@ -157,7 +158,7 @@ class HeadswapServer:
         reflection_limit = StreamLimit(REFLECTION_METHODS, Slots("reflection streams already open",
                                                                  settings.max_reflection_streams,
                                                                  "--max-reflection-streams"))
-        pool = futures.ThreadPoolExecutor(max_workers=pool_size(settings), thread_name_prefix="grpc")
+        pool = ShrinkingThreadPool(pool_size(settings), settings.idle_thread_timeout_s, thread_name_prefix="grpc")
         # arrival first: it wraps the others, so no call waits unbounded for its message, authorised or not
         self.server = grpc.server(pool, options=options, maximum_concurrent_rpcs=settings.max_concurrent_calls,
                                   interceptors=[self._request_arrival(), interceptor, MalformedRequestInterceptor(),
@@ -263,7 +264,7 @@ class HeadswapServer:
         """A second, plaintext server with grpc.health.v1 only: kubelet gRPC probes do not speak TLS."""
         s = self.settings
         calls = health_port_calls(s)
-        self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=calls, thread_name_prefix="health"),
+        self.health_server = grpc.server(ShrinkingThreadPool(calls, s.idle_thread_timeout_s, "health"),
                                          options=connection_options(s, calls), maximum_concurrent_rpcs=calls,
                                          interceptors=[self._request_arrival(), self._health_watch_limit()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
