@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import time
 import urllib.request
 from pathlib import Path
 
@@ -64,3 +65,13 @@ def code_of(call, *args, **kwargs) -> grpc.StatusCode:
         return grpc.StatusCode.OK
     except grpc.RpcError as err:
         return err.code()
+
+
+def wait_until(condition, timeout: float) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

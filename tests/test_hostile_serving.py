@@ -28,7 +28,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from conftest import BUILTIN_NAME
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
-from hostile import big_png, code_of, cpu_seconds, metrics_text, raw_call, rss_mb, tiny_png
+from hostile import big_png, code_of, cpu_seconds, metrics_text, raw_call, rss_mb, tiny_png, wait_until
 
 ESPRESSO = 967
 # For tests that send requests past the default --max-message-bytes (16 MiB).
@@ -436,15 +436,6 @@ def test_handler_threads_of_a_burst_retire_when_idle(server_factory, registry_co
     assert classify(server, [photos["coffee"]], top_k=1, timeout=30).results[0].predictions[0].index == ESPRESSO
     assert health_pb2_grpc.HealthStub(server.channel()).Check(health_pb2.HealthCheckRequest(),
                                                                timeout=3).status == SERVING
-
-
-def wait_until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def health_port_of(server) -> int:

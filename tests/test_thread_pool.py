@@ -9,15 +9,7 @@ import time
 import pytest
 
 from headswap.thread_pool import ShrinkingThreadPool
-
-
-def wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+from hostile import wait_until
 
 
 def test_pool_is_bounded_runs_everything_and_retires_idle_threads():
@@ -31,12 +23,12 @@ def test_pool_is_bounded_runs_everything_and_retires_idle_threads():
         return i * i
 
     futures = [pool.submit(task, i) for i in range(20)]
-    assert wait_for(lambda: len(running) == 4)
+    assert wait_until(lambda: len(running) == 4, 10)
     time.sleep(0.1)
     assert pool.threads == 4 and len(running) == 4, "more threads than max_workers"
     release.set()
     assert [f.result(timeout=10) for f in futures] == [i * i for i in range(20)]
-    assert wait_for(lambda: pool.threads == 0), f"{pool.threads} idle threads never retired"
+    assert wait_until(lambda: pool.threads == 0, 10), f"{pool.threads} idle threads never retired"
     # work after every thread retired starts a thread again; errors reach the caller
     assert pool.submit(sum, [1, 2, 3]).result(timeout=10) == 6
     with pytest.raises(ZeroDivisionError):
@@ -67,4 +59,4 @@ def test_work_submitted_while_threads_retire_is_never_stranded():
     for thread in threads:
         thread.join()
     assert sum(f.result(timeout=10) for f in results) == 8 * sum(range(300))
-    assert wait_for(lambda: pool.threads == 0)
+    assert wait_until(lambda: pool.threads == 0, 10)
