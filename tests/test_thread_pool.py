@@ -33,7 +33,9 @@ def test_pool_is_bounded_runs_everything_and_retires_idle_threads():
     assert pool.submit(sum, [1, 2, 3]).result(timeout=10) == 6
     with pytest.raises(ZeroDivisionError):
         pool.submit(lambda: 1 / 0).result(timeout=10)
-    pool.shutdown()
+    slow = pool.submit(time.sleep, 0.3)
+    pool.shutdown(wait=True)  # waits for the running work and the threads
+    assert slow.done() and pool.threads == 0
     with pytest.raises(RuntimeError):
         pool.submit(sum, [1])
 
