@@ -11,6 +11,7 @@ viewers do, truncated files refused.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import dataclass
@@ -73,21 +74,24 @@ class Preprocessing:
         batch /= self.std
         return batch
 
+    # Derived once per version (the object lives as long as its runtime), not on every FP32 request.
+    @functools.cached_property
     def input_range(self) -> tuple[float, float]:
         """The lowest and highest model input that a 0..255 pixel normalises to, over the channels."""
         ends = (np.array([0.0, 255.0], dtype=np.float32)[:, None] - self.mean) / self.std
         return float(ends.min()), float(ends.max())
 
+    @functools.cached_property
     def accepted_range(self) -> tuple[float, float]:
         """The FP32 input values a caller may send: `input_range` widened by FP32_INPUT_SLACK."""
-        low, high = self.input_range()
+        low, high = self.input_range
         slack = FP32_INPUT_SLACK * (high - low)
         return low - slack, high + slack
 
     def check_fp32(self, batch: np.ndarray, first_index: int = 0) -> None:
         """Refuse a caller's FP32 batch holding NaN, infinity or values outside `accepted_range`,
         naming the first such image (counted from `first_index`) and what the model takes."""
-        low, high = self.accepted_range()
+        low, high = self.accepted_range
         if low <= batch.min() and batch.max() <= high:  # NaN fails both comparisons
             return
         rows = batch.reshape(len(batch), -1)
@@ -97,7 +101,7 @@ class Preprocessing:
             raise InvalidInput(f"FP32 input image {first_index + bad} holds NaN or infinite values; "
                                "every value must be a finite number")
         bad = int(np.argmax((rows.min(axis=1) < low) | (rows.max(axis=1) > high)))
-        lowest, highest = self.input_range()
+        lowest, highest = self.input_range
         raise InvalidInput(
             f"FP32 input image {first_index + bad} holds values from {rows[bad].min():.4g} to {rows[bad].max():.4g}; "
             f"this model takes pixels normalised as (pixel - mean) / std, {lowest:.4g} to {highest:.4g} "

@@ -81,7 +81,7 @@ class OpenVinoRuntime(ModelRuntime):
 
     recheck_session: Any = None  # fp32 (ONNX Runtime) on every thread, for near ties and lone batches
     recheck_path: Path | None = None  # the file the fp32 sessions run
-    _fp32_halves: list[Any] = []  # two 1-thread fp32 sessions, for batches answered in fp32
+    _fp32_halves: tuple[Any, ...] = ()  # two 1-thread fp32 sessions, for batches answered in fp32
     _helper: ThreadPoolExecutor | None = None  # runs the second half
 
     def _open(self, path: Path, threads: int, lanes: int) -> list[str]:
@@ -128,7 +128,7 @@ class OpenVinoRuntime(ModelRuntime):
             self.recheck_session = self._session(fp32_path, threads, spin=False)
             self.recheck_input = self.recheck_session.get_inputs()[0].name
             if threads >= 2:  # several images: halves side by side, as the fp32 tier's lanes run them
-                self._fp32_halves = [self._session(fp32_path, 1, spin=False) for _ in range(2)]
+                self._fp32_halves = tuple(self._session(fp32_path, 1, spin=False) for _ in range(2))
                 self._helper = ThreadPoolExecutor(1, thread_name_prefix=f"fp32-half-{self.name}")
         except Exception as err:  # onnxruntime raises its own exception types for bad files
             raise CorruptModel(f"{self.name} version {self.version}: ONNX Runtime cannot load {fp32_path.name} "
@@ -163,7 +163,7 @@ class OpenVinoRuntime(ModelRuntime):
 
     def close(self) -> None:
         self.recheck_session = None
-        self._fp32_halves = []
+        self._fp32_halves = ()
         if self._helper is not None:
             self._helper.shutdown(wait=False)
         super().close()
