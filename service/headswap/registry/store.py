@@ -106,7 +106,12 @@ class LocalStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a ValueError: the server's start ends with one line, not a traceback
+            what = "is a file, not a directory" if isinstance(err, FileExistsError) else \
+                f"cannot be created: {err.strerror or err}"
+            raise ValueError(f"the model registry {self.root} {what}; give --model-dir a directory") from None
         self.url = str(self.root)
 
     def _path(self, key: str) -> Path:

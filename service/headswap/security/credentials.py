@@ -76,6 +76,10 @@ def parse_credentials(text: str, source: str = "credentials file") -> list[Crede
     if not isinstance(entries, list):
         raise ValueError(f"{source} must hold a JSON list of credentials, got {type(entries).__name__}")
     credentials, names = [], set()
+    # One token or certificate identity, one entry: listed twice (say under `classify` and `admin`), the
+    # entry that wins would depend on the order of the file, so a reader of the file cannot tell
+    # what the token may do. Refused like a duplicate name.
+    owners: dict[bytes | str, str] = {}
     for i, entry in enumerate(entries):
         where = f"{source} entry {i}"
         if not isinstance(entry, dict):
@@ -100,10 +104,19 @@ def parse_credentials(text: str, source: str = "credentials file") -> list[Crede
             if not isinstance(digest, str) or not _HEX64.fullmatch(digest.lower()):
                 raise ValueError(f"{where} ({name}): token_sha256 must be 64 hex digits (sha256 of the token, "
                                  "never the token itself)")
-            credentials.append(Credential(name, frozenset(scopes), token_digest=bytes.fromhex(digest)))
+            token_digest = bytes.fromhex(digest)
+            if token_digest in owners:  # the hash itself is not shown: it identifies the token
+                raise ValueError(f"{where} ({name}): its token_sha256 is already listed under "
+                                 f"{owners[token_digest]!r}; list each token once, with all of its scopes")
+            owners[token_digest] = name
+            credentials.append(Credential(name, frozenset(scopes), token_digest=token_digest))
         else:
             if not isinstance(identity, str) or not identity.strip():
                 raise ValueError(f"{where} ({name}): client_identity must be a certificate SAN or CN")
+            if identity in owners:
+                raise ValueError(f"{where} ({name}): client_identity {identity!r} is already listed under "
+                                 f"{owners[identity]!r}; list each identity once, with all of its scopes")
+            owners[identity] = name
             credentials.append(Credential(name, frozenset(scopes), client_identity=identity))
     return credentials
 
