@@ -259,7 +259,7 @@ def test_build_context_leaves_out_local_state():
                  "service/headswap/protocol/headswap_v1_pb2.py"):
         assert not in_build_context(path), path
     for path in ("pyproject.toml", "setup.py", "README.md", "protos/headswap/protocol/headswap_v1.proto",
-                 "service/headswap/cli.py", "service/headswap/models/imagenet_labels.txt"):
+                 "service/headswap/cli/__init__.py", "service/headswap/models/imagenet_labels.txt"):
         assert in_build_context(path), path
 
 
@@ -277,7 +277,8 @@ def test_builder_stage_wheel_is_complete(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     [wheel] = wheels.glob("headswap-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ("headswap/cli.py", "headswap/config.py", "headswap/server.py",
+    for module in ("headswap/cli/__init__.py", "headswap/cli/__main__.py", "headswap/client/__init__.py",
+                   "headswap/py.typed", "headswap/config.py", "headswap/server.py",
                    "headswap/protocol/headswap_v1_pb2.py", "headswap/protocol/headswap_v1_pb2_grpc.py",
                    "headswap/protocol/kserve_v2_pb2.py", "headswap/protocol/kserve_v2_pb2_grpc.py"):
         assert module in names, f"{module} missing from the wheel the builder stage makes"

@@ -1,6 +1,7 @@
-"""The `headswap` command line: run the server, and talk to one.
+"""The `headswap` click group: run the server, build models, and talk to a server.
 
-Client commands print the server's error message and exit non-zero when a call fails.
+Client commands are built on `headswap.client.Client`; they print the server's error message
+and exit non-zero when a call fails.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from typing import Any, Callable
 
 import click
 
-from headswap.cli_training import cancel, finetune, jobs
-from headswap.client import Connection, target_option
-from headswap.client import call as _call
-from headswap.client import channel as _channel
+from headswap.cli.options import connect, target_option
+from headswap.cli.training import cancel, finetune, jobs
+from headswap.client import Connection
 from headswap.config import Settings, env_name, field_type, flag_name
 
 
@@ -98,26 +98,22 @@ def export(source: str, weights: str | None, name: str | None, model_dir: str | 
 @main.command()
 @target_option
 @click.option("--model", default="", help="NAME or NAME:VERSION (default: the server's default model).")
-@click.option("--top-k", default=5, show_default=True, type=int)
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line per image.")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def classify(target: Connection, model: str, top_k: int, as_json: bool, images: tuple[Path, ...]) -> None:
     """Classify IMAGE files."""
-    from headswap.protocol import headswap_v1_pb2 as pb
-    from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
-
     name, version = _model_ref(model)
-    request = pb.ClassifyRequest(images=[p.read_bytes() for p in images], top_k=top_k, model=name, version=version)
-    with _channel(target) as channel:
-        response = _call(pb_grpc.InferenceStub(channel).Classify, request)
-    for path, result in zip(images, response.results):
+    with connect(target) as client:
+        answer = client.classify(list(images), model=name, version=version, top_k=top_k)
+    for path, predictions in zip(images, answer):
         if as_json:
-            click.echo(json.dumps({"image": str(path), "model": response.model, "version": response.version,
+            click.echo(json.dumps({"image": str(path), "model": answer.model, "version": answer.version,
                                    "predictions": [{"label": p.label, "index": p.index, "score": round(p.score, 6)}
-                                                   for p in result.predictions]}))
+                                                   for p in predictions]}))
         else:
-            click.echo(f"{path}  ({response.model} v{response.version})")
-            for p in result.predictions:
+            click.echo(f"{path}  ({answer.model} v{answer.version})")
+            for p in predictions:
                 click.echo(f"  {p.score:7.4f}  {p.label}  [{p.index}]")
 
 
@@ -130,16 +126,12 @@ def classify(target: Connection, model: str, top_k: int, as_json: bool, images: 
                    "--health-port when one is set, else --port (for a Dockerfile HEALTHCHECK).")
 def health(target: Connection, service: str, timeout: float, local: bool) -> None:
     """Exit 0 when the server (or one model) reports SERVING: for container health checks."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     if local:
         target = _local_health_target()
-    with _channel(target) as channel:
-        response = _call(health_pb2_grpc.HealthStub(channel).Check,
-                         health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    with connect(target) as client:
+        status = client.health(service, timeout=timeout)
     click.echo(status)
-    sys.exit(0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1)
+    sys.exit(0 if status == "SERVING" else 1)
 
 
 def _local_health_target() -> Connection:
@@ -158,12 +150,9 @@ def _local_health_target() -> Connection:
 @target_option
 def models(target: Connection) -> None:
     """List the models in the server's registry."""
-    from headswap.protocol import headswap_v1_pb2 as pb
-    from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
-
-    with _channel(target) as channel:
-        response = _call(pb_grpc.ModelsStub(channel).ListModels, pb.ListModelsRequest())
-    for m in response.models:
+    with connect(target) as client:
+        listing = client.models()
+    for m in listing:
         click.echo(f"{m.name}  active v{m.active_version}  versions {list(m.versions)}  "
                    f"{m.num_labels} labels  {m.input_height}x{m.input_width}  {m.source}"
                    f"{'  ready' if m.ready else ''}")
@@ -175,11 +164,8 @@ def models(target: Connection) -> None:
 @click.argument("version", type=int)
 def activate(target: Connection, name: str, version: int) -> None:
     """Make VERSION of model NAME the one that answers."""
-    from headswap.protocol import headswap_v1_pb2 as pb
-    from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
-
-    with _channel(target) as channel:
-        info = _call(pb_grpc.ModelsStub(channel).ActivateModel, pb.ActivateModelRequest(name=name, version=version))
+    with connect(target) as client:
+        info = client.activate(name, version)
     click.echo(f"{info.name}: version {info.active_version} is active")
 
 
@@ -188,11 +174,8 @@ def activate(target: Connection, name: str, version: int) -> None:
 @click.argument("name")
 def rollback(target: Connection, name: str) -> None:
     """Re-activate the version of NAME that was active before the current one."""
-    from headswap.protocol import headswap_v1_pb2 as pb
-    from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
-
-    with _channel(target) as channel:
-        info = _call(pb_grpc.ModelsStub(channel).RollbackModel, pb.RollbackModelRequest(name=name))
+    with connect(target) as client:
+        info = client.rollback(name)
     click.echo(f"{info.name}: version {info.active_version} is active")
 
 
@@ -226,6 +209,3 @@ def _model_ref(text: str) -> tuple[str, int]:
 
 for _command in (finetune, jobs, cancel):
     main.add_command(_command)
-
-if __name__ == "__main__":
-    main()

@@ -1,21 +1,19 @@
-"""What the command-line client commands share: where and how to connect, channels, error reporting.
+"""Where the server is and how to reach it: the channel every client call goes through.
 
-`target_option` gives a command every connection option at once (--target, --tls-ca-file,
---tls-cert-file/--tls-key-file, --tls-server-name, --token) and hands it one `Connection`.
+TLS when a CA or client certificate is given, and a bearer token on every call when one is
+given (also over plaintext, for loopback use). The CLI builds the same `Connection` from its flags.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
-import click
 import grpc
 
 DEFAULT_TARGET = "localhost:50051"
+# The server's own message limit is configurable (--max-message-bytes); the client never refuses first.
 MESSAGE_LIMIT = 256 * 1024 * 1024
 
 
@@ -30,46 +28,19 @@ class Connection:
     tls_server_name: str = ""
     token: str = ""
 
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("a client certificate and its key go together: give both tls_cert_file and "
+                             "tls_key_file, or neither")
+
     @property
     def tls(self) -> bool:
         return bool(self.tls_ca_file or self.tls_cert_file)
 
 
-def target_option(command: Callable) -> Callable:
-    """Add the connection options to a click command; it receives them as `target: Connection`."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, target: str, tls_ca_file: str | None, tls_cert_file: str | None,
-                tls_key_file: str | None, tls_server_name: str | None, token: str | None, **kwargs: Any) -> Any:
-        if bool(tls_cert_file) != bool(tls_key_file):
-            raise click.UsageError("--tls-cert-file and --tls-key-file go together (a client certificate and its key)")
-        connection = Connection(target, tls_ca_file or "", tls_cert_file or "", tls_key_file or "",
-                                tls_server_name or "", token or "")
-        return command(*args, target=connection, **kwargs)
-
-    path = click.Path(exists=True, dir_okay=False)
-    options = [
-        click.option("--target", default=DEFAULT_TARGET, envvar="HEADSWAP_TARGET", show_default=True,
-                     help="Server address HOST:PORT."),
-        click.option("--tls-ca-file", type=path, envvar="HEADSWAP_TLS_CA_FILE",
-                     help="Use TLS, trusting the server certificate's CA in this PEM file [env HEADSWAP_TLS_CA_FILE]."),
-        click.option("--tls-cert-file", type=path, envvar="HEADSWAP_CLIENT_CERT_FILE",
-                     help="Mutual TLS: client certificate (PEM) [env HEADSWAP_CLIENT_CERT_FILE]."),
-        click.option("--tls-key-file", type=path, envvar="HEADSWAP_CLIENT_KEY_FILE",
-                     help="Mutual TLS: the client certificate's private key [env HEADSWAP_CLIENT_KEY_FILE]."),
-        click.option("--tls-server-name", envvar="HEADSWAP_TLS_SERVER_NAME",
-                     help="Name the server certificate must carry, when it differs from --target's host."),
-        click.option("--token", envvar="HEADSWAP_TOKEN",
-                     help="Bearer token, sent as 'authorization: Bearer ...' [env HEADSWAP_TOKEN]."),
-    ]
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper
-
-
 class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
                    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds `authorization: Bearer <token>` to every call (also over plaintext, for loopback use)."""
+    """Adds `authorization: Bearer <token>` to every call."""
 
     def __init__(self, token: str) -> None:
         self.header = ("authorization", f"Bearer {token}")
@@ -117,11 +88,3 @@ def channel(target: Connection | str) -> grpc.Channel:
 
 def _read(path: str) -> bytes | None:
     return Path(path).read_bytes() if path else None
-
-
-def call(method: Callable, request: Any, timeout: float | None = None) -> Any:
-    """Call and turn a gRPC error into a one-line message and a non-zero exit."""
-    try:
-        return method(request, timeout=timeout)
-    except grpc.RpcError as err:
-        raise click.ClickException(f"{err.code().name}: {err.details()}") from None

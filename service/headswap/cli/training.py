@@ -1,74 +1,31 @@
 """`headswap finetune`, `headswap jobs`, `headswap cancel`: fine-tune jobs from the command line.
 
-Standalone click commands; `headswap.cli` registers them into the main group. They only talk
-gRPC (no TensorFlow here): the images stream to the server, which trains in the background.
-
+Standalone click commands; `headswap.cli.main` registers them into the main group. They are built
+on `headswap.client.Client` (no TensorFlow here): the images stream to the server, which trains in
+the background, and the commands show its progress.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import click
-import grpc
 
-from headswap.client import call as _call
-from headswap.client import channel as _channel
-from headswap.client import Connection, target_option
-
-# keras.utils.image_dataset_from_directory's extensions, plus WebP (the server decodes it).
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".webp")
-BATCH_IMAGES = 64
-BATCH_BYTES = 8 * 1024 * 1024
-STATE_NAMES = {0: "UNSPECIFIED", 1: "QUEUED", 2: "RUNNING", 3: "SUCCEEDED", 4: "FAILED", 5: "CANCELLED"}
-SUCCEEDED = 3
-TERMINAL = (3, 4, 5)
+from headswap.cli.options import connect, target_option
+from headswap.client import Connection, Job, JobEvent, JobState
+from headswap.client.images import Example, scan_folder
 
 
-@dataclass(frozen=True)
-class LabelledFile:
-    path: Path
-    label: str
-    validation: bool
-
-
-def scan(data_dir: Path, validation: bool = False) -> list[LabelledFile]:
-    """DATA_DIR/<class>/<image files>, as keras' image_dataset_from_directory reads it."""
-    classes = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise click.UsageError(f"{data_dir} has no class folders: expected {data_dir}/<class name>/<image files>")
-    files = []
-    for folder in classes:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(LabelledFile(path, folder.name, validation))
-    if not files:
-        raise click.UsageError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {data_dir}")
-    return files
-
-
-def requests(config, files: list[LabelledFile], progress) -> Iterator:
-    """The FineTune stream: the config, then batches of at most BATCH_IMAGES / BATCH_BYTES."""
-    from headswap.protocol import headswap_v1_pb2 as pb
-
-    yield pb.FineTuneRequest(config=config)
-    batch: list = []
-    size = 0
-    for item in files:
-        data = item.path.read_bytes()
-        if batch and (len(batch) >= BATCH_IMAGES or size + len(data) > BATCH_BYTES):
-            yield pb.FineTuneRequest(batch=pb.ExampleBatch(examples=batch))
-            batch, size = [], 0
-        batch.append(pb.Example(image=data, label=item.label, validation=item.validation))
-        size += len(data)
-        progress.update(1)
-    if batch:
-        yield pb.FineTuneRequest(batch=pb.ExampleBatch(examples=batch))
+def scan(data_dir: Path, validation: bool = False) -> list[Example]:
+    """The client's folder scan, with its refusal as a usage error."""
+    try:
+        return scan_folder(data_dir, validation)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
 
 
 @click.command()
@@ -118,9 +75,6 @@ def finetune(target: Connection, data_dir: Path, name: str, base_model: str, epo
     """
     from tqdm import tqdm
 
-    from headswap.protocol import headswap_v1_pb2 as pb
-    from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
-
     weights = {}
     for item in class_weights:
         label, sep, value = item.rpartition("=")
@@ -131,81 +85,91 @@ def finetune(target: Connection, data_dir: Path, name: str, base_model: str, epo
         if not sep or not label:
             raise click.BadParameter(f"expected LABEL=WEIGHT, got {item!r}", param_hint="--class-weight")
     files = scan(data_dir) + (scan(validation_dir, validation=True) if validation_dir else [])
-    config = pb.FineTuneConfig(
-        base_model=base_model, name=name, epochs=epochs, learning_rate=learning_rate or 0.0,
-        batch_size=batch_size or 0, dropout=dropout, validation_split=validation_split or 0.0,
-        balance_classes=balance_classes, class_weights=weights, early_stopping_patience=early_stopping_patience,
-        seed=seed, unfreeze_top_layers=unfreeze_top_layers, finetune_epochs=finetune_epochs or 0,
-        finetune_learning_rate=finetune_learning_rate or 0.0, activate=not no_activate,
+    config = dict(
+        base_model=base_model, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, dropout=dropout,
+        validation_split=validation_split, balance_classes=balance_classes, class_weights=weights,
+        early_stopping_patience=early_stopping_patience, seed=seed, unfreeze_top_layers=unfreeze_top_layers,
+        finetune_epochs=finetune_epochs, finetune_learning_rate=finetune_learning_rate, activate=not no_activate,
         min_val_accuracy=min_val_accuracy, skip_invalid_images=skip_invalid_images, label_smoothing=label_smoothing,
         hidden_units=hidden_units, precision=precision)
     classes = len({f.label for f in files})
-    with _channel(target) as channel:
-        stub = pb_grpc.TrainingStub(channel)
+    with connect(target) as client:
         with tqdm(total=len(files), desc=f"uploading {classes} classes", unit="img", file=sys.stderr) as bar:
-            response = _call(stub.FineTune, requests(config, files, bar))
-        click.echo(f"job {response.job_id}: {response.num_images} images, {response.num_classes} classes accepted")
-        if response.skipped_indices:
-            skipped = [str(files[i].path) for i in response.skipped_indices if i < len(files)]
+            def uploaded(sent: int) -> None:
+                bar.n = sent
+                bar.refresh()
+
+            # The files as scanned above, in the same order: skipped indices name them.
+            pairs = [(f.image, f.label) for f in files if not f.validation]
+            checks = [(f.image, f.label) for f in files if f.validation] or None
+            submission = client.submit(pairs, name=name, validation_data=checks, on_upload=uploaded,
+                                       **config)  # type: ignore[arg-type]
+        click.echo(f"job {submission.job_id}: {submission.num_images} images, {submission.num_classes} "
+                   f"classes accepted")
+        if submission.skipped:
+            skipped = [str(files[i].image) for i in submission.skipped if i < len(files)]
             click.echo(f"skipped {len(skipped)} undecodable images: {', '.join(skipped[:10])}"
                        f"{' ...' if len(skipped) > 10 else ''}")
         if detach:
             return
-        final = watch(stub, response.job_id)
-    if final.state != SUCCEEDED:
-        raise click.ClickException(f"job {response.job_id} {STATE_NAMES.get(final.state, '?').lower()}: "
-                                   f"{final.message}")
-    click.echo(final.message)
-    if final.model:
-        click.echo(f"classify with: headswap classify --model {final.model}:{final.version} IMAGE")
+        job = watch(client, submission.job_id)
+    message = job.last_event.message if job.last_event is not None else ""
+    if not job.succeeded:
+        raise click.ClickException(f"job {job.job_id} {job.state.name.lower()}: {job.error or message}")
+    click.echo(message)
+    if job.model:
+        click.echo(f"classify with: headswap classify --model {job.model}:{job.version} IMAGE")
 
 
-def watch(stub, job_id: str):
-    """Follow WatchJob with a progress bar per phase; returns the last event."""
-    from tqdm import tqdm
+class _ProgressBars:
+    """One tqdm bar per job phase: epochs with loss and accuracy, or images with images/s and ETA."""
 
-    from headswap.protocol import headswap_v1_pb2 as pb
+    def __init__(self) -> None:
+        self.bar = None
+        self.phase = ""
 
-    bar = None
-    phase = ""
-    last = None
+    def __call__(self, event: JobEvent) -> None:
+        from tqdm import tqdm
+
+        total = event.total_epochs or _images_total(event.message)
+        if event.phase != self.phase or (self.bar is not None and total and self.bar.total != total):
+            self.close()
+            self.phase = event.phase
+            self.bar = tqdm(total=total or None, desc=event.phase.replace("_", " "), file=sys.stderr,
+                            unit="epoch" if event.total_epochs else "img", leave=True,
+                            bar_format=None if total else "{desc}: {elapsed} {postfix}")
+        bar = self.bar
+        if event.total_epochs:
+            bar.n = event.epoch
+            if event.epoch:
+                bar.set_postfix(loss=f"{event.loss:.4f}", acc=f"{event.accuracy:.4f}",
+                                val_acc=f"{event.val_accuracy:.4f}", refresh=False)
+        else:
+            done = _images_done(event.message)
+            if done is not None:
+                bar.n = done
+                bar.set_postfix(img_s=f"{event.images_per_second:.1f}", eta=f"{event.eta_seconds:.0f}s",
+                                refresh=False)
+            elif event.message:
+                bar.set_postfix_str(event.message[:80], refresh=False)
+        bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def watch(client, job_id: str) -> Job:
+    """Follow the job with a progress bar per phase; returns the finished job."""
+    bars = _ProgressBars()
     try:
-        for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id)):
-            last = event
-            total = event.total_epochs or _images_total(event.message)
-            if event.phase != phase or (bar is not None and total and bar.total != total):
-                if bar is not None:
-                    bar.close()
-                phase = event.phase
-                bar = tqdm(total=total or None, desc=phase.replace("_", " "), file=sys.stderr,
-                           unit="epoch" if event.total_epochs else "img", leave=True,
-                           bar_format=None if total else "{desc}: {elapsed} {postfix}")
-            if event.total_epochs:
-                bar.n = event.epoch
-                if event.epoch:
-                    bar.set_postfix(loss=f"{event.loss:.4f}", acc=f"{event.accuracy:.4f}",
-                                    val_acc=f"{event.val_accuracy:.4f}", refresh=False)
-            else:
-                done = _images_done(event.message)
-                if done is not None:
-                    bar.n = done
-                    bar.set_postfix(img_s=f"{event.images_per_second:.1f}", eta=f"{event.eta_seconds:.0f}s",
-                                    refresh=False)
-                elif event.message:
-                    bar.set_postfix_str(event.message[:80], refresh=False)
-            bar.refresh()
-    except grpc.RpcError as err:
-        raise click.ClickException(f"{err.code().name}: {err.details()}") from None
+        return client.watch(job_id, on_progress=bars)
     except KeyboardInterrupt:
         raise click.ClickException(f"stopped watching; job {job_id} goes on on the server "
                                    f"(`headswap cancel {job_id}` stops it)") from None
     finally:
-        if bar is not None:
-            bar.close()
-    if last is None or last.state not in TERMINAL:
-        raise click.ClickException(f"the server stopped sending progress of job {job_id}; "
-                                   f"`headswap jobs {job_id}` shows where it is")
-    return last
+        bars.close()
 
 
 def _images_done(message: str) -> int | None:
@@ -232,41 +196,40 @@ def _when(seconds: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def jobs(target: Connection, job_id: str | None, as_json: bool) -> None:
     """List fine-tune jobs, or show JOB_ID in detail."""
-    from google.protobuf import json_format
-
-    from headswap.protocol import headswap_v1_pb2 as pb
-    from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
-
-    with _channel(target) as channel:
-        stub = pb_grpc.TrainingStub(channel)
+    with connect(target) as client:
         if job_id:
-            job = _call(stub.GetJob, pb.GetJobRequest(job_id=job_id))
+            job = client.job(job_id)
             if as_json:
-                click.echo(json_format.MessageToJson(job, preserving_proto_field_name=True))
+                click.echo(json.dumps(_plain(job), indent=2))
                 return
             _describe(job)
             return
-        listing = _call(stub.ListJobs, pb.ListJobsRequest())
+        listing = client.jobs()
     if as_json:
-        click.echo(json_format.MessageToJson(listing, preserving_proto_field_name=True))
+        click.echo(json.dumps({"jobs": [_plain(job) for job in listing]}, indent=2))
         return
-    if not listing.jobs:
+    if not listing:
         click.echo("no jobs")
         return
     click.echo(f"{'JOB':<13} {'STATE':<10} {'NAME':<20} {'BASE':<20} {'PHASE':<20} {'VAL ACC':>7} "
                f"{'VERSION':>7}  CREATED")
-    for job in listing.jobs:
-        metrics = json.loads(job.metrics_json or "{}")
-        accuracy = f"{metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else "-"
-        click.echo(f"{job.job_id:<13} {STATE_NAMES.get(job.state, '?'):<10} {job.name[:20]:<20} "
+    for job in listing:
+        accuracy = f"{job.metrics['val_accuracy']:.4f}" if "val_accuracy" in job.metrics else "-"
+        click.echo(f"{job.job_id:<13} {job.state.name:<10} {job.name[:20]:<20} "
                    f"{job.base_model[:20]:<20} {job.phase:<20} {accuracy:>7} {job.version or '-':>7}  "
                    f"{_when(job.created)}")
 
 
-def _describe(job) -> None:
-    metrics = json.loads(job.metrics_json or "{}")
+def _plain(job: Job) -> dict:
+    """A job as JSON-ready values: states by name, metrics and configuration as objects."""
+    return dataclasses.asdict(job, dict_factory=lambda items: {
+        key: value.name if isinstance(value, JobState) else value for key, value in items})
+
+
+def _describe(job: Job) -> None:
+    metrics = job.metrics
     click.echo(f"job       {job.job_id}")
-    click.echo(f"state     {STATE_NAMES.get(job.state, '?')} ({job.phase})")
+    click.echo(f"state     {job.state.name} ({job.phase})")
     click.echo(f"model     {job.name} from {job.base_model}")
     if job.version:
         click.echo(f"version   {job.model} v{job.version}{'  (activated)' if job.activated else ''}")
@@ -274,7 +237,7 @@ def _describe(job) -> None:
     if job.error:
         click.echo(f"error     {job.error}")
     event = job.last_event
-    if event.phase:
+    if event is not None and event.phase:
         detail = f"epoch {event.epoch}/{event.total_epochs} " if event.total_epochs else ""
         click.echo(f"last      {event.phase} {detail}{event.message}")
     if metrics:
@@ -283,7 +246,7 @@ def _describe(job) -> None:
         for label, figures in list(metrics.get("per_class", {}).items())[:50]:
             click.echo(f"  {label[:30]:<30} precision {figures['precision']:.3f}  recall {figures['recall']:.3f}  "
                        f"n={figures['support']}")
-    click.echo(f"config    {job.config_json}")
+    click.echo(f"config    {json.dumps(job.config)}")
 
 
 @click.command()
@@ -291,9 +254,6 @@ def _describe(job) -> None:
 @click.argument("job_id")
 def cancel(target: Connection, job_id: str) -> None:
     """Cancel a queued or running fine-tune job."""
-    from headswap.protocol import headswap_v1_pb2 as pb
-    from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
-
-    with _channel(target) as channel:
-        job = _call(pb_grpc.TrainingStub(channel).CancelJob, pb.CancelJobRequest(job_id=job_id))
-    click.echo(f"job {job.job_id}: {STATE_NAMES.get(job.state, '?')}")
+    with connect(target) as client:
+        job = client.cancel(job_id)
+    click.echo(f"job {job.job_id}: {job.state.name}")

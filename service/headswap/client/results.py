@@ -1,0 +1,155 @@
+"""What the client returns: plain, immutable Python objects instead of protobuf messages, so that
+callers never import generated code and type checkers see every field.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from headswap.protocol import headswap_v1_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One class of a classification: its label, its index in the model's outputs, its probability."""
+
+    label: str
+    index: int
+    score: float
+
+
+class Classifications(list[list[Prediction]]):
+    """One list of predictions per image, in the order the images were given, plus which model
+    and version answered (the active version when none was asked for)."""
+
+    def __init__(self, results: list[list[Prediction]], model: str, version: int) -> None:
+        super().__init__(results)
+        self.model = model
+        self.version = version
+
+
+class JobState(enum.IntEnum):
+    """A fine-tune job's state (the values of headswap.v1.JobState)."""
+
+    UNSPECIFIED = pb.JOB_STATE_UNSPECIFIED
+    QUEUED = pb.JOB_STATE_QUEUED
+    RUNNING = pb.JOB_STATE_RUNNING
+    SUCCEEDED = pb.JOB_STATE_SUCCEEDED
+    FAILED = pb.JOB_STATE_FAILED
+    CANCELLED = pb.JOB_STATE_CANCELLED
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+    @classmethod
+    def of(cls, value: int) -> "JobState":
+        try:
+            return cls(value)
+        except ValueError:  # a newer server's state
+            return cls.UNSPECIFIED
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One progress event of a job (what WatchJob streams): phase, epoch figures, images/s, ETA."""
+
+    job_id: str
+    state: JobState
+    phase: str
+    sequence: int
+    time: float
+    message: str = ""
+    epoch: int = 0
+    total_epochs: int = 0
+    loss: float = 0.0
+    accuracy: float = 0.0
+    val_accuracy: float = 0.0
+    images_per_second: float = 0.0
+    eta_seconds: float = 0.0
+    model: str = ""
+    version: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_message(cls, event: pb.JobEvent) -> "JobEvent":
+        return cls(job_id=event.job_id, state=JobState.of(event.state), phase=event.phase, sequence=event.sequence,
+                   time=event.time, message=event.message, epoch=event.epoch, total_epochs=event.total_epochs,
+                   loss=event.loss, accuracy=event.accuracy, val_accuracy=event.val_accuracy,
+                   images_per_second=event.images_per_second, eta_seconds=event.eta_seconds, model=event.model,
+                   version=event.version, metrics=_json(event.metrics_json))
+
+
+@dataclass(frozen=True)
+class Job:
+    """A fine-tune job as the server records it; `model`/`version` name the stored result once it succeeded."""
+
+    job_id: str
+    state: JobState
+    name: str
+    base_model: str
+    phase: str
+    error: str = ""
+    model: str = ""
+    version: int = 0
+    activated: bool = False
+    created: float = 0.0
+    finished: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    submitter: str = ""
+    last_event: JobEvent | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == JobState.SUCCEEDED
+
+    @classmethod
+    def from_message(cls, job: pb.Job) -> "Job":
+        return cls(job_id=job.job_id, state=JobState.of(job.state), name=job.name, base_model=job.base_model,
+                   phase=job.phase, error=job.error, model=job.model, version=job.version, activated=job.activated,
+                   created=job.created, finished=job.finished, metrics=_json(job.metrics_json),
+                   config=_json(job.config_json), submitter=job.submitter,
+                   last_event=JobEvent.from_message(job.last_event) if job.HasField("last_event") else None)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """The server accepted a FineTune upload: the job's id, what it counted, and the images it skipped
+    as undecodable (indices in upload order; only with skip_invalid_images)."""
+
+    job_id: str
+    num_images: int
+    num_classes: int
+    skipped: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registry model as the server describes it."""
+
+    name: str
+    version: int
+    active_version: int
+    versions: tuple[int, ...]
+    source: str
+    num_labels: int
+    input_height: int
+    input_width: int
+    ready: bool
+    created: str = ""
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_message(cls, info: pb.ModelInfo) -> "ModelInfo":
+        return cls(name=info.name, version=info.version, active_version=info.active_version,
+                   versions=tuple(info.versions), source=info.source, num_labels=info.num_labels,
+                   input_height=info.input_height, input_width=info.input_width, ready=info.ready,
+                   created=info.created, manifest=_json(info.manifest_json))
+
+
+def _json(text: str) -> dict[str, Any]:
+    return json.loads(text) if text else {}
