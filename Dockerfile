@@ -1,10 +1,11 @@
 # headswap container images: one Dockerfile, one target per role.
 #
 #   docker build --target inference   -t headswap/inference .     # CPU serving: ONNX Runtime, no TensorFlow
-#   docker build --target trainer     -t headswap/trainer .       # TensorFlow/Keras on CPU (also `serve --role all`)
-#   docker build --target trainer-gpu -t headswap/trainer-gpu .   # TensorFlow with its CUDA pip packages
-#   docker build --target trainer-gpu --build-arg GPU_BACKEND=jax -t headswap/trainer-gpu-jax .
-#                                                                 # JAX with its CUDA wheels, KERAS_BACKEND=jax
+#   docker build --target trainer     -t headswap/trainer .       # Keras on JAX and TensorFlow, CPU (also `serve --role all`)
+#   docker build --target trainer-gpu -t headswap/trainer-gpu .   # the same with their CUDA pip packages
+#
+# Trainer images carry both Keras backends: head-only fine-tunes run on JAX, phase 2 and exports on
+# TensorFlow (--trainer-backend auto); each worker process picks its own, whatever KERAS_BACKEND says.
 #
 # Stages: `builder` turns the source into a wheel (the build generates the protobuf code from
 # protos/); each `venv-*` stage installs that wheel with the extras its role needs into
@@ -44,7 +45,7 @@ RUN python -m venv --without-pip /opt/venv \
       "$1[${INFERENCE_EXTRAS}]"
 
 FROM ${PYTHON_IMAGE} AS venv-trainer
-# openvino: a FineTune with precision bf16/int8 measures its tier in the runtime that serves it.
+# train: TensorFlow and JAX (CPU wheels). openvino: a FineTune with precision bf16/int8 measures its tier in the runtime that serves it.
 ARG TRAINER_EXTRAS=train,s3,openvino
 COPY --from=builder /wheels /wheels
 RUN python -m venv --without-pip /opt/venv \
@@ -54,30 +55,25 @@ RUN python -m venv --without-pip /opt/venv \
 
 FROM ${PYTHON_IMAGE} AS venv-trainer-gpu
 ARG TRAINER_EXTRAS=train,s3,openvino
-# The GPU side of the trainer, either backend (docs/training.md):
-# - GPU_BACKEND=tensorflow (default): TensorFlow's CUDA runtime, cuDNN, cuBLAS... as nvidia-* pip
-#   packages (`tensorflow[and-cuda]`);
-# - GPU_BACKEND=jax: JAX with its CUDA wheels (`jax[cuda12]`, the same nvidia-* packages); the
-#   trainer's head-only path then never imports TensorFlow (phase 2 still exports with tf2onnx,
-#   from the CPU TensorFlow of the `train` extra).
-# Either way no CUDA base image is needed, only the NVIDIA driver of the host (the device plugin /
-# container toolkit mounts it).
-ARG GPU_BACKEND=tensorflow
+# The GPU side of both Keras backends (docs/training.md): JAX's CUDA wheels (`jax[cuda12]`: head-only
+# fine-tunes) and TensorFlow's (`tensorflow[and-cuda]`: phase 2), which share one set of nvidia-*
+# pip packages (cuDNN, cuBLAS...). No CUDA base image is needed, only the NVIDIA driver of the host
+# (the device plugin / container toolkit mounts it). The versions are the `train` extra's pins.
 ARG TENSORFLOW_VERSION=2.21.0
 ARG JAX_VERSION=0.10.2
 COPY --from=builder /wheels /wheels
 RUN python -m venv --without-pip /opt/venv \
  && set -- /wheels/headswap-*.whl \
- && if [ "${GPU_BACKEND}" = "jax" ]; then gpu="jax[cuda12]==${JAX_VERSION}"; \
-    else gpu="tensorflow[and-cuda]==${TENSORFLOW_VERSION}"; fi \
  && python -m pip --python /opt/venv/bin/python install --no-cache-dir --disable-pip-version-check \
-      "$1[${TRAINER_EXTRAS}]" "${gpu}"
+      "$1[${TRAINER_EXTRAS}]" "jax[cuda12]==${JAX_VERSION}" "tensorflow[and-cuda]==${TENSORFLOW_VERSION}"
 
 # --- runtime: what every final image shares ------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
 # PYTHONDONTWRITEBYTECODE: the root filesystem is read-only in Kubernetes (pip already compiled
-# the venv's bytecode at install time).
+# the venv's bytecode at install time). HOME=/tmp: under `docker run --read-only` (and in the
+# manifests) only /tmp is writable, and ONNX Runtime, OpenVINO, Keras and JAX write caches under $HOME.
 ENV PATH="/opt/venv/bin:${PATH}" \
+    HOME=/tmp \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HEADSWAP_MODEL_DIR=/models \
@@ -106,11 +102,9 @@ CMD ["serve", "--role", "trainer"]
 
 FROM runtime AS trainer-gpu
 # Honoured by the NVIDIA container toolkit (`docker run --gpus all`); Kubernetes' device
-# plugin sets the devices itself. KERAS_BACKEND follows the backend installed above.
-ARG GPU_BACKEND=tensorflow
+# plugin sets the devices itself.
 ENV NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
-    KERAS_BACKEND=${GPU_BACKEND}
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 COPY --from=venv-trainer-gpu /opt/venv /opt/venv
 CMD ["serve", "--role", "trainer"]
 

@@ -8,15 +8,23 @@ Runtime agrees with TensorFlow on real sample images to 1e-4 before a version is
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import keras
-import numpy as np
-import onnx
-import tensorflow as tf
+# tf2onnx converts a TensorFlow graph: an export runs Keras on TensorFlow whatever KERAS_BACKEND says
+# (`KERAS_BACKEND=jax headswap export` refused before). Keras reads the variable once, on import; a
+# process that imported it already (a phase 2 worker) runs TensorFlow anyway.
+if "keras" not in sys.modules:
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from headswap.errors import FailedPrecondition
 from headswap.export import sources

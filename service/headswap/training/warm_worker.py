@@ -8,6 +8,11 @@ separate process (TensorFlow/JAX, their memory and threads never enter the servi
 dies with the server (PR_SET_PDEATHSIG, and it exits when its stdin closes), and is killed to
 cancel a job: the scheduler then starts a fresh one.
 
+Each worker runs one Keras backend (`backends.py`), set in its environment when it starts: a
+process cannot change backends once Keras is imported. It says on the control pipe when it is
+ready (imported and warmed up); `on_ready` hears of it, and of the end of a worker that was ready,
+so that the server can report headswap.v1.Training SERVING only while a trainer is ready.
+
 Only the scheduler thread starts workers and runs jobs (PR_SET_PDEATHSIG follows the thread that
 forked); `preload` may be called from any thread.
 """
@@ -17,11 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from headswap.training import backends
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +39,14 @@ MAX_JOBS_PER_WORKER = 50  # then a fresh process: nothing a framework leaks can 
 class WarmWorker:
     """One worker process, ready for the next job."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, backend: str | None = None,
+                 on_ready: Callable[[bool], None] | None = None) -> None:
         self.log_path = log_path
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
-               "PYTHONUNBUFFERED": "1"}
+        self.backend = backend or backends.default("auto")
+        self._on_ready = on_ready or (lambda ready: None)
+        self.ready = threading.Event()
+        env = {**backends.worker_environment(self.backend),
+               "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), "PYTHONUNBUFFERED": "1"}
         read_end, write_end = os.pipe()  # worker -> server: one JSON line per finished job
         with open(log_path, "ab") as out:
             self.proc = subprocess.Popen(
@@ -43,9 +55,13 @@ class WarmWorker:
                 stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                 pass_fds=(write_end,))
         os.close(write_end)
-        self._answers = os.fdopen(read_end, "rb")
         self._write_lock = threading.Lock()
+        self._codes: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # job exit codes; None: gone
         self.jobs_run = 0
+        # Reads the control pipe until the worker closes it (exits): the ready line can come while
+        # no job runs, and nobody else would read it.
+        threading.Thread(target=self._read_answers, args=(os.fdopen(read_end, "rb"),),
+                         name=f"warm-worker-{self.proc.pid}", daemon=True).start()
 
     @property
     def pid(self) -> int:
@@ -54,8 +70,29 @@ class WarmWorker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def usable(self) -> bool:
-        return self.alive() and self.jobs_run < MAX_JOBS_PER_WORKER
+    def usable(self, backend: str | None = None) -> bool:
+        """Alive, not worn out, and (when given) running `backend`."""
+        return self.alive() and self.jobs_run < MAX_JOBS_PER_WORKER and backend in (None, self.backend)
+
+    def _read_answers(self, answers: Any) -> None:
+        with answers:
+            for line in answers:
+                try:
+                    message = json.loads(line)
+                    if message.get("ready"):
+                        self.ready.set()
+                        self._on_ready(True)
+                        continue
+                    code = int(message["code"])
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    log.error("warm worker %d answered %r; stopping it", self.pid, line[:200])
+                    code = 1
+                    self.proc.kill()
+                self._codes.put(code)
+        self._codes.put(None)
+        if self.ready.is_set():
+            self.ready.clear()
+            self._on_ready(False)
 
     def _send(self, message: dict[str, Any]) -> bool:
         with self._write_lock:
@@ -77,15 +114,8 @@ class WarmWorker:
         self.jobs_run += 1
         if not self._send({"job": str(job_dir)}):
             return self.proc.wait()
-        line = self._answers.readline()
-        if not line:
-            return self.proc.wait()
-        try:
-            return int(json.loads(line)["code"])
-        except (ValueError, KeyError, TypeError):
-            log.error("warm worker %d answered %r; stopping it", self.pid, line[:200])
-            self.stop()
-            return 1
+        code = self._codes.get()
+        return self.proc.wait() if code is None else code
 
     def stop(self) -> None:
         """Close its stdin (it exits when idle), then make sure it is gone."""
@@ -100,4 +130,3 @@ class WarmWorker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self._answers.close()

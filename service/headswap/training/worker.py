@@ -5,7 +5,9 @@ A subprocess so that TensorFlow or JAX (its memory, its threads, a crash) never 
 serving process. A warm worker (`warm_worker.py` is the server's side) imports the trainer once,
 then reads JSON lines on stdin: `{"preload": BASE}` readies that base's extractor while idle,
 `{"job": JOB_DIR}` runs a job with its output in the job's worker.log, and answers
-`{"code": N}` on the control pipe; it exits when stdin closes.
+`{"code": N}` on the control pipe; it exits when stdin closes. Its first line on the control pipe,
+`{"ready": true, ...}`, says that Keras is imported and warmed up. Its Keras backend is the
+KERAS_BACKEND the server set in its environment (`backends.py`).
 
 A job reports progress into the job database, only while the job is RUNNING and owned by the
 worker's pid (a cancel or a restart makes every further write fail, and the worker stops), publishes
@@ -144,6 +146,8 @@ def serve_warm(control_fd: int, work_dir: Path) -> int:
     log.info("warm worker %d: first fit done in %.1f s", os.getpid(), time.monotonic() - started)
     log.info("warm worker %d ready (Keras %s, backend %s)", os.getpid(), keras.__version__, keras.backend.backend())
     control = os.fdopen(control_fd, "w", buffering=1)
+    # The server reports headswap.v1.Training SERVING from here on (warm_worker.WarmWorker.ready).
+    control.write(json.dumps({"ready": True, "keras_backend": keras.backend.backend()}) + "\n")
     idle_out = os.dup(1)
     for line in sys.stdin:
         try:
