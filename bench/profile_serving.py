@@ -13,7 +13,7 @@ costs little CPU) at each concurrency, interleaving variants in rounds, and prin
     .venv/bin/python bench/profile_serving.py --variant "" --variant "--max-batch-size 16"
 
 The input is the chelsea photo from scikit-image, preprocessed as the model's FP32 input
-(`--input zero` sends zeros). perf_analyzer's libraries come from dev.py (see the README).
+(`--input zero` sends zeros). perf_analyzer's libraries come from dev.py (see docs/performance.md).
 """
 
 from __future__ import annotations

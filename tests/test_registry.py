@@ -107,13 +107,19 @@ def test_names(tmp_path):
         "mobilenet_v2_100_224"
 
 
-def test_readme_configuration_reference_is_current():
+def test_configuration_reference_is_current():
+    """docs/configuration.md is generated from config.py; it fails here as soon as the two drift."""
     from pathlib import Path
 
-    from headswap.config import reference_table
+    from headswap.config import REFERENCE_DOC, reference_document
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert reference_table() in readme, "README's configuration table is stale: regenerate it from config.py"
+    doc = (Path(__file__).resolve().parents[1] / REFERENCE_DOC).read_text()
+    assert doc == reference_document(), \
+        f"{REFERENCE_DOC} is stale: regenerate it with `.venv/bin/python -m headswap.config > {REFERENCE_DOC}`"
+    # ... and the command the file names to regenerate it prints exactly that.
+    printed = subprocess.run([sys.executable, "-m", "headswap.config"], capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+    assert printed == doc
 
 
 # --- issue 8: races, retention, clean-up after crashes ------------------------------------

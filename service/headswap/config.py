@@ -247,8 +247,40 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
 
 
 def reference_table() -> str:
-    """Markdown table of every setting, for the README's configuration reference."""
+    """Markdown table of every setting, the heart of docs/configuration.md."""
     rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
     for f in dataclasses.fields(Settings):
         rows.append(f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | `{f.default}` | {f.metadata['help']} |")
     return "\n".join(rows)
+
+
+REFERENCE_DOC = "docs/configuration.md"
+
+
+def reference_document() -> str:
+    """docs/configuration.md, whole. tests/test_registry.py fails when the file differs from it."""
+    return f"""# Configuration reference
+
+Generated from `service/headswap/config.py`, the one place settings are defined: do not edit it by
+hand. Regenerate it after changing a setting with
+
+```bash
+.venv/bin/python -m headswap.config > {REFERENCE_DOC}
+```
+
+(`tests/test_registry.py` fails while this file and `config.py` disagree.)
+
+Every `headswap serve` setting is a flag and an environment variable with the `{ENV_PREFIX}` prefix;
+a flag wins over its variable. Values are checked once at start (an impossible one stops the server
+with a message naming the setting), and the server logs the settings it runs with once.
+The bounds a caller can meet, and the status each gives, are gathered in [limits.md](limits.md).
+
+{reference_table()}
+
+Object storage credentials come from the usual `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` /
+`AWS_DEFAULT_REGION` variables.
+"""
+
+
+if __name__ == "__main__":  # python -m headswap.config > docs/configuration.md
+    print(reference_document(), end="")
