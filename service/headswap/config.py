@@ -89,6 +89,9 @@ class Settings:
                                             "exits (threads start again as calls need them).")
     request_arrival_timeout_s: float = _setting(30.0, "A call whose request message has not arrived this long "
                                                 "after its headers is ended with DEADLINE_EXCEEDED.")
+    max_resets_per_connection: int = _setting(1000, "Rapid reset (CVE-2023-44487): a connection that resets this "
+                                              "many calls before their request arrives, within 10 s and 10 times "
+                                              "more than it completes, is sent GOAWAY and closed (0 = never).")
     max_waiting_calls_per_client: int = _setting(16, "Most calls from one client address still waiting for "
                                                  "their request message; more get RESOURCE_EXHAUSTED.")
     max_request_bytes_in_flight: int = _setting(256 * 1024 * 1024, "Most bytes of request messages being handled "

@@ -4,6 +4,10 @@ Used to end what a caller holds past its time (a call whose request message has 
 metrics connection still open). Callbacks run in this thread and must be short. It wakes at most
 every `tick_s` plus when an earlier deadline comes in, so a busy server pays a heap push per wait,
 not a thread wake-up.
+
+A cancelled entry lets go of its callback (and what it holds) at once; the heap drops cancelled
+slots when they are more than half of it, so a flood of waits that end early (a rapid-reset
+attack cancels every call it opens) costs memory in proportion to the waits still open.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class Deadlines:
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._cancelled = 0  # cancelled entries still in the heap
 
     def at(self, deadline: float, callback: Callable[[], None]) -> list:
         """Schedule `callback`; the returned entry can be passed to `cancel`."""
@@ -41,10 +46,22 @@ class Deadlines:
                 self._cond.notify()
         return entry
 
-    @staticmethod
-    def cancel(entry: list) -> None:
-        """The callback will not run (its heap slot is dropped when its deadline comes)."""
-        entry[0] = None
+    def cancel(self, entry: list) -> None:
+        """The callback will not run; its heap slot is dropped once cancelled slots are half the heap."""
+        with self._cond:
+            if entry[0] is None:
+                return
+            entry[0] = None
+            self._cancelled += 1
+            if self._cancelled * 2 > len(self._heap) and self._cancelled > 64:
+                self._heap = [item for item in self._heap if item[2][0] is not None]
+                heapq.heapify(self._heap)
+                self._cancelled = 0
+
+    def __len__(self) -> int:
+        """Waits still scheduled (not yet due, not cancelled)."""
+        with self._cond:
+            return len(self._heap) - self._cancelled
 
     def _run(self) -> None:
         while True:
@@ -54,7 +71,11 @@ class Deadlines:
                 self._cond.wait(max(0.0, self._heap[0][0] - time.monotonic()))
                 now, due = time.monotonic(), []
                 while self._heap and self._heap[0][0] <= now:
-                    due.append(heapq.heappop(self._heap)[2][0])
+                    entry = heapq.heappop(self._heap)[2]
+                    if entry[0] is None:
+                        self._cancelled -= 1
+                    due.append(entry[0])
+                    entry[0] = None  # ran (or cancelled): a late cancel() counts nothing
             for callback in due:
                 if callback is not None:
                     try:

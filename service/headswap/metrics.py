@@ -37,6 +37,8 @@ QUEUE_DEPTH = Gauge("headswap_queue_depth", "Images waiting for inference", ["mo
 LOADED_MODELS = Gauge("headswap_loaded_models", "Model versions resident in this process")
 SWAPS = Counter("headswap_model_swaps_total", "Active version changes applied", ["model"])
 LOAD_FAILURES = Counter("headswap_model_load_failures_total", "Versions refused at load", ["model"])
+CONNECTIONS_CLOSED = Counter("headswap_connections_closed_total", "Client connections the server closed, by reason",
+                             ["reason"])
 # Where each inference request's time goes, in microseconds like Triton's nv_inference_*_duration_us
 # (there counters; here histograms, so quantiles show too). Labels: registry model and version.
 LATENCY_BUCKETS_US = (100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
@@ -109,7 +111,7 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
                     return
             super().process_request_thread(request, client_address)
         finally:
-            Deadlines.cancel(due)
+            self.deadlines.cancel(due)
             self.slots.release()
 
     def handle_error(self, request, client_address) -> None:

@@ -31,6 +31,7 @@ from headswap.api.arrival import RequestArrival
 from headswap.api.auth import AuthInterceptor
 from headswap.api.labels import model_label
 from headswap.api.request_parsing import MalformedRequestInterceptor
+from headswap.api.reset_guard import ResetGuard
 from headswap.api.stream_limits import HEALTH_WATCH, REFLECTION_METHODS, StreamLimit
 from headswap.api.tls import server_credentials
 from headswap.config import Settings, env_name
@@ -75,6 +76,9 @@ def health_port_calls(settings: Settings) -> int:
     return settings.max_health_watchers + settings.max_waiting_calls_per_client + HEALTH_PORT_RESERVE
 
 
+# Streams one HTTP/2 connection may have open at once (grpc's default is unlimited).
+MAX_STREAMS_PER_CONNECTION = 256
+
 # Open files beyond client connections: models, the job database, logs, worker pipes.
 FILES_RESERVE = 1024
 
@@ -89,6 +93,9 @@ def connection_options(settings: Settings, max_connections: int) -> list[tuple[s
             # probing on, each stream buffered its whole message before its call was admitted (32
             # concurrent 60 MB requests: 1.8 GB resident while 4 were read; 0.6 GB with it off).
             ("grpc.http2.bdp_probe", 0),
+            # Rapid reset (api/reset_guard.py does the rest): each reset stream costs the client a PING
+            # to answer, and one connection holds at most this many streams at once.
+            ("grpc.http2.ping_on_rst_stream_percent", 100), ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
             ("grpc.max_allowed_incoming_connections", max_connections),
             ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_s * 1000)),
             ("grpc.max_connection_idle_ms", int(settings.connection_idle_timeout_s * 1000)),
@@ -252,7 +259,8 @@ class HeadswapServer:
         """Each port's own: its per-address counts and byte budget are not shared with the other port."""
         s = self.settings
         return RequestArrival(s.request_arrival_timeout_s, s.max_waiting_calls_per_client,
-                              s.max_request_bytes_in_flight)
+                              s.max_request_bytes_in_flight,
+                              ResetGuard(s.max_resets_per_connection, plaintext=self.tls is None))
 
     def _health_watch_limit(self) -> StreamLimit:
         """Open health Watch streams on one port: health is open to every caller, and each stream

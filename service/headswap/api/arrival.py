@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 import grpc
 
 from headswap.admission import ByteBudget, SlotsPerKey
+from headswap.api.reset_guard import ResetGuard
 from headswap.api.status import count_refused
 from headswap.deadlines import Deadlines
 from headswap.errors import ResourceExhausted
@@ -102,8 +103,10 @@ class RequestArrival(grpc.ServerInterceptor):
     """Receive each single-request call's message under a per-address limit and a time limit, and
     handle it within a budget of request bytes in flight."""
 
-    def __init__(self, timeout_s: float, per_client: int, bytes_in_flight: int) -> None:
+    def __init__(self, timeout_s: float, per_client: int, bytes_in_flight: int,
+                 resets: ResetGuard | None = None) -> None:
         self.timeout_s = timeout_s
+        self.resets = resets or ResetGuard(0)
         self.waiting = SlotsPerKey("calls from your address are waiting for their request message",
                                    per_client, "--max-waiting-calls-per-client")
         self.in_flight = ByteBudget("request bytes being handled", bytes_in_flight,
@@ -147,6 +150,7 @@ class RequestArrival(grpc.ServerInterceptor):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         with taken:
             yield
+        self.resets.completed(context.peer())
 
     def receive(self, requests: Iterator, context: grpc.ServicerContext, method: str) -> Any:
         """The call's one request message. A call that ended while waiting for it is aborted here,
@@ -161,12 +165,17 @@ class RequestArrival(grpc.ServerInterceptor):
                     request = next(requests)
                 except StopIteration:
                     request = None
-                except grpc.RpcError:  # ended at its deadline, or by the caller
-                    wait.settle("ended")
+                except grpc.RpcError:  # ended at its deadline, or by the caller (a reset stream)
+                    if wait.settle("ended"):  # the caller's doing, not our deadline's
+                        self.resets.reset(context.peer())
                     context.abort(grpc.StatusCode.CANCELLED, "the call ended before its request message arrived")
+                finally:
+                    # Every way out drops the deadline entry at once: a reset call left in the heap
+                    # kept its context (and grpc's call) alive for --request-arrival-timeout-s, and a
+                    # rapid-reset flood piled up millions of them (1.75 GB).
+                    self._deadlines.cancel(due)
                 if not wait.settle("arrived"):  # its deadline ended it as the message came in
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, wait.details)
-                Deadlines.cancel(due)
         except ResourceExhausted as err:  # only take() raises it
             count_refused(method, grpc.StatusCode.RESOURCE_EXHAUSTED)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))

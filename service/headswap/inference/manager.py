@@ -5,6 +5,13 @@ version is loaded and warmed up beside the old one, new requests are switched to
 already holding the old one finish on it, and the old one is freed when the last lets go.
 The active version is followed by polling the registry (any process may change it) and at once
 for changes made through this process's own API.
+
+Residency bounds (--max-loaded-models, --memory-budget-mb) hold for every load, whether a new
+active version or a version a request names: room is made before a load starts, by unloading the
+least recently used idle versions, and counts versions still loading and retired versions that
+requests still hold. When every resident version is serving a request, the load is refused with
+RESOURCE_EXHAUSTED naming the bound (30 concurrent calls pinning 30 versions had loaded all 30:
+2.5 GB against a 300 MB budget).
 """
 
 from __future__ import annotations
@@ -19,10 +26,10 @@ from typing import Callable, Iterator
 
 from headswap import metrics
 from headswap.config import Settings
-from headswap.errors import CorruptModel, NotFound, Unavailable
+from headswap.errors import CorruptModel, NotFound, ResourceExhausted, Unavailable
 from headswap.inference.batcher import Batcher
 from headswap.inference.memory import return_freed_memory
-from headswap.inference.runtime import ModelRuntime, load_runtime
+from headswap.inference.runtime import ModelRuntime, expected_bytes, load_runtime
 from headswap.registry.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,8 @@ class ModelManager:
         self._active: dict[str, Key] = {}  # model name -> key of the version new requests take
         self._load_locks: dict[Key, threading.Lock] = {}
         self._refused: set[Key] = set()  # corrupt versions, logged once and not retried
+        self._loading: dict[Key, int] = {}  # versions being loaded -> the bytes they will take
+        self._draining: dict[int, LoadedModel] = {}  # retired versions that requests still hold
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 
@@ -103,7 +112,12 @@ class ModelManager:
                 key = self._active.get(name)
         else:
             key = (name, self.registry.resolve(name, version))
-            self._load(key)
+            loaded = self._load(key)
+            with self._lock:  # taken at once: making room for another load must not unload it first
+                if not loaded.retired:
+                    loaded.inflight += 1
+                    loaded.last_used = time.monotonic()
+                    return loaded
         with self._lock:
             model = self._loaded.get(key) if key else None
             if model is None or model.retired:
@@ -138,7 +152,9 @@ class ModelManager:
                     return  # keep serving the previous version
             raise Unavailable(f"model {name!r} version {version} was refused as corrupt and no "
                               "earlier version is loaded; activate a good version")
-        self._load(key)
+        with self._lock:
+            replacing = self._active.get(name)
+        self._load(key, replacing=replacing)
         with self._lock:
             previous = self._active.get(name)
             if previous == key:
@@ -151,7 +167,9 @@ class ModelManager:
             self._retire(previous)
         self._enforce_budget(keep=key)
 
-    def _load(self, key: Key) -> LoadedModel:
+    def _load(self, key: Key, replacing: Key | None = None) -> LoadedModel:
+        """Load and warm up a version, within the residency bounds; `replacing` is the active
+        version it is about to take over from, which does not count against them."""
         with self._lock:
             lock = self._load_locks.setdefault(key, threading.Lock())
         with lock:  # one load per version, however many requests ask at once
@@ -161,8 +179,11 @@ class ModelManager:
                     return existing
             name, version = key
             started = time.monotonic()
+            path, manifest = self.registry.verified_model_path(name, version)
+            s = self.settings
+            self._make_room(key, expected_bytes(path, manifest, s.cpu_threads, s.lanes, s.intra_op_spinning),
+                            replacing)
             try:
-                path, manifest = self.registry.verified_model_path(name, version)
                 files = self.registry.verified_extra_files(name, version, manifest)
                 runtime = load_runtime(name, version, path, manifest, self.settings.cpu_threads,
                                        spinning=self.settings.intra_op_spinning, lanes=self.settings.lanes, files=files)
@@ -172,6 +193,9 @@ class ModelManager:
                 metrics.LOAD_FAILURES.labels(name).inc()
                 log.error("refusing %s version %s: %s", name, version, err)
                 raise
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
             s = self.settings
             lanes = [functools.partial(runtime.infer, lane=lane) for lane in range(runtime.lane_count)]
             batcher = Batcher(lanes, f"{name}:{version}", s.max_batch_size,
@@ -193,14 +217,65 @@ class ModelManager:
             model.retired = True
             metrics.LOADED_MODELS.set(len(self._loaded))
             free = model.inflight == 0
+            if not free:
+                self._draining[id(model)] = model
         if free:
             self._free(model)
 
     def _free(self, model: LoadedModel) -> None:
+        with self._lock:
+            self._draining.pop(id(model), None)
         model.batcher.close()
         model.runtime.close()
         return_freed_memory()
         log.info("unloaded %s version %s", *model.key)
+
+    def _make_room(self, key: Key, size: int, replacing: Key | None) -> None:
+        """Before loading `key` (about `size` bytes): unload least recently used idle versions
+        until it fits both bounds, and reserve its place; ResourceExhausted, naming the bound,
+        when what is resident is busy serving. `replacing` (the active version a swap retires)
+        does not count."""
+        s = self.settings
+        budget = s.memory_budget_mb * 1024 * 1024
+        victims: list[LoadedModel] = []
+        with self._lock:
+            while True:
+                held = [m for m in self._loaded.values() if m.key != replacing]
+                count = len(held) + len(self._loading) + len(self._draining) + 1
+                total = (sum(m.runtime.size_bytes for m in held) + sum(self._loading.values())
+                         + sum(m.runtime.size_bytes for m in self._draining.values()) + size)
+                over_count = count > s.max_loaded_models
+                over_memory = bool(budget) and total > budget
+                if not over_count and not over_memory:
+                    break
+                idle = [m for m in held if m.inflight == 0]
+                if not idle:
+                    name, version = key
+                    if over_count:
+                        bound = (f"{count - 1} model versions are loaded or loading, and --max-loaded-models is "
+                                 f"{s.max_loaded_models}")
+                    else:
+                        bound = (f"loaded versions take {(total - size) >> 20} MiB and this one needs about "
+                                 f"{size >> 20} MiB more, over --memory-budget-mb {s.memory_budget_mb}")
+                    raise ResourceExhausted(f"cannot load {name} version {version}: {bound}, and every loaded "
+                                            "version is serving requests; retry shortly, or call without a version "
+                                            "to use the active one")
+                victim = min(idle, key=lambda m: m.last_used)
+                victims.append(victim)
+                self._loaded.pop(victim.key)
+                victim.retired = True
+                if self._active.get(victim.key[0]) == victim.key:
+                    del self._active[victim.key[0]]
+            self._loading[key] = size
+            metrics.LOADED_MODELS.set(len(self._loaded))
+        for victim in victims:
+            name = victim.key[0]
+            log.info("unloading %s version %s (least recently used, to load %s version %s)", *victim.key, *key)
+            with self._lock:
+                still_active = name in self._active
+            if not still_active:
+                self._on_ready_change(name, False)
+            self._free(victim)
 
     def _enforce_budget(self, keep: Key) -> None:
         """Unload least recently used versions over the count or memory budget."""
@@ -238,7 +313,9 @@ class ModelManager:
         """Load and warm the version first: a corrupt one is refused before the pointer moves."""
         self.registry.resolve(name, version)
         self._refused.discard((name, version))
-        self._load((name, version))
+        with self._lock:
+            replacing = self._active.get(name)
+        self._load((name, version), replacing=replacing)
         self.registry.activate(name, version)
         self.refresh(name)
 

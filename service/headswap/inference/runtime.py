@@ -190,3 +190,14 @@ def load_runtime(name: str, version: int, path: Path, manifest: dict[str, Any], 
         return OpenVinoRuntime(name, version, path, manifest, threads, files=files)
     raise CorruptModel(f"{name} version {version}: its manifest asks for runtime {runtime!r}; "
                        f"this server runs {', '.join(RUNTIMES)}")
+
+
+def expected_bytes(path: Path, manifest: dict[str, Any], threads: int, lanes: int, spinning: str) -> int:
+    """What loading a version will hold, known before it is loaded (for the residency bounds):
+    the weights once per session, as `ModelRuntime.weights_bytes` counts them once it is loaded.
+    An OpenVINO tier holds its file and an fp32 re-check copy (an estimate, on the high side)."""
+    size = path.stat().st_size
+    if (manifest.get("runtime") or "onnxruntime") == "openvino":
+        return size * 2
+    lanes = max(1, min(lanes, threads))
+    return size * (lanes + (lanes > 1 or spinning == "adaptive"))
