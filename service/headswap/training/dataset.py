@@ -11,13 +11,19 @@ Layout of a job's data (written into a staging directory, renamed into place whe
 
     images.bin   the encoded images, back to back
     index.npz    offsets, lengths, label ids, is_validation, upload_index (position in the
-                 upload, for messages), labels (class names, sorted)
+                 upload, for messages), labels (class names, sorted), conflicting_duplicates
+
+A full work directory (ENOSPC, a quota: EDQUOT, a file size limit: EFBIG) is the caller's
+RESOURCE_EXHAUSTED naming the directory and the space left (`out_of_space`), not an internal error.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import shutil
+import sqlite3
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +34,7 @@ from typing import Iterable
 import numpy as np
 
 from headswap.config import Settings
-from headswap.errors import HeadswapError, InvalidInput, ResourceExhausted
+from headswap.errors import HeadswapError, InvalidInput, ResourceExhausted, shown_name
 from headswap.inference.images import load_pixels
 from headswap.training.spec import FineTuneSpec, normalize_label
 
@@ -39,6 +45,28 @@ INDEX_FILE = "index.npz"
 CHECK_SIZE = 16
 MAX_REPORTED = 20
 DECODE_NICE = 10
+# Errors that mean "does not fit": the file system is full, the user's quota is, or a file
+# reached the process's size limit (RLIMIT_FSIZE).
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def out_of_space(err: BaseException, directory: Path) -> ResourceExhausted | None:
+    """The caller's error for a write that did not fit in `directory`, or None for any other error.
+
+    Call it after the partial upload is removed: the space reported is what is free for a retry."""
+    if isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS:
+        reason = {errno.EDQUOT: "the disk quota is used up", errno.EFBIG: "a file reached the server's "
+                  "file size limit (RLIMIT_FSIZE)"}.get(err.errno, "the file system is full")
+    elif isinstance(err, sqlite3.Error) and getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        reason = "the file system is full (job database)"
+    else:
+        return None
+    try:
+        free = f"{shutil.disk_usage(directory).free:,} bytes are free there now"
+    except OSError:
+        free = "its free space cannot be read"
+    return ResourceExhausted(f"the upload does not fit in the work directory {directory}: {reason}; {free}. "
+                             "Send less, or wait for queued jobs to finish (their images are removed then)")
 
 
 def _lower_priority() -> None:
@@ -79,6 +107,10 @@ class Upload:
     val_counts: dict[str, int]
     skipped: list[int] = field(default_factory=list)
     explicit_validation: bool = False
+    # Identical image bytes uploaded under two or more labels: each such image counted once, and
+    # the first pair found, (index, label, index, label), for the message.
+    conflicting_duplicates: int = 0
+    conflict_example: tuple[int, str, int, str] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -96,12 +128,14 @@ class StoredDataset:
     label_ids: np.ndarray
     is_validation: np.ndarray
     upload_index: np.ndarray
+    conflicting_duplicates: int = 0
 
     @classmethod
     def load(cls, directory: Path) -> "StoredDataset":
         with np.load(directory / INDEX_FILE) as index:
+            conflicts = int(index["conflicting_duplicates"]) if "conflicting_duplicates" in index else 0
             return cls(directory, [str(x) for x in index["labels"]], index["offsets"], index["lengths"],
-                       index["label_ids"], index["is_validation"], index["upload_index"])
+                       index["label_ids"], index["is_validation"], index["upload_index"], conflicts)
 
     def __len__(self) -> int:
         return int(len(self.offsets))
@@ -128,8 +162,12 @@ class DatasetWriter:
         self.directory = directory
         self.settings = settings
         self.skip_invalid = skip_invalid
-        directory.mkdir(parents=True)
-        self._images = open(directory / IMAGES_FILE, "wb")
+        try:
+            directory.mkdir(parents=True)
+            self._images = open(directory / IMAGES_FILE, "wb")
+        except OSError as err:  # a full work directory: the caller's RESOURCE_EXHAUSTED
+            shutil.rmtree(directory, ignore_errors=True)
+            raise out_of_space(err, directory.parent) or err
         self._offset = 0
         self.received = 0
         self.received_bytes = 0
@@ -139,6 +177,9 @@ class DatasetWriter:
         self.labels: list[str] = []
         self.validation: list[bool] = []
         self.upload_index: list[int] = []
+        # sha256 of each stored image -> (upload index, label) of its first copy; 32 bytes a key.
+        self._first_copy: dict[bytes, tuple[int, str]] = {}
+        self.conflicts: dict[bytes, tuple[int, str, int, str]] = {}
 
     def add(self, examples: Iterable[Example]) -> None:
         s = self.settings
@@ -161,11 +202,16 @@ class DatasetWriter:
                 raise InvalidInput(f"image {index}: {err}") from None
             if not label:
                 raise InvalidInput(f"image {index} has an empty label; every image needs its class name")
+            if len(label) > s.max_label_length:  # NFKC may lengthen a label (U+FDFA is 18 letters)
+                raise InvalidInput(f"image {index} has a label of {len(label)} characters once normalised "
+                                   f"(NFKC); the limit is {s.max_label_length} (--max-label-length): "
+                                   f"{shown_name(label)}")
             try:
                 check_image(example.image, s.max_image_pixels, index)
             except HeadswapError as err:
                 self.invalid.append((index, str(err)))
                 continue
+            self._note_copy(example.image, index, label)
             self._images.write(example.image)
             self.offsets.append(self._offset)
             self.lengths.append(len(example.image))
@@ -173,6 +219,14 @@ class DatasetWriter:
             self.labels.append(label)
             self.validation.append(bool(example.validation))
             self.upload_index.append(index)
+
+    def _note_copy(self, image: bytes, index: int, label: str) -> None:
+        """Remember identical bytes under another label: reported, because they teach the model
+        two answers for one picture (a labelling mistake, or someone poisoning the set)."""
+        digest = hashlib.sha256(image).digest()
+        first_index, first_label = self._first_copy.setdefault(digest, (index, label))
+        if first_label != label and digest not in self.conflicts:
+            self.conflicts[digest] = (first_index, first_label, index, label)
 
     def finish(self, spec: FineTuneSpec) -> Upload:
         """Check the set as a whole, split it, write the index. Raises InvalidInput when unusable."""
@@ -208,11 +262,14 @@ class DatasetWriter:
         np.savez(self.directory / INDEX_FILE, labels=np.asarray(classes),
                  offsets=np.asarray(self.offsets, dtype=np.int64), lengths=np.asarray(self.lengths, dtype=np.int64),
                  label_ids=np.asarray([label_id[label] for label in self.labels], dtype=np.int32),
-                 is_validation=validation, upload_index=np.asarray(self.upload_index, dtype=np.int64))
+                 is_validation=validation, upload_index=np.asarray(self.upload_index, dtype=np.int64),
+                 conflicting_duplicates=np.int64(len(self.conflicts)))
         val_counts = Counter(label for label, v in zip(self.labels, validation) if v)
         train_counts = Counter(label for label, v in zip(self.labels, validation) if not v)
         return Upload(labels=classes, num_images=len(self.labels), train_counts=dict(train_counts),
-                      val_counts=dict(val_counts), skipped=[i for i, _ in self.invalid], explicit_validation=explicit)
+                      val_counts=dict(val_counts), skipped=[i for i, _ in self.invalid], explicit_validation=explicit,
+                      conflicting_duplicates=len(self.conflicts),
+                      conflict_example=next(iter(self.conflicts.values()), None))
 
     def _split(self, spec: FineTuneSpec, classes: list[str], counts: Counter) -> np.ndarray:
         """Stratified: each class gives round(n * split) images (at least one) to validation."""
@@ -234,5 +291,8 @@ class DatasetWriter:
     def discard(self) -> None:
         """Nothing stored half-way: remove whatever this upload wrote."""
         if not self._images.closed:
-            self._images.close()
+            try:
+                self._images.close()
+            except OSError:  # its buffer could not be written (a full disk): closed all the same
+                pass
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -41,10 +41,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 from headswap.admission import Slots
 from headswap.config import Settings
-from headswap.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
+from headswap.errors import (AlreadyExists, FailedPrecondition, InvalidInput, NotFound, ResourceExhausted,
+                             shown_name)
 from headswap.metrics import JOBS, JOBS_RUNNING
 from headswap.registry.registry import Registry, check_model_name, model_name_for_source
-from headswap.training.dataset import DatasetWriter, Example, Upload
+from headswap.training.dataset import DatasetWriter, Example, Upload, out_of_space
 from headswap.training.spec import FineTuneSpec
 from headswap.training.store import INTERRUPTED, JobEvent, JobRecord, JobState, JobStore
 from headswap.training.warm_worker import WarmWorker
@@ -197,8 +198,12 @@ class JobManager:
                     raise
                 self._queue.append(job_id)
                 self._lock.notify_all()
-        except BaseException:
+        except BaseException as err:
             writer.discard()
+            full = out_of_space(err, self.jobs_dir)  # after the discard: the space a retry would have
+            if full is not None:
+                log.warning("upload %s refused: %s", job_id, full)
+                raise full from None
             raise
         finally:
             with self._lock:
@@ -361,6 +366,7 @@ class JobManager:
             "val_counts": upload.val_counts,
             "skipped": upload.skipped,
             "explicit_validation": upload.explicit_validation,
+            "conflicting_duplicates": upload.conflicting_duplicates,
             "runtime": {"model_dir": s.model_dir, "cache_dir": str(self.registry.cache_dir),
                         "db": str(self.store.path), "threads": s.cpu_threads,
                         "max_image_pixels": s.max_image_pixels,
@@ -534,4 +540,9 @@ def _received_message(upload: Upload) -> str:
     text = f"received {upload.num_images} images of {upload.num_classes} classes ({train} train, {val} validation)"
     if upload.skipped:
         text += f"; skipped {len(upload.skipped)} undecodable images: indices {upload.skipped[:20]}"
+    if upload.conflict_example is not None:
+        first, first_label, second, second_label = upload.conflict_example
+        text += (f"; {upload.conflicting_duplicates} images were uploaded more than once with different labels "
+                 f"(identical bytes, e.g. image {first} as {shown_name(first_label)} and image {second} as "
+                 f"{shown_name(second_label)})")
     return text + "; queued"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,18 +34,79 @@ MAX_UNFREEZE_LAYERS = 1000
 MAX_CLASS_WEIGHT = 1e6
 MAX_CLASS_WEIGHTS = 10_000
 MAX_BASE_MODEL_LENGTH = 1024
-# Invisible characters that some scripts need inside words (ZWNJ, ZWJ): allowed in labels.
-_ALLOWED_FORMAT = {"\u200c", "\u200d"}
+# --- labels --------------------------------------------------------------------------------
+#
+# A label is a class name that people read: two labels that look the same must be one class or
+# be refused, never two classes (issue 25 item 7). So, where labels enter (uploads, class_weights):
+#
+# 1. NFKC: compatibility forms become their plain letters (fullwidth "ｃａｔ" and "𝐜𝐚𝐭" are "cat",
+#    NBSP is a space), after composing accents (NFC's "é" either way).
+# 2. Variation selectors are stripped: they only choose how the character before them is drawn
+#    (emoji or text style, a glyph variant), so "cat\uFE0F" is "cat" and "❤️" is "❤". Stripping
+#    (rather than refusing) keeps emoji pasted with and without them one class.
+# 3. Control and format characters (categories Cc, Cf, and unassigned / private use) are refused:
+#    zero-width joiners, spaces and marks draw nothing ("ca\u200dt" reads "cat"). The one
+#    exception is IDNA's context rule (RFC 5892 appendix A) where the joiner is visible: ZWNJ/ZWJ
+#    right after a virama (Indic conjuncts) and ZWNJ between two Arabic-script letters (Persian),
+#    never at either end.
+# 4. Mixed scripts are refused (UTS #39's single-script test, kept small): each letter and mark
+#    has a script, read from its Unicode name ("CYRILLIC SMALL LETTER ES" -> Cyrillic); digits,
+#    punctuation, symbols, spaces and combining marks ("COMBINING ...") are Common/Inherited and go
+#    with any script. A label passes with at most one script, or with Han plus the kana
+#    (Japanese), Hangul (Korean) or Bopomofo (Chinese) that UTS #39 lets go with it. "сat" with a
+#    Cyrillic "с" is refused. (The `regex` module's \p{Script} would be exact, but it is no
+#    dependency of the serving path; the names are exact for every script a look-alike attack
+#    uses: Latin, Greek, Cyrillic, Armenian, Cherokee.)
+
+ZWNJ, ZWJ = "\u200c", "\u200d"
+_VARIATION_SELECTORS = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef]")
+_VIRAMA = 9  # canonical combining class of a virama
+COMMON, INHERITED = "Common", "Inherited"
+# First words of character names that are not the name of their script.
+_NAME_SCRIPT = {"CJK": "Han", "IDEOGRAPHIC": "Han", "KATAKANA-HIRAGANA": COMMON, "MODIFIER": COMMON,
+                "COMBINING": INHERITED}
+# Scripts that UTS #39 lets one label combine (its augmented script sets).
+_SCRIPT_SETS = (frozenset({"Han", "Hiragana", "Katakana"}), frozenset({"Han", "Hangul"}),
+                frozenset({"Han", "Bopomofo"}))
+
+
+def char_script(c: str) -> str:
+    """The script of a letter or mark, from its Unicode name; Common for everything else."""
+    if unicodedata.category(c)[0] not in "LM":
+        return COMMON
+    first = unicodedata.name(c, "").split(" ", 1)[0]
+    return _NAME_SCRIPT.get(first, first.title()) if first else COMMON
+
+
+def _joiner_allowed(text: str, i: int) -> bool:
+    """RFC 5892's CONTEXTJ, the part that needs no joining-type table: where ZWNJ/ZWJ change what is drawn."""
+    if not 0 < i < len(text) - 1:
+        return False
+    if unicodedata.combining(text[i - 1]) == _VIRAMA:
+        return True
+    return text[i] == ZWNJ and char_script(text[i - 1]) == char_script(text[i + 1]) == "Arabic"
 
 
 def normalize_label(label: str) -> str:
-    """One spelling per class: Unicode NFC, surrounding blanks stripped; control and other
-    invisible characters refused (`a` and `a\\x00` would be two classes shown alike)."""
-    text = unicodedata.normalize("NFC", str(label)).strip()
-    bad = sorted({c for c in text if unicodedata.category(c).startswith("C") and c not in _ALLOWED_FORMAT})
+    """One spelling per class (NFKC, variation selectors and surrounding blanks stripped); labels
+    with invisible characters or mixed scripts refused (InvalidInput naming the label), because
+    either would make two classes that read alike."""
+    text = _VARIATION_SELECTORS.sub("", unicodedata.normalize("NFKC", str(label))).strip()
+    bad = sorted({c for i, c in enumerate(text) if unicodedata.category(c).startswith("C")
+                  and not (c in (ZWNJ, ZWJ) and _joiner_allowed(text, i))})
     if bad:
         raise InvalidInput(f"label {shown_name(text)} contains control or invisible characters "
                            f"{', '.join(f'U+{ord(c):04X}' for c in bad[:5])}; labels must be printable text")
+    scripts: dict[str, str] = {}
+    for c in text:
+        script = char_script(c)
+        if script not in (COMMON, INHERITED):
+            scripts.setdefault(script, c)
+    if len(scripts) > 1 and not any(set(scripts) <= allowed for allowed in _SCRIPT_SETS):
+        shown = ", ".join(f"{script} {c!r} (U+{ord(c):04X})" for script, c in sorted(scripts.items()))
+        raise InvalidInput(f"label {shown_name(text)} mixes scripts: {shown}; a label's letters must come "
+                           "from one script (look-alike letters of another script would make a second class "
+                           "that reads the same)")
     return text
 
 

@@ -506,7 +506,8 @@ def run(job: TrainingJob, report: Reporter) -> Result:
     metrics.update(num_train=int(len(train_pos)), num_val=int(len(val_pos)),
                    train_accuracy=round(history.get("fine_tune", history["head"])["accuracy"][-1], 6),
                    epochs_run=len(history["head"]["accuracy"]), embedding_cache_hits=int(cache_hits),
-                   embedding_cache_misses=int(len(order) - cache_hits), keras_backend=backend)
+                   embedding_cache_misses=int(len(order) - cache_hits), keras_backend=backend,
+                   conflicting_duplicates=dataset.conflicting_duplicates)  # same bytes, two labels
 
     def tier_samples() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Calibration images (training) and held-out images with labels (validation), normalised."""
