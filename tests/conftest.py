@@ -179,3 +179,13 @@ def client(shared_server):
     client = tc.InferenceServerClient(url=shared_server.target)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server (Debian's package) for the session, in a temporary directory."""
+    from postgres import remove, start_postgres
+
+    server = start_postgres()
+    yield server
+    remove(server)
