@@ -33,6 +33,9 @@ class Settings:
     model_dir: str = _setting("models", "Model registry: a local directory, file://PATH, or s3://BUCKET/PREFIX.")
     s3_endpoint_url: str = _setting("", "S3-compatible endpoint for s3:// model dirs (MinIO, ...); "
                                      "credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.")
+    store_timeout_s: float = _setting(10.0, "Longest one model-store call may take (a listing, a read, an "
+                                      "active.json update; a download or upload gets this plus 1 s per MiB) "
+                                      "before it is answered UNAVAILABLE naming the store.")
     model: str = _setting(DEFAULT_MODEL_SOURCE, "Default model source: builtin:NAME, keras:APP, or hub:HANDLE.")
     model_name: str = _setting("", "Registry name of the default model (default: derived from --model).")
     weights: str = _setting("", "Local weights file for a keras: default model (default: Keras' download).")
@@ -164,6 +167,7 @@ class Settings:
             if getattr(self, name) < 0:
                 problems.append(f"{flag_name(name)} must not be negative")
         for name in ("upload_idle_timeout_s", "max_upload_seconds", "abandoned_after_s", "metrics_timeout_s",
+                     "store_timeout_s",
                      "request_arrival_timeout_s", "handshake_timeout_s", "connection_idle_timeout_s",
                      "max_connection_age_s", "connection_age_grace_s", "idle_thread_timeout_s"):
             if getattr(self, name) <= 0:

@@ -35,6 +35,14 @@ class Unavailable(HeadswapError):
     """Not ready yet or shutting down; retry later (UNAVAILABLE)."""
 
 
+class StoreUnavailable(Unavailable):
+    """The model store failed or did not answer within --store-timeout-s (UNAVAILABLE, naming it)."""
+
+
+class StoreOutcomeUnknown(StoreUnavailable):
+    """A store write was sent but never confirmed: it may still apply; the caller must check."""
+
+
 class DeadlineExceeded(HeadswapError):
     """The request's deadline passed before it could run (DEADLINE_EXCEEDED)."""
 

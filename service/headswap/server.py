@@ -141,8 +141,9 @@ class HeadswapServer:
         self.work_lock = lock_work_dir(settings.work_dir)
         if settings.s3_endpoint_url:  # the object store and worker subprocesses read the environment
             os.environ[env_name("s3_endpoint_url")] = settings.s3_endpoint_url
+        os.environ[env_name("store_timeout_s")] = str(settings.store_timeout_s)  # for workers too
         self.registry = Registry(settings.model_dir, cache_dir=Path(settings.work_dir) / "cache",
-                                 keep_versions=settings.keep_versions)
+                                 keep_versions=settings.keep_versions, store_timeout_s=settings.store_timeout_s)
         self.default_model = default_model_name(settings)
         self.health = HealthService(experimental_non_blocking=True)
         self.manager = None

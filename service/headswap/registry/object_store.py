@@ -19,6 +19,7 @@ retried on conflict) so that two concurrent activations never lose one another's
 from __future__ import annotations
 
 import calendar
+import errno
 import hashlib
 import json
 import os
@@ -43,19 +44,33 @@ ENDPOINT_ENV = env_name("s3_endpoint_url")
 CLAIM = ".claim.json"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 UPDATE_ATTEMPTS = 20
+# Client-side: each request is tried at most twice by botocore and by s3fs, so a thread left
+# behind by a frozen store ends after a few read timeouts (the caller's bound is BoundedStore's).
+CLIENT_ATTEMPTS = 2
+DEFAULT_TIMEOUT_S = 10.0  # Settings.store_timeout_s's default, for callers that pass none
+# What S3 answers when a conditional write lost a race: 412 PreconditionFailed (s3fs: EINVAL, or
+# FileExistsError for If-None-Match) and 409 ConditionalRequestConflict (EBUSY).
+_CONFLICT_ERRNOS = (errno.EINVAL, errno.EBUSY)
 # Stores without conditional writes (memory://, used by tests) serialise updates in-process.
 _LOCAL_UPDATES = threading.Lock()
 
 
-def storage_options(protocol: str) -> dict[str, Any]:
+def storage_options(protocol: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     """fsspec options for a protocol; s3 gets the endpoint from the environment and no listing cache.
 
     s3fs caches directory listings per instance by default: a poller would never see a new
     version. Credentials and region come from the usual AWS_* variables / profiles via botocore.
+    Connect and read timeouts are `timeout_s` (--store-timeout-s) with few retries: botocore's
+    defaults (60 s reads, several attempts, then s3fs' own 5) would keep a request to a frozen
+    store going for many minutes.
     """
     if protocol not in ("s3", "s3a"):
         return {}
-    options: dict[str, Any] = {"use_listings_cache": False}
+    options: dict[str, Any] = {
+        "use_listings_cache": False,
+        "config_kwargs": {"connect_timeout": timeout_s, "read_timeout": timeout_s,
+                          "retries": {"total_max_attempts": CLIENT_ATTEMPTS, "mode": "standard"}},
+    }
     endpoint = os.environ.get(ENDPOINT_ENV, "").strip()
     if endpoint:
         options["endpoint_url"] = endpoint
@@ -65,7 +80,7 @@ def storage_options(protocol: str) -> dict[str, Any]:
 class ObjectStore:
     """A `Store` over any fsspec filesystem URL; written for and tested on S3 and memory://."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeout_s: float | None = None) -> None:
         protocol = url.split("://", 1)[0].lower()
         if protocol in ("s3", "s3a"):
             try:
@@ -73,7 +88,9 @@ class ObjectStore:
             except ImportError as err:
                 raise ImportError(f"{url}: object storage needs the s3 extra: pip install 'headswap[s3]'") from err
         self.fs: fsspec.AbstractFileSystem
-        self.fs, root = url_to_fs(url, **storage_options(protocol))
+        self.fs, root = url_to_fs(url, **storage_options(protocol, timeout_s or DEFAULT_TIMEOUT_S))
+        if protocol in ("s3", "s3a"):
+            self.fs.retries = CLIENT_ATTEMPTS  # s3fs' own retry loop, around botocore's
         self.root = root.rstrip("/")
         if protocol in ("s3", "s3a") and not self.root:
             raise ValueError(f"{url}: name a bucket, as in s3://BUCKET/PREFIX")
@@ -93,6 +110,9 @@ class ObjectStore:
 
     def exists(self, key: str) -> bool:
         return self.fs.exists(self._path(key))
+
+    def size(self, key: str) -> int:
+        return int(self.fs.info(self._path(key)).get("size") or 0)
 
     def list_dirs(self, prefix: str) -> list[str]:
         """Immediate 'subdirectories' (common prefixes), always fresh from the server."""
@@ -220,9 +240,12 @@ class ObjectStore:
                 self.fs.call_s3("put_object", Bucket=bucket, Key=object_key, Body=new, **condition)
                 self.fs.invalidate_cache(path)
                 return new
-            except (FileExistsError, FileNotFoundError, OSError):
-                # 412 PreconditionFailed / 409 ConditionalRequestConflict: someone else wrote first.
-                time.sleep(0.05 * (attempt + 1))
+            except (FileExistsError, FileNotFoundError):
+                pass  # created or deleted by someone else in between: start over
+            except OSError as err:
+                if err.errno not in _CONFLICT_ERRNOS:
+                    raise  # the store failed (not a lost race): retrying here would only hide it
+            time.sleep(0.05 * (attempt + 1))  # someone else wrote first
         raise OSError(f"{self.url}/{key}: {UPDATE_ATTEMPTS} conflicting updates in a row; try again")
 
     def remove_abandoned(self, max_age_s: float) -> list[str]:

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from headswap.config import Settings, env_name
 from headswap.errors import CorruptModel, FailedPrecondition, InvalidInput, NotFound, shown_name
-from headswap.registry.store import MANIFEST, Store, open_store
+from headswap.registry.bounded import BoundedStore
+from headswap.registry.store import MANIFEST, open_store
 
 MODEL_FILE = "model.onnx"
 RECHECK_FILE = "model.fp32.onnx"  # an int8 version's fp32 file, for its re-check of near ties
@@ -61,6 +64,17 @@ def model_name_for_source(source: str) -> str:
     return check_model_name(name[:63] or kind)
 
 
+def default_store_timeout_s() -> float:
+    """--store-timeout-s for processes that get no Settings (training workers, `headswap export`):
+    the server exports it to the environment, as it does the S3 endpoint."""
+    raw = os.environ.get(env_name("store_timeout_s"), "").strip()
+    try:
+        value = float(raw) if raw else Settings.store_timeout_s
+    except ValueError:
+        value = Settings.store_timeout_s
+    return value if value > 0 else Settings.store_timeout_s
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -72,12 +86,25 @@ def sha256_file(path: Path) -> str:
 class Registry:
     """Versions and active pointers of every model under one store URL."""
 
-    def __init__(self, url: str | Path, cache_dir: Path | None = None, keep_versions: int = 0) -> None:
-        self.store: Store = open_store(str(url))
+    def __init__(self, url: str | Path, cache_dir: Path | None = None, keep_versions: int = 0,
+                 store_timeout_s: float | None = None) -> None:
+        timeout = store_timeout_s or default_store_timeout_s()
+        # Every store call is bounded and fails as StoreUnavailable naming the store (bounded.py).
+        self.store = BoundedStore(open_store(str(url), timeout), timeout)
         self.url = self.store.url
         self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "headswap" / "registry")
         self.keep_versions = keep_versions  # applied after each publish; 0 keeps every version
         self._verified: dict[tuple[str, int, int], str] = {}
+
+    @property
+    def on_store_wait(self) -> Callable[[str], None] | None:
+        """Called with a one-line message when a store call has gone unanswered for a while
+        (a training job reports it as a progress event)."""
+        return self.store.on_wait
+
+    @on_store_wait.setter
+    def on_store_wait(self, callback: Callable[[str], None] | None) -> None:
+        self.store.on_wait = callback
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -79,6 +79,9 @@ class Store(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def size(self, key: str) -> int:
+        """Bytes in one object; raises FileNotFoundError when absent."""
+
     def publish_dir(self, local_dir: Path, key: str) -> None:
         """Copy a finished local directory to key so that it appears whole: manifest.json last.
 
@@ -145,6 +148,9 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
+
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
 
     def publish_dir(self, local_dir: Path, key: str) -> None:
         target = self._path(key)
@@ -213,12 +219,16 @@ class LocalStore:
         return self.root / STAGING_DIR
 
 
-def open_store(url: str) -> Store:
-    """A store for a registry URL: a plain path or file://PATH (local), or s3://BUCKET/PREFIX."""
+def open_store(url: str, timeout_s: float | None = None) -> Store:
+    """A store for a registry URL: a plain path or file://PATH (local), or s3://BUCKET/PREFIX.
+
+    `timeout_s` (--store-timeout-s) sets an object store client's connect and read timeouts; the
+    bound on whole calls is `bounded.BoundedStore`'s, which the registry wraps around this.
+    """
     if url.startswith("file://"):
         return LocalStore(url[len("file://"):])
     if "://" in url:
         from headswap.registry.object_store import ObjectStore  # needs the optional s3 extra
 
-        return ObjectStore(url)
+        return ObjectStore(url, timeout_s=timeout_s)
     return LocalStore(url)
