@@ -315,3 +315,35 @@ def test_local_store_failures_are_unavailable_too(tmp_path):
     (tmp_path / "reg" / "m" / "active.json").mkdir(parents=True)
     with pytest.raises(StoreUnavailable, match=f"model store {re.escape(str(tmp_path / 'reg'))} unavailable"):
         registry.active_state("m")
+
+
+def test_store_urls_and_reasons_never_carry_credentials():
+    from headswap.registry.bounded import _reason, shown_url
+
+    assert shown_url("s3://AKIA:secret@models/headswap?X-Amz-Signature=abc") == "s3://models/headswap"
+    reason = _reason(OSError('Could not connect to "http://key:secret@10.0.0.1:9000/b?X-Amz-Credential=k"'))
+    assert "secret" not in reason and "Credential" not in reason and "10.0.0.1:9000/b" in reason
+
+
+def test_publish_abandoned_mid_upload_never_appears(bucket, moto, monkeypatch, tmp_path):
+    """moto freezes while the new version's model.onnx is being uploaded: the publish fails at
+    the bound with "nothing was published", and after SIGCONT the upload that was left running
+    finishes but never writes the manifest, so no reader ever sees that version."""
+    Registry(bucket, cache_dir=tmp_path / "seed-cache").publish("digits", fake_model(tmp_path / "v1.onnx", seed=1), {})
+    proxy = TriggerProxy(moto.endpoint, rb"PUT /[^ ]*/2/model\.onnx", moto.freeze)
+    proxy.armed.set()
+    monkeypatch.setenv("HEADSWAP_S3_ENDPOINT_URL", proxy.endpoint)
+    registry = Registry(bucket, cache_dir=tmp_path / "cache", store_timeout_s=1.0)
+    try:
+        with pytest.raises(StoreUnavailable) as err:
+            registry.publish("digits", fake_model(tmp_path / "v2.onnx", seed=2), {})
+        assert proxy.matched.is_set()
+        assert not isinstance(err.value, StoreOutcomeUnknown) and "nothing was published" in str(err.value)
+    finally:
+        moto.thaw()
+    monkeypatch.setenv("HEADSWAP_S3_ENDPOINT_URL", moto.endpoint)
+    reader = Registry(bucket, cache_dir=tmp_path / "reader")
+    time.sleep(4)  # the abandoned upload's retries run out meanwhile
+    assert reader.versions("digits") == [1]
+    assert 2 in reader.versions_including_incomplete("digits")  # claimed, never committed
+    proxy.close()

@@ -38,6 +38,7 @@ MAX_THREADS = 32  # store calls in flight at once; more wait for a slot within t
 # Libraries whose errors mean "the store failed", not a bug of ours.
 _STORE_LIBRARIES = {"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "urllib3", "requests", "asyncio"}
 _USERINFO = re.compile(r"(?<=//)[^/@\s]*@")
+_QUERY = re.compile(r"\?[^\s\"']*")
 
 
 def shown_url(url: str) -> str:
@@ -47,6 +48,29 @@ def shown_url(url: str) -> str:
 
 class _Abandoned(Exception):
     """Raised inside an update whose caller gave up before the new content was handed over."""
+
+
+class _Guard:
+    """Between a caller that may give up and a store call about to make a change visible: the
+    change is sent only if the caller still waits, and the caller learns whether it was sent."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._sent = False
+
+    def send(self) -> None:
+        """Called on the store's thread right before the write; raises once the caller gave up."""
+        with self._lock:
+            if self._abandoned:
+                raise _Abandoned()
+            self._sent = True
+
+    def abandon(self) -> bool:
+        """The caller gives up; True when the write had already been sent (outcome unknown)."""
+        with self._lock:
+            self._abandoned = True
+            return self._sent
 
 
 def _is_store_failure(err: BaseException) -> bool:
@@ -60,7 +84,7 @@ def _is_store_failure(err: BaseException) -> bool:
 def _reason(err: BaseException) -> str:
     """One short line about a failure, without URLs' credentials."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    text = _USERINFO.sub("", text)
+    text = _QUERY.sub("", _USERINFO.sub("", text))  # endpoint URLs' queries: noise, and maybe signatures
     if len(text) > 200:
         text = text[:200] + "..."
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
@@ -94,10 +118,27 @@ class BoundedStore:
     def exists(self, key: str) -> bool:
         return self._call(f"looking up {key}", self.inner.exists, key)
 
-    def publish_dir(self, local_dir: Path, key: str) -> None:
+    def publish_dir(self, local_dir: Path, key: str, before_commit: Callable[[], None] | None = None) -> None:
+        """Bounded like an update: a publish abandoned before its commit step (the manifest, the
+        rename) never appears later; one abandoned during it may have (StoreOutcomeUnknown)."""
         size = sum(f.stat().st_size for f in Path(local_dir).iterdir() if f.is_file())
         bound = COMPOUND_CALLS * self.timeout_s + size / MIN_TRANSFER_BYTES_PER_S
-        self._call(f"publishing {key}", self.inner.publish_dir, local_dir, key, bound=bound)
+        guard = _Guard()
+
+        def commit() -> None:
+            if before_commit is not None:
+                before_commit()
+            guard.send()
+
+        try:
+            self._call(f"publishing {key}", self.inner.publish_dir, local_dir, key, commit, bound=bound)
+        except StoreUnavailable as err:
+            if not guard.abandon():
+                raise StoreUnavailable(self._message(f"publishing {key}", getattr(err, "why", "failed"),
+                                                     "nothing was published; retry later")) from None
+            raise StoreOutcomeUnknown(
+                f"model store {shown_url(self.url)} did not confirm publishing {key} within {bound:g} s "
+                f"({TIMEOUT_FLAG}); the outcome is unknown: it may appear once the store is back") from None
 
     def local_path(self, key: str, cache_dir: Path) -> Path:
         size = self._call(f"looking up {key}", self.inner.size, key)
@@ -123,25 +164,18 @@ class BoundedStore:
         Raises StoreUnavailable when the new content was never handed to the store (and now never
         will be), StoreOutcomeUnknown when it may have been written.
         """
-        guard = threading.Lock()
-        state = {"abandoned": False, "sent": False}
+        guard = _Guard()
 
         def guarded(old: bytes | None) -> bytes:
             new = update(old)
-            with guard:
-                if state["abandoned"]:
-                    raise _Abandoned()
-                state["sent"] = True
+            guard.send()
             return new
 
         what = f"updating {key}"
         try:
             return self._call(what, self.inner.update_bytes, key, guarded)
         except StoreUnavailable as err:
-            with guard:
-                state["abandoned"] = True
-                sent = state["sent"]
-            if not sent:
+            if not guard.abandon():
                 raise StoreUnavailable(self._message(what, getattr(err, "why", "failed"),
                                                      "nothing was changed; retry later")) from None
             raise StoreOutcomeUnknown(

@@ -167,7 +167,7 @@ class ObjectStore:
         """One PUT: readers see the old object or the new one, never a mix."""
         self.fs.pipe_file(self._path(key), data)
 
-    def publish_dir(self, local_dir: Path, key: str) -> None:
+    def publish_dir(self, local_dir: Path, key: str, before_commit: Callable[[], None] | None = None) -> None:
         """Claim key exclusively, upload every file, then manifest.json last (the commit)."""
         local_dir = Path(local_dir)
         if not (local_dir / MANIFEST).is_file():
@@ -178,6 +178,8 @@ class ObjectStore:
         for file in sorted(local_dir.iterdir()):
             if file.is_file() and file.name != MANIFEST:
                 self.fs.put_file(str(file), self._path(f"{key}/{file.name}"))
+        if before_commit is not None:
+            before_commit()
         try:
             self.fs.pipe_file(self._path(f"{key}/{MANIFEST}"), (local_dir / MANIFEST).read_bytes(), mode="create")
         except FileExistsError:

@@ -82,10 +82,11 @@ class Store(Protocol):
     def size(self, key: str) -> int:
         """Bytes in one object; raises FileNotFoundError when absent."""
 
-    def publish_dir(self, local_dir: Path, key: str) -> None:
+    def publish_dir(self, local_dir: Path, key: str, before_commit: Callable[[], None] | None = None) -> None:
         """Copy a finished local directory to key so that it appears whole: manifest.json last.
 
-        Raises FileExistsError when key already holds a published directory.
+        Raises FileExistsError when key already holds a published directory. `before_commit` is
+        called right before the step that makes the version appear; raising there stops it.
         """
 
     def local_path(self, key: str, cache_dir: Path) -> Path:
@@ -152,7 +153,7 @@ class LocalStore:
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
 
-    def publish_dir(self, local_dir: Path, key: str) -> None:
+    def publish_dir(self, local_dir: Path, key: str, before_commit: Callable[[], None] | None = None) -> None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         pid, host = owner_tag().split("@", 1)
@@ -162,6 +163,8 @@ class LocalStore:
             for file in staging.iterdir():
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
+            if before_commit is not None:
+                before_commit()
             # rename() of a directory onto an existing non-empty one fails: a taken version
             # number is never overwritten.
             try:

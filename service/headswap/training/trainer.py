@@ -537,6 +537,8 @@ def run(job: TrainingJob, report: Reporter) -> Result:
                      "feature_extractor": "keras" if use_keras else "onnxruntime",
                      "timings": {k: round(v, 3) for k, v in timings.items()}},
     }
+    # A publish the model store does not answer says so in the job's events (and fails at the bound).
+    registry.on_store_wait = lambda message: report(Phase.EXPORTING, message=message)
     if spec.unfreeze_top_layers:
         # The last progress write: a cancel after this point may still see the version published.
         report(Phase.EXPORTING, message="tf2onnx conversion, parity check, publish")
