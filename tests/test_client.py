@@ -324,3 +324,8 @@ def test_importing_headswap_loads_no_client_until_asked():
             "assert Client.__module__ == 'headswap.client.client' and 'grpc' in sys.modules\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+    import headswap
+    import headswap.client
+
+    assert headswap.__all__ == headswap.client.__all__
+    assert all(getattr(headswap, name) is getattr(headswap.client, name) for name in headswap.__all__)

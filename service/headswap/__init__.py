@@ -10,12 +10,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from headswap.client import (Client, ClientError, InvalidArgumentError, Job, JobEvent, JobState, ModelInfo,
-                                 NotFoundError, PermissionDeniedError, Prediction, UnauthenticatedError,
-                                 UnavailableError)
+    from headswap.client import *  # noqa: F403
 
-_CLIENT_NAMES = ("Client", "ClientError", "InvalidArgumentError", "Job", "JobEvent", "JobState", "ModelInfo",
-                 "NotFoundError", "PermissionDeniedError", "Prediction", "UnauthenticatedError", "UnavailableError")
+# headswap.client.__all__ (tests/test_client.py checks that the two agree).
+_CLIENT_NAMES = (
+    "DEFAULT_TARGET", "FINETUNE_OPTIONS", "Client", "Connection", "FineTuneOptions",
+    "Classifications", "Job", "JobEvent", "JobState", "ModelInfo", "Prediction", "Submission",
+    "ClientError", "AbortedError", "AlreadyExistsError", "CancelledError", "DataLossError", "DeadlineExceededError",
+    "FailedPreconditionError", "InternalError", "InvalidArgumentError", "NotFoundError", "OutOfRangeError",
+    "PermissionDeniedError", "ResourceExhaustedError", "UnauthenticatedError", "UnavailableError",
+    "UnimplementedError", "UnknownError",
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Union
 
 if TYPE_CHECKING:
+    import numpy as np
     from PIL.Image import Image as PILImage
 
-    ImageLike = Union[bytes, bytearray, memoryview, str, os.PathLike[str], PILImage]
+    ImageLike = Union[bytes, bytearray, memoryview, str, os.PathLike[str], PILImage, np.ndarray]
 else:
     ImageLike = Union[bytes, bytearray, memoryview, str, os.PathLike, Any]
 
@@ -28,7 +29,7 @@ _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}
 def is_single_image(value: object) -> bool:
     """True for one image (bytes, a path, a PIL image or an array), False for a collection of them."""
     return (isinstance(value, (bytes, bytearray, memoryview, str, os.PathLike))
-            or hasattr(value, "save") and hasattr(value, "mode")
+            or (hasattr(value, "save") and hasattr(value, "mode"))
             or hasattr(value, "__array_interface__"))
 
 
