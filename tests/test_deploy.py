@@ -32,6 +32,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from headswap.config import Settings, env_name
+from headswap.server import DRAIN_EXIT_MARGIN_S
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -313,17 +314,32 @@ def test_inference_image_installs_no_tensorflow():
 
 
 def test_trainer_images_install_the_training_stack():
+    """Both Keras backends in both trainer images (head-only jobs run on JAX by default, phase 2 and
+    exports on TensorFlow), the GPU image with the CUDA builds of the versions the train extra pins."""
     df = dockerfile()
     for target in ("trainer", "trainer-gpu"):
         [venv_copy] = [i for i in df.stage(target) if i.keyword == "COPY" and "from" in i.flags()]
         extras = df.arg_default(venv_copy.flags()["from"], "TRAINER_EXTRAS")
-        assert "tensorflow" in requirement_names(extras.split(",")), f"{target}: extras {extras}"
-    # The CUDA build must be the TensorFlow version the train extra pins.
-    [pin] = [r for r in pyproject()["project"]["optional-dependencies"]["train"]
-             if Requirement(r).name == "tensorflow"]
-    assert df.arg_default("venv-trainer-gpu", "TENSORFLOW_VERSION") == str(Requirement(pin).specifier).lstrip("=")
+        installed = requirement_names(extras.split(","))
+        assert {"tensorflow", "keras", "jax", "tf2onnx"} <= installed, f"{target}: extras {extras}"
+        # Each worker sets its own backend: an image-wide KERAS_BACKEND would only mislead.
+        assert not any(i.keyword == "ENV" and "KERAS_BACKEND" in i.args for i in df.chain(target)), target
+    train = pyproject()["project"]["optional-dependencies"]["train"]
     gpu_run = " ".join(i.args for i in df.stage("venv-trainer-gpu") if i.keyword == "RUN")
-    assert "tensorflow[and-cuda]==${TENSORFLOW_VERSION}" in gpu_run
+    for name, arg, cuda in (("tensorflow", "TENSORFLOW_VERSION", "tensorflow[and-cuda]"),
+                            ("jax", "JAX_VERSION", "jax[cuda12]")):
+        [pin] = [r for r in train if Requirement(r).name == name]
+        assert df.arg_default("venv-trainer-gpu", arg) == str(Requirement(pin).specifier).lstrip("=")
+        assert f"{cuda}==${{{arg}}}" in gpu_run
+
+
+def test_runtime_home_is_writable_under_a_read_only_root():
+    """`docker run --read-only` leaves /tmp writable (a tmpfs or a volume), not the home directory:
+    ONNX Runtime, OpenVINO, Keras and JAX write their caches under $HOME."""
+    df = dockerfile()
+    for target in TARGETS:
+        env = " ".join(i.args for i in df.chain(target) if i.keyword == "ENV")
+        assert re.search(r"(^|\s)HOME=/tmp(\s|$)", env), f"{target}: ENV {env}"
 
 
 # --- the manifests ---------------------------------------------------------------------------
@@ -551,6 +567,11 @@ def test_probes_and_ports_agree_with_the_server(rendered, overlay):
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
 
 
+# Seconds a stop timeout leaves beyond preStop and the server's own bound: the kubelet's and the
+# container runtime's delays on a loaded node.
+STOP_MARGIN_S = 2.0
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_termination_grace_covers_prestop_and_drain(rendered, overlay):
     """Pods behind a Service wait (preStop) for their endpoint's removal, then finish in-flight
@@ -573,7 +594,9 @@ def test_termination_grace_covers_prestop_and_drain(rendered, overlay):
                 sleep = pre_stop["sleep"]["seconds"]
             else:
                 [sleep] = [int(w) for w in pre_stop["exec"]["command"] if w.isdigit()]
-            budget = sleep + drain
+            # The server exits within its drain limit plus DRAIN_EXIT_MARGIN_S, whatever still runs
+            # (tests/test_startup.py: under overload); the kubelet waits STOP_MARGIN_S beyond that.
+            budget = sleep + drain + DRAIN_EXIT_MARGIN_S + STOP_MARGIN_S
             if "trainer" in container["args"]:
                 job_drain = float(env["HEADSWAP_TRAINER_DRAIN_S"])  # explicit: the grace is sized to it
                 assert job_drain > 0

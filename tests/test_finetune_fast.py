@@ -231,16 +231,23 @@ def warm_workers(server: ServerProcess) -> list[int]:
             if f"--parent-pid {server.proc.pid}" in cmd and "--warm" in cmd]
 
 
-@pytest.fixture(scope="module", params=["tensorflow", "jax"])
+@pytest.fixture(scope="module", params=["tensorflow", "default"])
 def backend_server(request, exported_registry, tmp_path_factory) -> Iterator[tuple[str, ServerProcess, Path]]:
+    """A server whose trainer runs `--trainer-backend tensorflow`, or the defaults with no
+    KERAS_BACKEND at all: head-only jobs then run on JAX (issue 24). Yields the backend expected."""
     import shutil
 
-    backend = request.param
-    work = tmp_path_factory.mktemp(f"fast-{backend}")
+    work = tmp_path_factory.mktemp(f"fast-{request.param}")
     registry = work / "registry"
     shutil.copytree(exported_registry, registry)
-    server = start_server(registry, work / "server", env={"KERAS_BACKEND": backend})
-    yield backend, server, registry
+    env = {} if request.param == "default" else {"HEADSWAP_TRAINER_BACKEND": request.param}
+    saved = os.environ.pop("KERAS_BACKEND", None)  # ignored by the server anyway: proven by leaving it out
+    try:
+        server = start_server(registry, work / "server", env=env)
+    finally:
+        if saved is not None:
+            os.environ["KERAS_BACKEND"] = saved
+    yield "jax" if request.param == "default" else request.param, server, registry
     server.stop()
 
 
@@ -305,7 +312,7 @@ def test_head_only_finetune_composes_caches_and_stays_warm(backend_server, digit
 
 
 # The warm worker's life cycle and the publish step are shared by both backends: checked once, on JAX.
-@pytest.mark.parametrize("backend_server", ["jax"], indirect=True)
+@pytest.mark.parametrize("backend_server", ["default"], indirect=True)
 def test_cancel_kills_the_warm_worker_and_a_fresh_one_takes_over(backend_server, digit_sets):
     backend, server, _ = backend_server
     train, _ = digit_sets
@@ -323,7 +330,7 @@ def test_cancel_kills_the_warm_worker_and_a_fresh_one_takes_over(backend_server,
     assert json.loads(events[-1].metrics_json)["embedding_cache_hits"] == 150  # the cache outlives workers
 
 
-@pytest.mark.parametrize("backend_server", ["jax"], indirect=True)
+@pytest.mark.parametrize("backend_server", ["default"], indirect=True)
 @pytest.mark.parametrize("tier", ["int8", "bf16"])
 def test_precision_tier_is_built_and_gated_on_the_jobs_validation_images(backend_server, digit_sets, tier):
     """precision=int8/bf16 goes through the precision tier (headswap.export.precision) at publish, gated

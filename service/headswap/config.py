@@ -101,7 +101,27 @@ class Settings:
                                                 "at once (received, not yet answered); a request that would pass it "
                                                 "gets RESOURCE_EXHAUSTED.")
     max_queued_jobs: int = _setting(8, "FineTune: most jobs queued or running; more get RESOURCE_EXHAUSTED.")
-    max_work_dir_bytes: int = _setting(20 * 1024**3, "FineTune: most bytes of uploads kept in the work directory.")
+    max_work_dir_bytes: int = _setting(20 * 1024**3, "FineTune: most bytes of uploads being received into this "
+                                       "replica's work directory at once (each is then staged in the model store).")
+
+    # --- the training fleet (issue 20) ---
+    job_store: str = _setting("", "Where fine-tune jobs live: empty = an SQLite file in the work directory (one "
+                              "process); postgresql://USER@HOST:PORT/DB = a database shared by every replica and "
+                              "trainer (the password from PGPASSWORD or a Secret, never logged).", secret=True)
+    job_store_timeout_s: float = _setting(5.0, "Longest a job-store call (connect, query) may take before the call "
+                                          "is answered UNAVAILABLE naming the store.")
+    job_lease_s: float = _setting(30.0, "A trainer renews its claim on a running job this often at least; a job "
+                                  "whose trainer stopped renewing (killed, node lost) is claimed again after it.")
+    max_job_attempts: int = _setting(2, "A job whose trainer was lost this many times is FAILED, with the reason.")
+    trainer_drain_s: float = _setting(300.0, "On SIGTERM a trainer (role trainer) stops claiming and lets its job "
+                                      "finish this long, then releases it for another trainer at once (role all: "
+                                      "at most --grace-period-s).")
+    keep_failed_job_data_s: float = _setting(86400.0, "A failed job's staged upload is kept this long (to look at "
+                                             "it or send the job again); others' are removed when they end.")
+    max_queued_jobs_per_submitter: int = _setting(4, "FineTune: most jobs one submitter (a credential) has queued "
+                                                  "or running; more get RESOURCE_EXHAUSTED.")
+    max_staged_bytes: int = _setting(20 * 1024**3, "FineTune: most bytes of uploads staged in the model store for "
+                                     "jobs not yet ended (and failed jobs' kept data).")
     keep_versions: int = _setting(5, "Retention: newest inactive versions kept per model (never the active "
                                      "one or its rollback target); 0 keeps all.")
     abandoned_after_s: float = _setting(3600.0, "Start-up clean-up: an unfinished staged version older than "
@@ -139,6 +159,17 @@ class Settings:
     embedding_cache_mb: int = _setting(1024, "FineTune: size of the content-addressed embedding cache in MiB "
                                        "(0 disables it).")
 
+    # --- the trainer (issue 24) ---
+    trainer_backend: str = _setting(
+        "auto", "Keras backend of the training workers: auto (JAX for head-only jobs where it is installed, "
+        "2-3x faster per job here; TensorFlow for phase 2), jax, or tensorflow. Each worker process sets its "
+        "own; KERAS_BACKEND is ignored, and exports always run on TensorFlow (tf2onnx).",
+        choices=("auto", "jax", "tensorflow"))
+    trainer_warm_start: bool = _setting(
+        True, "Start the warm training worker (Keras and its backend: about 5 s of CPU and 0.4 GB) when the "
+        "server starts, so that the first FineTune does not wait for it; false: when the first FineTune "
+        "arrives. Health for headswap.v1.Training turns SERVING once it is ready.")
+
     def validate(self) -> "Settings":
         """Refuse impossible values at start, with a message naming the setting."""
         problems: list[str] = []
@@ -157,19 +188,22 @@ class Settings:
                      "max_request_pixels", "max_inference_calls", "max_inference_calls_per_caller", "max_uploads",
                      "max_watchers", "max_reflection_streams", "max_health_watchers", "max_concurrent_calls",
                      "max_connections", "max_waiting_calls_per_client", "max_request_bytes_in_flight",
-                     "log_refusals_per_minute", "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections"):
+                     "log_refusals_per_minute", "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections",
+                     "max_job_attempts", "max_queued_jobs_per_submitter", "max_staged_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag_name(name)} must be at least 1")
         for name in ("threads", "decode_workers", "memory_budget_mb", "inference_lanes"):
             if getattr(self, name) < 0:
                 problems.append(f"{flag_name(name)} must not be negative")
-        for name in ("batch_timeout_ms", "grace_period_s", "keep_versions", "embedding_cache_mb"):
+        for name in ("batch_timeout_ms", "grace_period_s", "keep_versions", "embedding_cache_mb", "trainer_drain_s",
+                     "keep_failed_job_data_s"):
             if getattr(self, name) < 0:
                 problems.append(f"{flag_name(name)} must not be negative")
         for name in ("upload_idle_timeout_s", "max_upload_seconds", "abandoned_after_s", "metrics_timeout_s",
                      "store_timeout_s",
                      "request_arrival_timeout_s", "handshake_timeout_s", "connection_idle_timeout_s",
-                     "max_connection_age_s", "connection_age_grace_s", "idle_thread_timeout_s"):
+                     "max_connection_age_s", "connection_age_grace_s", "idle_thread_timeout_s",
+                     "job_store_timeout_s", "job_lease_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{flag_name(name)} must be positive")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -210,7 +244,12 @@ class Settings:
         return self.decode_workers or os.cpu_count() or 1
 
     def describe(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as logged at start: a secret (a DSN's password) is shown without it."""
+        values = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.metadata.get("secret") and values[f.name]:
+                values[f.name] = redact_url(values[f.name])
+        return values
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "Settings":
@@ -291,3 +330,12 @@ Object storage credentials come from the usual `AWS_ACCESS_KEY_ID` / `AWS_SECRET
 
 if __name__ == "__main__":  # python -m headswap.config > docs/configuration.md
     print(reference_document(), end="")
+
+
+def redact_url(url: str) -> str:
+    """A URL or DSN without its password: postgresql://user:pw@host/db -> postgresql://user:***@host/db;
+    key=value DSNs lose their password=... pair."""
+    import re
+
+    url = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+    return re.sub(r"(password\s*=\s*)\S+", r"\1***", url, flags=re.I)

@@ -6,10 +6,19 @@
   seeds the registry with the default model when it is missing.
 - role `all`: both, in one process; a missing default model is exported first, in a
   subprocess, so this process stays free of TensorFlow too.
+
+Start-up (issue 24): what waiting cannot heal (a failed export, a --weights file that cannot be read,
+a --model-dir that is a file) ends the process with a non-zero exit and the cause on one line, within
+a second of being found; what can heal (a model store that does not answer, an inference replica's
+model not yet in the store) is retried, and said in the log at a steady interval.
+
+Stop: a drain never outlasts --grace-period-s by more than DRAIN_EXIT_MARGIN_S: calls still running
+at the limit are ended with UNAVAILABLE (`api.drain`), every later step is bounded, exit code 0.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -18,8 +27,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,6 +39,7 @@ from headswap import metrics
 from headswap.admission import Slots, SlotsPerKey
 from headswap.api.arrival import RequestArrival
 from headswap.api.auth import AuthInterceptor
+from headswap.api.drain import CallsInProgress
 from headswap.api.labels import model_label
 from headswap.api.request_parsing import MalformedRequestInterceptor
 from headswap.api.reset_guard import ResetGuard
@@ -39,15 +50,28 @@ from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
 from headswap.protocol import kserve_v2_pb2 as kserve_pb
 from headswap.protocol import kserve_v2_pb2_grpc as kserve_grpc
-from headswap.registry.registry import Registry, model_name_for_source
+from headswap.errors import HeadswapError
+from headswap.registry.registry import Registry, check_model_name, model_name_for_source
 from headswap.security.credentials import CredentialStore
 from headswap.thread_pool import ShrinkingThreadPool
+from headswap.training.backends import EXPORT_BACKEND
 from headswap.workdir import WorkDirBusy, lock_work_dir
 
 log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Health for this service name turns SERVING once a warm training worker is ready (the first job
+# then starts at once), and NOT_SERVING while none is.
+TRAINING_SERVICE = pb.DESCRIPTOR.services_by_name["Training"].full_name
+
+# The process exits within --grace-period-s plus this after SIGTERM, whatever is still running
+# (tests/test_deploy.py checks that the manifests' stop timeouts leave a margin beyond it).
+DRAIN_EXIT_MARGIN_S = 1.0
+# Start-up waits that can heal say so in the log at least this often.
+STARTUP_LOG_INTERVAL_S = 10.0
+# Retries of a model store that does not answer: from the first delay, doubling up to the last.
+STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S = 0.5, STARTUP_LOG_INTERVAL_S
 
 
 # Calls on the health port beyond what its callers can hold (Watch streams, calls waiting for
@@ -142,14 +166,24 @@ class HeadswapServer:
         if settings.s3_endpoint_url:  # the object store and worker subprocesses read the environment
             os.environ[env_name("s3_endpoint_url")] = settings.s3_endpoint_url
         os.environ[env_name("store_timeout_s")] = str(settings.store_timeout_s)  # for workers too
+        if settings.job_store:  # workers write progress into it; a DSN's password stays out of job files
+            os.environ[env_name("job_store")] = settings.job_store
+        check_start_files(settings)
         self.registry = Registry(settings.model_dir, cache_dir=Path(settings.work_dir) / "cache",
                                  keep_versions=settings.keep_versions, store_timeout_s=settings.store_timeout_s)
-        self.default_model = default_model_name(settings)
+        self.default_model = check_model_name(default_model_name(settings))
         self.health = HealthService(experimental_non_blocking=True)
         self.manager = None
         self.jobs = None
+        self.runner = None
         self.ready = threading.Event()
         self.stopping = threading.Event()
+        # Set by a signal, or by a start-up failure (then `failure` holds its one-line cause): run()
+        # stops the server when it is.
+        self.shutdown = threading.Event()
+        self.failure: str | None = None
+        self._export: subprocess.Popen | None = None
+        self.calls = CallsInProgress()
         self.port = 0
         self.metrics_port = 0
         options = [("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -168,14 +202,15 @@ class HeadswapServer:
                                                                  "--max-reflection-streams"))
         pool = ShrinkingThreadPool(pool_size(settings), settings.idle_thread_timeout_s, thread_name_prefix="grpc")
         # arrival first: it wraps the others, so no call waits unbounded for its message, authorised or not
+        # The drain's view of the calls in progress comes first: it sees every call, from its start.
         self.server = grpc.server(pool, options=options, maximum_concurrent_rpcs=settings.max_concurrent_calls,
-                                  interceptors=[self._request_arrival(), interceptor, MalformedRequestInterceptor(),
+                                  interceptors=[self.calls, self._request_arrival(), interceptor, MalformedRequestInterceptor(),
                                                 reflection_limit, self._health_watch_limit()])
         services = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.role in ("all", "inference"):
             services += self._add_inference()
-        if settings.role in ("all", "trainer"):
+        if settings.role in ("all", "trainer") or settings.job_store:
             services += self._add_training()
         if settings.reflection:
             reflection.enable_server_reflection(services, self.server)
@@ -203,12 +238,27 @@ class HeadswapServer:
         from headswap.api.training_servicer import TrainingServicer
         from headswap.training.jobs import JobManager
 
-        self.jobs = JobManager(self.settings, self.registry, self.manager)
+        s = self.settings
+        self.jobs = JobManager(s, self.registry, self.manager)
+        if s.role in ("all", "trainer"):
+            from headswap.training.runner import JobRunner
+
+            self.runner = self.jobs.runner = JobRunner(s, self.registry, lambda: self.jobs.store, self.manager,
+                                                       on_ready=self._trainer_ready, embedded=not s.job_store)
+        # Trainers of a fleet only claim and run jobs: callers reach the job store through any serving
+        # replica. A lone trainer on its embedded store is the only way in to its jobs, so it serves them.
+        if s.role == "trainer" and s.job_store:
+            return []
         pb_grpc.add_TrainingServicer_to_server(TrainingServicer(self.jobs), self.server)
         return [pb.DESCRIPTOR.services_by_name["Training"].full_name]
 
     def _model_ready(self, name: str, ready: bool) -> None:
         self.health.set(name, SERVING if ready else NOT_SERVING)
+
+    def _trainer_ready(self, ready: bool) -> None:
+        """A warm training worker became ready, or the ready one went away (a cancel, a crash)."""
+        if not self.stopping.is_set():
+            self.health.set(TRAINING_SERVICE, SERVING if ready else NOT_SERVING)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -232,6 +282,8 @@ class HeadswapServer:
             with _binding("--health-port", f"{s.host}:{s.health_port}"):
                 self._start_health_port()
         self.health.set("", NOT_SERVING)
+        if self.jobs is not None:
+            self.health.set(TRAINING_SERVICE, NOT_SERVING)
         self.server.start()
         log.info("gRPC listening on port %d, metrics on %s", self.port, self.metrics_port or "off")
         threading.Thread(target=self._become_ready, name="bootstrap", daemon=True).start()
@@ -284,24 +336,71 @@ class HeadswapServer:
         log.info("health port %d: plaintext, grpc.health.v1 only", self.health_port)
 
     def _become_ready(self) -> None:
-        """Make sure the default model is there and loaded, then report SERVING."""
-        if self.settings.role in ("all", "trainer"):
-            self._remove_abandoned()
+        """Make sure the default model is there and loaded, then report SERVING. What cannot heal
+        ends the process (`_fail`); what can is waited for."""
         try:
+            self._store_versions()  # the store answers before anything else is done with it
+            if self.settings.role in ("all", "trainer"):
+                self._remove_abandoned()
             self._ensure_default_model()
             if self.manager is not None:
                 while not self._load_default_model():
                     if self.stopping.wait(self.settings.poll_interval_s):
                         return
                 self.manager.start_polling()
-            if self.jobs is not None:
-                self.jobs.start()
-        except Exception:
-            log.exception("start-up failed; the server stays NOT_SERVING")
+            if self.jobs is not None:  # beside serving: a job store that is down must not hold up Classify
+                threading.Thread(target=self._open_job_store, name="job-store", daemon=True).start()
+        except _Stopping:
+            return
+        except StartupFailed as err:
+            self._fail(str(err))
+            return
+        except Exception as err:  # a bug or an environment problem: the trace, then the one-line cause
+            log.exception("start-up failed")
+            self._fail(f"start-up failed: {type(err).__name__}: {_one_line(err)}")
             return
         self.ready.set()
         self.health.set("", SERVING)
         log.info("ready: default model %s", self.default_model)
+
+    def _open_job_store(self) -> None:
+        """Connect and migrate the job store, retrying while it does not answer (training calls are
+        UNAVAILABLE meanwhile, naming it); one that can never work ends the process. Then the
+        trainer starts claiming."""
+        from headswap.training.databases import StoreMisconfigured, retry_until
+
+        try:
+            if not retry_until(self.jobs.connect, "job store", self.stopping, STARTUP_LOG_INTERVAL_S):
+                return
+        except StoreMisconfigured as err:
+            self._fail(str(err))
+            return
+        if self.runner is not None:
+            self.runner.start()
+        else:  # a serving replica: training calls are answered from here on
+            self.health.set(TRAINING_SERVICE, SERVING)
+
+    def _fail(self, cause: str) -> None:
+        """A start-up failure that waiting cannot heal: run() stops the server and exits non-zero."""
+        if self.stopping.is_set():  # stopped meanwhile: what failed was cut short, not broken
+            return
+        self.failure = cause
+        log.error("start-up failed, exiting: %s", cause)
+        self.shutdown.set()
+
+    def _store_versions(self) -> list[int]:
+        """The default model's versions. While the model store does not answer, retry with backoff
+        (an S3 endpoint down for a moment at start-up must not leave the server NOT_SERVING for good)."""
+        delay, started = STORE_RETRY_FIRST_S, time.monotonic()
+        while True:
+            try:
+                return self.registry.versions(self.default_model)
+            except Exception as err:  # noqa: BLE001 - whatever the store library raises, it may heal
+                log.warning("model store %s does not answer (%s); retrying in %.1f s (waiting %.0f s so far)",
+                            self.registry.url, _one_line(err), delay, time.monotonic() - started)
+            if self.stopping.wait(delay):
+                raise _Stopping()
+            delay = min(delay * 2, STORE_RETRY_MAX_S)
 
     def _remove_abandoned(self) -> None:
         """What writers killed midway left in the registry: staged versions and exports."""
@@ -323,40 +422,186 @@ class HeadswapServer:
             return False
 
     def _ensure_default_model(self) -> None:
-        if self.registry.versions(self.default_model):
+        if self._store_versions():
             return
         if self.settings.role == "inference":  # no TensorFlow here: a trainer or `headswap export` seeds it
+            started = said = time.monotonic()
             log.info("waiting for model %s to appear in %s", self.default_model, self.registry.url)
-            while not self.registry.versions(self.default_model):
+            while not self._store_versions():
                 if self.stopping.wait(self.settings.poll_interval_s):
-                    return
+                    raise _Stopping()
+                if time.monotonic() - said >= STARTUP_LOG_INTERVAL_S:
+                    said = time.monotonic()
+                    log.info("still waiting for model %s to appear in %s (%.0f s so far; a trainer or "
+                             "`headswap export` puts it there)", self.default_model, self.registry.url,
+                             said - started)
             return
+        self._export_default_model()
+
+    def _export_default_model(self) -> None:
+        """`headswap export` in a subprocess (TensorFlow's memory and threads go away with it), on
+        TensorFlow whatever KERAS_BACKEND says; its output goes to this log, its last line is the
+        cause when it fails."""
         log.info("exporting %s as %s into %s (first start)", self.settings.model, self.default_model,
                  self.registry.url)
         command = [sys.executable, "-m", "headswap.cli", "export", self.settings.model,
                    "--name", self.default_model, "--model-dir", self.settings.model_dir]
         if self.settings.weights:
             command += ["--weights", self.settings.weights]
-        # A subprocess: TensorFlow's memory and threads go away with it.
-        subprocess.run(command, check=True)
+        env = {**os.environ, "KERAS_BACKEND": EXPORT_BACKEND}
+        last: collections.deque[str] = collections.deque(maxlen=1)
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                              text=True, errors="replace") as proc:
+            self._export = proc
+            if self.stopping.is_set():  # stop() may have looked before _export was set
+                proc.terminate()
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stderr.write(line)
+                if line.strip():
+                    last.append(line.strip())
+            code = proc.wait()
+        if self.stopping.is_set():
+            raise _Stopping()
+        if code != 0:
+            cause = last[0] if last else "no output"
+            raise StartupFailed(f"exporting the default model {self.settings.model} failed (exit code {code}): "
+                                f"{cause[:500]}")
 
-    def stop(self) -> None:
-        """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period."""
-        log.info("shutting down: draining for up to %.1fs", self.settings.grace_period_s)
+    def stop(self, grace_s: float | None = None) -> bool:
+        """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period;
+        end those still running then with UNAVAILABLE. Returns within grace + DRAIN_EXIT_MARGIN_S,
+        and makes sure the process is gone by then (`_exit_by`): a handler busy on the CPU, a
+        batcher or a worker that does not stop must not keep it alive past the pod's stop timeout.
+
+        grpc's own stop(grace).wait() overran: it cancels calls at the grace, but its event waits
+        until every handler has returned, and a handler decoding and classifying 256 images goes on
+        until it is done (15 s against a 10 s grace, 16 such calls on 2 cores)."""
+        grace = self.settings.grace_period_s if grace_s is None else grace_s
+        started = time.monotonic()
+        # A trainer's running job may take --trainer-drain-s (role trainer; within the grace in role
+        # all) to finish; past it, it is released for another trainer.
+        drain_s = self.settings.trainer_drain_s if self.settings.role == "trainer" else min(
+            grace, self.settings.trainer_drain_s)
+        limit, exit_at = started + grace, started + max(grace, drain_s) + DRAIN_EXIT_MARGIN_S
+        _exit_by(exit_at - 0.1, 1 if self.failure else 0, self._failure_line())
+        log.info("shutting down: draining for up to %.1fs", grace)
         self.stopping.set()
         self.health.enter_graceful_shutdown()
-        self.server.stop(self.settings.grace_period_s).wait()
+        if self._export is not None and self._export.poll() is None:
+            self._export.terminate()
+        # Beside the drain: the trainer stops claiming, its running job finishes or is released (the
+        # job store keeps every job; queued ones wait for the next trainer), then the store closes.
+        closing = [_in_background(lambda: self._stop_jobs(drain_s), "stop-jobs")] if self.jobs is not None else []
+        # Draining: new calls are refused (UNAVAILABLE), those in progress may finish until the limit.
+        # grpc's own stop comes after: it would cancel with a bare CANCELLED, its event waits for every
+        # handler, and a status sent once its shutdown had begun never reached the client.
+        self.calls.refuse_new("the server is shutting down; send the call again (another replica answers)")
+        if not self.calls.wait_idle(limit - time.monotonic()):
+            ended = self.calls.end_all(grpc.StatusCode.UNAVAILABLE,
+                                       f"the server is shutting down and this call was still running after "
+                                       f"--grace-period-s ({grace:g} s); send it again (another replica "
+                                       "answers)")
+            if ended:
+                log.warning("drain limit reached: %d calls still running were ended with UNAVAILABLE", ended)
+            # Their handlers notice and return (a handler busy in a batch may not before the exit).
+            self.calls.wait_idle(min(0.5, exit_at - 0.4 - time.monotonic()))
+        drained = self.server.stop(0)
+        drained.wait(max(0.0, exit_at - 0.4 - time.monotonic()))
         if self.health_server is not None:
             self.health_server.stop(0)
-        if self.jobs is not None:
-            self.jobs.close()
         if self.manager is not None:
-            self.manager.close()
-        log.info("stopped")
+            closing.append(_in_background(self.manager.close, "close-models"))
+        for thread in closing:
+            thread.join(max(0.0, exit_at - 0.3 - time.monotonic()))
+        clean = not any(t.is_alive() for t in closing) and not len(self.calls)
+        log.info("stopped%s", "" if clean else " (calls ended at the limit are still computing; exiting without them)")
+        return clean
+
+    def _stop_jobs(self, drain_s: float) -> None:
+        from headswap.training.runner import STOP_GRACE_S
+
+        if self.runner is not None:  # room left to stop the worker and release the job in time
+            self.runner.drain(max(0.0, drain_s - STOP_GRACE_S - 1.0))
+        self.jobs.close()
+
+    def _failure_line(self) -> str | None:
+        return None if self.failure is None else f"headswap: {self.failure}"
 
 
 class PortUnavailable(RuntimeError):
     """A port the settings name cannot be bound (in use, or not permitted)."""
+
+
+class StartupFailed(RuntimeError):
+    """A start-up failure that waiting cannot heal; the message is its one-line cause."""
+
+
+class _Stopping(Exception):
+    """The server began to stop while starting up: start-up ends quietly."""
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def check_start_files(settings: Settings) -> None:
+    """Local paths the settings name that no wait can fix: ValueError naming the setting."""
+    model_dir = settings.model_dir.removeprefix("file://")
+    if "://" not in model_dir:
+        path = Path(model_dir).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--model-dir {settings.model_dir} is a file, not a directory: name a directory "
+                             "(it is created when missing) or s3://BUCKET/PREFIX")
+    if settings.weights and settings.role in ("all", "trainer"):  # exports and jobs read it
+        try:
+            with open(Path(settings.weights).expanduser(), "rb") as handle:
+                handle.read(1)
+        except OSError as err:
+            raise ValueError(f"--weights {settings.weights} cannot be read: {err.strerror or err}") from None
+
+
+def _in_background(work: Callable[[], None], name: str) -> threading.Thread:
+    """Run a clean-up step on a daemon thread, so that the drain can stop waiting for it."""
+
+    def run_logged() -> None:
+        try:
+            work()
+        except Exception:
+            log.exception("%s failed while stopping", name)
+
+    thread = threading.Thread(target=run_logged, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def _exit_by(when: float, code: int, message: str | None) -> None:
+    """End the process at `when` (monotonic) if it is still there: after the drain, what is left
+    (an executor's atexit join over queued decodes, a handler busy on the CPU) must not outlast the
+    limit."""
+
+    def watchdog() -> None:
+        time.sleep(max(0.0, when - time.monotonic()))
+        log.warning("exiting now: the drain limit has passed (work still running is abandoned)")
+        _exit_now(code, message)
+
+    threading.Thread(target=watchdog, name="exit-watchdog", daemon=True).start()
+
+
+def _exit_now(code: int, message: str | None = None) -> None:
+    """Exit without the interpreter's teardown: with handler threads still inside ONNX Runtime,
+    finalizing the interpreter under them aborted the process (SIGABRT, "terminate called without
+    an active exception") instead of exiting 0."""
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    with contextlib.suppress(Exception):
+        if message:
+            sys.stderr.write(message + "\n")
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 @contextlib.contextmanager
@@ -377,18 +622,24 @@ def run(settings: Settings) -> None:
     limit_malloc_arenas()  # before any thread starts: resident memory stays flat across swaps
     try:
         server = HeadswapServer(settings)
-    except (ValueError, WorkDirBusy) as err:  # unusable TLS/credentials files, a taken work dir: no traceback
-        raise SystemExit(f"headswap: {err}") from None
+    except (ValueError, WorkDirBusy, HeadswapError) as err:  # unusable files, a taken work dir: no traceback
+        raise SystemExit(f"headswap: {_one_line(err)}") from None
+    except OSError as err:  # a directory that cannot be created, ...
+        raise SystemExit(f"headswap: cannot start: {_one_line(err)}") from None
     try:
         server.start()
     except PortUnavailable as err:
         raise SystemExit(f"headswap: {err}") from None
-    stopping = threading.Event()
 
     def on_signal(signum, frame) -> None:
-        stopping.set()
+        server.shutdown.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stopping.wait()
-    server.stop()
+    server.shutdown.wait()
+    failure = server._failure_line()
+    clean = server.stop(grace_s=None if failure is None else 0.0)  # a failed start served nothing to wait for
+    if not clean:
+        _exit_now(0 if failure is None else 1, failure)
+    if failure is not None:
+        raise SystemExit(failure)

@@ -95,6 +95,9 @@ class Registry:
         self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "headswap" / "registry")
         self.keep_versions = keep_versions  # applied after each publish; 0 keeps every version
         self._verified: dict[tuple[str, int, int], str] = {}
+        # Called with (name, version) right before a version is written; raising stops the publish
+        # (a fine-tune's worker checks there that its job was not cancelled: training.worker).
+        self.before_publish: Callable[[str, int], None] | None = None
 
     @property
     def on_store_wait(self) -> Callable[[str], None] | None:
@@ -241,6 +244,8 @@ class Registry:
                             sha256=sha256_file(model_copy),
                             created=manifest.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
                 (staging / MANIFEST).write_text(json.dumps(full, indent=2))
+                if self.before_publish is not None:
+                    self.before_publish(name, version)
                 try:
                     self.store.publish_dir(staging, f"{name}/{version}")
                     break

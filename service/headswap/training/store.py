@@ -281,6 +281,14 @@ class JobStore:
                                       message=f"released: {reason}; waiting for another trainer"))
         return True
 
+    def expire_leases(self) -> int:
+        """Embedded store at start-up: the work directory's lock says no trainer of it is alive, so
+        its RUNNING jobs are claimed again now rather than when their leases run out."""
+        with self.db.transaction() as db:
+            rows = db.execute("SELECT job_id FROM jobs WHERE state = ?", (int(JobState.RUNNING),)).fetchall()
+            db.execute("UPDATE jobs SET lease_expires = 0 WHERE state = ?", (int(JobState.RUNNING),))
+        return len(rows)
+
     def set_worker(self, claim: Claim, pid: int) -> bool:
         with self.db.transaction() as db:
             if not self._owned(db, claim):

@@ -405,8 +405,8 @@ def run(job: TrainingJob, report: Reporter) -> Result:
     if spec.unfreeze_top_layers and backend != "tensorflow":
         raise FailedPrecondition(f"phase 2 (unfreeze_top_layers={spec.unfreeze_top_layers}) is exported with "
                                  f"tf2onnx and needs the TensorFlow Keras backend; this trainer runs {backend!r}. "
-                                 "Train the head only (unfreeze_top_layers=0), or run the trainer with "
-                                 "KERAS_BACKEND=tensorflow")
+                                 "Train the head only (unfreeze_top_layers=0), or run the server with "
+                                 "--trainer-backend auto or tensorflow")
     if spec.precision != "fp32":  # refused before any work when this machine cannot build the tier
         from headswap.export import precision as tiers
 
@@ -539,8 +539,10 @@ def run(job: TrainingJob, report: Reporter) -> Result:
     }
     # A publish the model store does not answer says so in the job's events (and fails at the bound).
     registry.on_store_wait = lambda message: report(Phase.EXPORTING, message=message)
+    # The job's store is told the version number before it is written: a cancel either comes first
+    # (nothing is published) or is refused from then on (`JobStore.begin_publish`).
+    registry.before_publish = getattr(report, "begin_publish", None)
     if spec.unfreeze_top_layers:
-        # The last progress write: a cancel after this point may still see the version published.
         report(Phase.EXPORTING, message="tf2onnx conversion, parity check, publish")
         version = export_phase2(features_model, head, input_size, manifest_base, registry, spec, tier)
         metrics["export_method"] = "tf2onnx"

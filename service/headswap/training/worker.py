@@ -9,10 +9,13 @@ then reads JSON lines on stdin: `{"preload": BASE}` readies that base's extracto
 `{"ready": true, ...}`, says that Keras is imported and warmed up. Its Keras backend is the
 KERAS_BACKEND the server set in its environment (`backends.py`).
 
-A job reports progress into the job database, only while the job is RUNNING and owned by the
-worker's pid (a cancel or a restart makes every further write fail, and the worker stops), publishes
-the new version atomically at its very end, and records the result. It dies with the server
-(PR_SET_PDEATHSIG): a crashed server leaves no worker behind to publish a version later.
+A job reports progress into the job store only while the job is RUNNING under the attempt its
+trainer claimed (`store.Claim`: a cancel from any replica, or another trainer's claim after the
+lease expired, makes every further write fail, and the worker stops). Just before the new
+version is written it records the version it publishes (`JobStore.begin_publish`, refused after a
+cancel), then records the result. SIGTERM from its trainer stops the job (cleanly: the export's
+staging goes) and leaves the worker warm. It dies with its trainer (PR_SET_PDEATHSIG): a crashed
+trainer leaves no worker behind to publish a version later.
 
 Exit codes: 0 published, 1 failed (the reason is in the job's `error`), 3 stopped (cancelled or
 no longer owner).
@@ -33,13 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from headswap import logs
+from headswap.config import env_name
 from headswap.errors import HeadswapError
-from headswap.training.store import JobState, JobStore
+from headswap.training.store import Claim, JobStore, Phase, open_job_store
 
 log = logging.getLogger("headswap.training.worker")
 
 PR_SET_PDEATHSIG = 1
-OWNERSHIP_TIMEOUT_S = 60.0
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -56,52 +59,74 @@ def die_with_parent(parent_pid: int) -> None:
 class StoreReporter:
     """Progress events into the job store; raises Stopped when the job is not ours any more."""
 
-    def __init__(self, store: JobStore, job_id: str, pid: int) -> None:
-        self.store, self.job_id, self.pid = store, job_id, pid
+    def __init__(self, store: JobStore, claim: Claim) -> None:
+        self.store, self.claim = store, claim
 
     def __call__(self, phase: str, **fields: Any) -> None:
         from headswap.training.trainer import Stopped
 
-        if not self.store.progress(self.job_id, pid=self.pid, phase=phase, **fields):
-            raise Stopped(f"job {self.job_id} is no longer running in this worker")
+        if not self.store.progress(self.claim, phase=phase, **fields):
+            raise Stopped(f"job {self.claim.job_id} is no longer running under attempt {self.claim.attempt} "
+                          "(cancelled, or claimed by another trainer)")
+
+    def begin_publish(self, model: str, version: int) -> None:
+        """Called by the registry right before the version is written: from here a cancel is
+        refused; if the job was cancelled first, nothing is published."""
+        from headswap.training.trainer import Stopped
+
+        if not self.store.begin_publish(self.claim, model, version):
+            raise Stopped(f"job {self.claim.job_id} was cancelled or taken over before {model} version {version} "
+                          "was published; nothing was published")
 
 
-def wait_for_ownership(store: JobStore, job_id: str, pid: int) -> bool:
-    """The server records our pid right after starting us: wait for it to be there."""
-    deadline = time.monotonic() + OWNERSHIP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        job = store.get(job_id)
-        if job.state != JobState.QUEUED:
-            return job.state == JobState.RUNNING and job.worker_pid == pid
-        time.sleep(0.1)
-    return False
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    """Its trainer stops the job (a cancel, a lost lease, a drain): unwind, cleaning up as we go."""
+    from headswap.training.trainer import Stopped
+
+    raise Stopped("stopped by its trainer (cancelled, taken over, or the trainer is shutting down)")
+
+
+def job_store(runtime: dict[str, Any]) -> JobStore:
+    """The trainer's job store: --job-store reaches workers in the environment (a DSN's password
+    stays out of job.json); empty means the work directory's SQLite file."""
+    return open_job_store(os.environ.get(env_name("job_store"), ""), Path(runtime["work_dir"]))
 
 
 def run_job(job_dir: Path) -> int:
     """Run one job (exit code semantics as the module says)."""
     job_file = json.loads((job_dir / "job.json").read_text())
-    store = JobStore(job_file["runtime"]["db"])
-    job_id, pid = job_file["job_id"], os.getpid()
-    if not wait_for_ownership(store, job_id, pid):
-        log.warning("job %s is not ours to run; exiting", job_id)
-        return 3
+    runtime = job_file["runtime"]
+    store = job_store(runtime)
+    claim = Claim(job_file["job_id"], int(runtime["attempt"]))
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        return _run_claimed(job_dir, job_file, store, claim)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        store.close()
+
+
+def _run_claimed(job_dir: Path, job_file: dict[str, Any], store: JobStore, claim: Claim) -> int:
     from headswap.training import trainer  # TensorFlow starts here, after the cheap checks
 
+    job_id = claim.job_id
     try:
-        result = trainer.run(trainer.TrainingJob.load(job_dir, job_file), StoreReporter(store, job_id, pid))
+        reporter = StoreReporter(store, claim)
+        reporter(Phase.CLAIMED, message=f"worker {os.getpid()} started the job")
+        result = trainer.run(trainer.TrainingJob.load(job_dir, job_file), reporter)
     except trainer.Stopped as err:
         log.info("%s", err)
         return 3
     except HeadswapError as err:
         log.error("job %s failed: %s", job_id, err)
-        store.set_error(job_id, pid, str(err))
+        store.set_error(claim, str(err))
         return 1
     except Exception as err:  # anything else is a bug or an environment problem: keep the trace in the log
         log.exception("job %s crashed", job_id)
-        store.set_error(job_id, pid, f"training failed: {type(err).__name__}: {err}")
+        store.set_error(claim, f"training failed: {type(err).__name__}: {err}")
         return 1
-    if not store.set_result(job_id, pid, result.model, result.version, result.metrics):
-        log.warning("job %s: stored %s version %d, but the job was cancelled meanwhile", job_id,
+    if not store.set_result(claim, result.model, result.version, result.metrics):
+        log.warning("job %s: stored %s version %d, but the job was taken over meanwhile", job_id,
                     result.model, result.version)
         return 3
     return 0
