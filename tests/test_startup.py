@@ -56,7 +56,8 @@ def test_jax_backend_on_an_empty_model_dir_exports_and_serves(tmp_path):
     """KERAS_BACKEND=jax (what docs/training.md recommended) no longer stops the first export: it
     runs on TensorFlow whatever the variable says; the server reaches SERVING, and its trainer
     health turns SERVING only once the warm worker says it is ready."""
-    server = start_server(tmp_path / "models", tmp_path / "work", env={"KERAS_BACKEND": "jax"}, wait=False)
+    server = start_server(tmp_path / "models", tmp_path / "work", wait=False,
+                          env={"KERAS_BACKEND": "jax", "HEADSWAP_TRAINER_WARM_START": "true"})
     try:
         server.wait_ready(timeout=400)
         assert (tmp_path / "models" / BUILTIN_NAME).is_dir()

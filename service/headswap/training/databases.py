@@ -211,10 +211,16 @@ class PostgresDatabase:
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self._psycopg = psycopg
+        # Opened once a first connection has worked (`open_database`): a pool retries quietly
+        # for ever, so a wrong password would only ever show as timeouts.
+        # `check`: a connection is tried before it is lent, so a restarted server costs no failed call.
+        # `reconnect_timeout`: the pool's retries back off without a cap (1, 2, 4... s) until they give
+        # up; giving up soon means the next call starts a fresh attempt, so a server back after a
+        # long outage is used at once.
         self._pool = ConnectionPool(dsn, min_size=1, max_size=pool_size, timeout=timeout_s, open=False,
                                     kwargs={"connect_timeout": max(1, int(timeout_s)), "autocommit": False},
-                                    name="headswap-jobs")
-        self._pool.open(wait=False)
+                                    name="headswap-jobs", check=ConnectionPool.check_connection,
+                                    reconnect_timeout=max(5.0, 2 * timeout_s))
         self._wake = threading.Condition()
         self._generation = 0
         self._listening = False
@@ -229,6 +235,9 @@ class PostgresDatabase:
                 conn.execute("SELECT 1")
         except self._psycopg.Error as err:
             raise self._error(err) from None
+
+    def open_pool(self) -> None:
+        self._pool.open(wait=False)
 
     def _error(self, err: Exception) -> Exception:
         state = getattr(err, "sqlstate", None) or ""
@@ -317,7 +326,10 @@ def _first_line(text: str) -> str:
 def open_database(url: str, sqlite_default: Path, timeout_s: float) -> Database:
     """`--job-store`: empty for the embedded SQLite file, a path or sqlite:///PATH, or postgresql://."""
     if url.startswith(("postgresql://", "postgres://")):
-        return PostgresDatabase(url, timeout_s=timeout_s)
+        database = PostgresDatabase(url, timeout_s=timeout_s)
+        database.check_connection()
+        database.open_pool()
+        return database
     if url.startswith("sqlite:///"):
         return SqliteDatabase(url[len("sqlite://"):])
     if "://" in url:

@@ -157,6 +157,9 @@ class JobRunner:
                 JOBS_RUNNING.inc()
                 try:
                     self._run(claim)
+                except StoreUnavailable as err:  # its lease runs out, and it is claimed again
+                    log.warning("job %s: lost the job store (%s); it is claimed again once its lease expires",
+                                claim.job_id, err)
                 except Exception:
                     log.exception("job %s: the trainer failed", claim.job_id)
                     self._finish(claim, JobState.FAILED, error="internal error running the job; see the trainer log")
@@ -316,7 +319,7 @@ class JobRunner:
         s = self.settings
         job = json.loads((job_dir / JOB_FILE).read_text())
         job["runtime"] = {"model_dir": s.model_dir, "cache_dir": str(self.registry.cache_dir),
-                          "work_dir": str(self.jobs_dir.parent), "attempt": claim.attempt,
+                          "work_dir": str(self.jobs_dir.parent), "attempt": claim.attempt, "lease_s": s.job_lease_s,
                           "threads": s.cpu_threads, "max_image_pixels": s.max_image_pixels,
                           "embedding_cache_dir": str(self.jobs_dir.parent / "embedding-cache"),
                           "embedding_cache_bytes": s.embedding_cache_mb << 20}

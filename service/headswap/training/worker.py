@@ -33,11 +33,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from headswap import logs
 from headswap.config import env_name
 from headswap.errors import HeadswapError
+from headswap.training.databases import StoreUnavailable
 from headswap.training.store import Claim, JobStore, Phase, open_job_store
 
 log = logging.getLogger("headswap.training.worker")
@@ -59,24 +60,48 @@ def die_with_parent(parent_pid: int) -> None:
 class StoreReporter:
     """Progress events into the job store; raises Stopped when the job is not ours any more."""
 
-    def __init__(self, store: JobStore, claim: Claim) -> None:
+    def __init__(self, store: JobStore, claim: Claim, patience_s: float = 30.0) -> None:
         self.store, self.claim = store, claim
+        self.patience_s = patience_s  # how long a fenced write may wait for an unreachable store
 
     def __call__(self, phase: str, **fields: Any) -> None:
+        """A progress event; while the store does not answer, training goes on without it (the
+        trainer's heartbeat decides whether the job is still ours)."""
         from headswap.training.trainer import Stopped
 
-        if not self.store.progress(self.claim, phase=phase, **fields):
+        try:
+            ours = self.store.progress(self.claim, phase=phase, **fields)
+        except StoreUnavailable as err:
+            log.warning("progress not recorded: %s", err)
+            return
+        if not ours:
             raise Stopped(f"job {self.claim.job_id} is no longer running under attempt {self.claim.attempt} "
                           "(cancelled, or claimed by another trainer)")
 
     def begin_publish(self, model: str, version: int) -> None:
         """Called by the registry right before the version is written: from here a cancel is
-        refused; if the job was cancelled first, nothing is published."""
+        refused; if the job was cancelled first (or the store cannot confirm it is still ours),
+        nothing is published."""
         from headswap.training.trainer import Stopped
 
-        if not self.store.begin_publish(self.claim, model, version):
+        if not confirmed(lambda: self.store.begin_publish(self.claim, model, version), self.patience_s):
             raise Stopped(f"job {self.claim.job_id} was cancelled or taken over before {model} version {version} "
-                          "was published; nothing was published")
+                          "was published, or the job store could not confirm it; nothing was published")
+
+
+def confirmed(write: Callable[[], bool], patience_s: float) -> bool:
+    """A fenced write's answer, retried while the store does not answer, for up to `patience_s`
+    (after that the lease has run out: the job is someone else's)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return write()
+        except StoreUnavailable as err:
+            if time.monotonic() > deadline:
+                log.warning("giving up: %s", err)
+                return False
+            log.warning("waiting for the job store: %s", err)
+            time.sleep(1.0)
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
@@ -111,7 +136,7 @@ def _run_claimed(job_dir: Path, job_file: dict[str, Any], store: JobStore, claim
 
     job_id = claim.job_id
     try:
-        reporter = StoreReporter(store, claim)
+        reporter = StoreReporter(store, claim, float(job_file["runtime"].get("lease_s", 30.0)))
         reporter(Phase.CLAIMED, message=f"worker {os.getpid()} started the job")
         result = trainer.run(trainer.TrainingJob.load(job_dir, job_file), reporter)
     except trainer.Stopped as err:
@@ -119,13 +144,14 @@ def _run_claimed(job_dir: Path, job_file: dict[str, Any], store: JobStore, claim
         return 3
     except HeadswapError as err:
         log.error("job %s failed: %s", job_id, err)
-        store.set_error(claim, str(err))
+        confirmed(lambda: store.set_error(claim, str(err)) or True, 5.0)
         return 1
     except Exception as err:  # anything else is a bug or an environment problem: keep the trace in the log
         log.exception("job %s crashed", job_id)
-        store.set_error(claim, f"training failed: {type(err).__name__}: {err}")
+        confirmed(lambda: store.set_error(claim, f"training failed: {type(err).__name__}: {err}") or True, 5.0)
         return 1
-    if not store.set_result(claim, result.model, result.version, result.metrics):
+    if not confirmed(lambda: store.set_result(claim, result.model, result.version, result.metrics),
+                     float(job_file["runtime"].get("lease_s", 30.0))):
         log.warning("job %s: stored %s version %d, but the job was taken over meanwhile", job_id,
                     result.model, result.version)
         return 3
