@@ -82,6 +82,23 @@ def perf_analyzer_env(python: Path = PYTHON) -> dict[str, str]:
     return {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(p for p in paths if p)}
 
 
+def ensure_postgresql() -> None:
+    """The job-store tests run a real PostgreSQL server (tests/postgres.py): install Debian's
+    package when its binaries are missing (as root, as CI runs; otherwise say how)."""
+    import glob
+
+    if glob.glob("/usr/lib/postgresql/*/bin/initdb") or shutil.which("initdb"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        print("the tests need PostgreSQL's server binaries: install Debian's `postgresql` package",
+              file=sys.stderr)
+        return
+    print("installing Debian's postgresql package for the job-store tests", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], check=False, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "postgresql"], check=True, env=env)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in EXTRAS:
         print(__doc__)
@@ -92,6 +109,8 @@ def main(argv: list[str]) -> int:
     env = dict(os.environ)
     if command != "serve":
         ensure_perf_analyzer_libs()
+    if command == "test":
+        ensure_postgresql()
     if command == "serve":
         args = [str(PYTHON), "-m", "headswap.cli", "serve", *rest]
     elif command == "perf_analyzer":
