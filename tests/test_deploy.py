@@ -32,7 +32,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from headswap.config import Settings, env_name
-from headswap.server import DRAIN_EXIT_MARGIN_S
+from headswap.api.drain import DRAIN_EXIT_MARGIN_S
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"

@@ -28,7 +28,11 @@ from PIL import Image
 from conftest import BUILTIN_NAME, ServerProcess, start_server
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
-from headswap.server import DRAIN_EXIT_MARGIN_S, TRAINING_SERVICE
+from headswap.api.drain import DRAIN_EXIT_MARGIN_S
+
+# headswap.server is not imported here: it loads the KServe protocol module, which clashes with
+# tritonclient's in one process (tests/test_fuzz.py).
+TRAINING_SERVICE = "headswap.v1.Training"
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

@@ -29,9 +29,12 @@ from conftest import BUILTIN_NAME
 from headswap.errors import StoreOutcomeUnknown, StoreUnavailable
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
-from headswap.protocol import kserve_v2_pb2 as kpb
-from headswap.protocol import kserve_v2_pb2_grpc as kpb_grpc
 from headswap.registry.registry import Registry
+
+# KServe V2 through tritonclient's protobuf modules: headswap.protocol.kserve_v2_pb2 declares the
+# same `inference` package, and the two cannot be loaded in one process (tests/test_fuzz.py).
+from tritonclient.grpc import service_pb2 as kpb  # noqa: E402
+from tritonclient.grpc import service_pb2_grpc as kpb_grpc  # noqa: E402
 from test_object_store import classify, copy_exported, fake_model, wait_for
 
 TIMEOUT_S = 2.0  # --store-timeout-s in these tests

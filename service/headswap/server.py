@@ -39,7 +39,7 @@ from headswap import metrics
 from headswap.admission import Slots, SlotsPerKey
 from headswap.api.arrival import RequestArrival
 from headswap.api.auth import AuthInterceptor
-from headswap.api.drain import CallsInProgress
+from headswap.api.drain import DRAIN_EXIT_MARGIN_S, CallsInProgress
 from headswap.api.labels import model_label
 from headswap.api.request_parsing import MalformedRequestInterceptor
 from headswap.api.reset_guard import ResetGuard
@@ -65,9 +65,6 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # then starts at once), and NOT_SERVING while none is.
 TRAINING_SERVICE = pb.DESCRIPTOR.services_by_name["Training"].full_name
 
-# The process exits within --grace-period-s plus this after SIGTERM, whatever is still running
-# (tests/test_deploy.py checks that the manifests' stop timeouts leave a margin beyond it).
-DRAIN_EXIT_MARGIN_S = 1.0
 # Start-up waits that can heal say so in the log at least this often.
 STARTUP_LOG_INTERVAL_S = 10.0
 # Retries of a model store that does not answer: from the first delay, doubling up to the last.

@@ -23,6 +23,10 @@ import grpc
 
 from headswap.api.arrival import end_call
 
+# The process exits within --grace-period-s plus this after SIGTERM, whatever is still running
+# (tests/test_deploy.py checks that the manifests' stop timeouts leave a margin beyond it).
+DRAIN_EXIT_MARGIN_S = 1.0
+
 # Answered even while draining: probes must see NOT_SERVING, not an error.
 ALWAYS_ANSWERED = frozenset({"/grpc.health.v1.Health/Check"})
 
