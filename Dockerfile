@@ -35,8 +35,10 @@ FROM ${PYTHON_IMAGE} AS venv-inference
 # Serving only: base dependencies (onnxruntime, numpy, Pillow, grpcio...) + object storage +
 # OpenVINO, which serves the bf16/int8 precision tiers (`--build-arg INFERENCE_EXTRAS=s3` leaves it
 # out: such versions are then refused, and fp32 ones served).
+# `postgresql` (psycopg): serving replicas accept fine-tune jobs into a shared PostgreSQL job store
+# (--job-store; docs/deploy.md "Training fleet").
 # tests/test_deploy.py checks that these never include TensorFlow, Keras or tf2onnx.
-ARG INFERENCE_EXTRAS=s3,openvino
+ARG INFERENCE_EXTRAS=s3,openvino,postgresql
 COPY --from=builder /wheels /wheels
 # (The wheel is built above; its dependencies are pinned in pyproject.toml.)
 RUN python -m venv --without-pip /opt/venv \
@@ -46,7 +48,7 @@ RUN python -m venv --without-pip /opt/venv \
 
 FROM ${PYTHON_IMAGE} AS venv-trainer
 # train: TensorFlow and JAX (CPU wheels). openvino: a FineTune with precision bf16/int8 measures its tier in the runtime that serves it.
-ARG TRAINER_EXTRAS=train,s3,openvino
+ARG TRAINER_EXTRAS=train,s3,openvino,postgresql
 COPY --from=builder /wheels /wheels
 RUN python -m venv --without-pip /opt/venv \
  && set -- /wheels/headswap-*.whl \
@@ -54,7 +56,7 @@ RUN python -m venv --without-pip /opt/venv \
       "$1[${TRAINER_EXTRAS}]"
 
 FROM ${PYTHON_IMAGE} AS venv-trainer-gpu
-ARG TRAINER_EXTRAS=train,s3,openvino
+ARG TRAINER_EXTRAS=train,s3,openvino,postgresql
 # The GPU side of both Keras backends (docs/training.md): JAX's CUDA wheels (`jax[cuda12]`: head-only
 # fine-tunes) and TensorFlow's (`tensorflow[and-cuda]`: phase 2), which share one set of nvidia-*
 # pip packages (cuDNN, cuBLAS...). No CUDA base image is needed, only the NVIDIA driver of the host

@@ -1,8 +1,15 @@
 #!/usr/bin/env python3
 """Fine-tune benchmark: headswap's FineTune (through the real server) against the seeds' recipe.
 
-    .venv/bin/python bench/bench_finetune.py [--backend jax|tensorflow] [--epochs 10] [--limit N]
-                                             [--fast-images 150] [--model-dir REGISTRY] [--skip-seeds]
+    .venv/bin/python bench/bench_finetune.py [--trainer-backend default|jax|tensorflow] [--epochs 10]
+                                             [--limit N] [--fast-images 150] [--model-dir REGISTRY]
+                                             [--skip-seeds] [--job-store sqlite|postgresql]
+
+With `--job-store postgresql` (Debian's PostgreSQL, started in a temporary directory as the tests
+do), part 0 runs twice in the same run, on the embedded SQLite store and on PostgreSQL, and prints
+PostgreSQL's extra seconds per job (target <= 0.2 s); then a fleet on PostgreSQL (one serving
+replica, trainer processes): 8 queued jobs drained by 1 and by 2 trainers, and a repeat job on a
+fresh trainer (empty embedding cache) against the same job on the trainer that ran it first.
 
 Part 0, the interactive loop (issue 11 targets), on `--fast-images` digits with a warm server:
   a. raw ONNX Runtime embedding of those images in this process (decode + preprocess + ORT);
@@ -10,8 +17,9 @@ Part 0, the interactive loop (issue 11 targets), on `--fast-images` digits with 
      target <= 1.5 x (a) + 1.5 s;
   c. job 2, the same images with other hyper-parameters: target <= 0.3 x job 1 (embeddings
      come from the cache, the head's programs from the compilation cache).
-  The worker runs on `--backend` (KERAS_BACKEND): on a GPU node with JAX's CUDA wheels the
-  trainer uses whatever accelerator the backend sees; the timings say which extractor ran. On a
+  The worker runs on `--trainer-backend` (default: the server's own default, JAX for head-only
+  jobs; no KERAS_BACKEND is set): on a GPU node with JAX's CUDA wheels the trainer uses whatever
+  accelerator the backend sees; the timings say which extractor ran. On a
   machine without TensorFlow (such a GPU node), pass `--model-dir` with a registry exported
   elsewhere (`headswap export builtin:efficientnet-lite0 --model-dir DIR`): exporting needs tf2onnx.
   For the second target with "a few hundred" images, run with `--fast-images 300`.
@@ -147,7 +155,7 @@ def timed_job(channel: grpc.Channel, name: str, examples: list, probe: bytes, ve
     return {"seconds": seconds, "metrics": metrics}
 
 
-def interactive_loop(port: int, model_path: Path, pre: Preprocessing, images: int, epochs: int) -> None:
+def interactive_loop(port: int, model_path: Path, pre: Preprocessing, images: int, epochs: int) -> dict:
     """Part 0: the issue-11 targets, printed as ratios measured in this run."""
     from sklearn.datasets import load_digits
 
@@ -180,6 +188,7 @@ def interactive_loop(port: int, model_path: Path, pre: Preprocessing, images: in
           f"<= 0.3x: {'MET' if ratio <= 0.3 else 'MISSED'}; cache hits {m2['embedding_cache_hits']}/{len(chosen)}")
     print(f"  timings {m2['timings']}; validation accuracy {m1['val_accuracy']:.3f} / {m2['val_accuracy']:.3f}\n",
           flush=True)
+    return {"raw": raw, "first": first["seconds"], "second": second["seconds"]}
 
 
 def decode_all(examples: list, pre: Preprocessing) -> np.ndarray:
@@ -240,18 +249,134 @@ def extraction_speed(model_path: Path, examples: list, pre: Preprocessing, count
     return {"onnxruntime": ort_rate, "keras": keras_rate}
 
 
+def copy_registry(model_dir: Path, work: Path, name: str) -> Path:
+    """A private copy of the registry, so that each configuration's versions start at 1."""
+    import shutil
+
+    target = work / f"registry-{name}"
+    shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns(".jobs", ".staging"))
+    return target
+
+
+def loop_on(label: str, model_dir: Path, work: Path, model_path: Path, pre: Preprocessing, args,
+            *server_args: str, env: dict | None = None) -> dict:
+    registry = copy_registry(model_dir, work, label)
+    proc, port = start_server(registry, work / f"work-{label}", *server_args, env=env)
+    try:
+        print(f"--- interactive loop, job store {label} ---", flush=True)
+        return interactive_loop(port, model_path, pre, args.fast_images, args.epochs)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def submit(channel: grpc.Channel, name: str, examples: list, epochs: int) -> str:
+    training = pb_grpc.TrainingStub(channel)
+
+    def requests():
+        yield pb.FineTuneRequest(config=pb.FineTuneConfig(name=name, activate=True, seed=0, epochs=epochs))
+        yield pb.FineTuneRequest(batch=pb.ExampleBatch(examples=[pb.Example(image=i, label=l) for i, l in examples]))
+
+    return training.FineTune(requests(), timeout=600).job_id
+
+
+def wait_done(channel: grpc.Channel, job_id: str) -> None:
+    events = list(pb_grpc.TrainingStub(channel).WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=3600))
+    if not events or events[-1].state != pb.JOB_STATE_SUCCEEDED:
+        raise SystemExit(f"job {job_id} failed: {events[-1].message if events else 'no events'}")
+
+
+def trainer_ready(port: int, timeout: float = 300) -> None:
+    """Until the trainer's warm worker is up (its health for headswap.v1.Training)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(service="headswap.v1.Training"), timeout=2).status == \
+                    health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the trainer's warm worker did not become ready")
+
+
+def fleet_figures(model_dir: Path, work: Path, dsn_for, env: dict, images: list) -> None:
+    """8 queued jobs drained by 1 and by 2 trainers; a repeat job on a fresh trainer."""
+    small = images[:60]
+    for trainers in (1, 2):
+        label = f"drain{trainers}"
+        registry = copy_registry(model_dir, work, label)
+        common = ("--job-store", dsn_for(label))
+        replica, port = start_server(registry, work / f"{label}-replica", "--role", "inference", *common, env=env)
+        procs = [replica]
+        try:
+            for i in range(trainers):
+                proc, tport = start_server(registry, work / f"{label}-trainer{i}", "--role", "trainer", *common,
+                                           env=env)
+                procs.append(proc)
+                trainer_ready(tport)
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 256 << 20)])
+            started = time.monotonic()
+            jobs = [submit(channel, f"queued-{i}", small, 5) for i in range(8)]
+            for job in jobs:
+                wait_done(channel, job)
+            seconds = time.monotonic() - started
+            print(f"8 queued jobs ({len(small)} images, 5 epochs each) drained by {trainers} trainer"
+                  f"{'s' if trainers > 1 else ''}: {seconds:.2f} s ({seconds / 8:.2f} s per job)", flush=True)
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(120)
+
+    registry = copy_registry(model_dir, work, "fresh")
+    common = ("--job-store", dsn_for("fresh"))
+    replica, port = start_server(registry, work / "fresh-replica", "--role", "inference", *common, env=env)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 256 << 20)])
+    try:
+        first, tport = start_server(registry, work / "fresh-trainer1", "--role", "trainer", *common, env=env)
+        trainer_ready(tport)
+        timings = {}
+        for name in ("first", "repeat-same-trainer"):
+            started = time.monotonic()
+            wait_done(channel, submit(channel, "repeat", images, 10))
+            timings[name] = time.monotonic() - started
+        first.terminate()
+        first.wait(120)
+        fresh, tport = start_server(registry, work / "fresh-trainer2", "--role", "trainer", *common, env=env)
+        trainer_ready(tport)
+        started = time.monotonic()
+        wait_done(channel, submit(channel, "repeat", images, 10))
+        timings["repeat-fresh-trainer"] = time.monotonic() - started
+        fresh.terminate()
+        fresh.wait(120)
+    finally:
+        replica.terminate()
+        replica.wait(60)
+    print(f"repeat job on {len(images)} images, upload to done: first {timings['first']:.2f} s; repeat on the "
+          f"same trainer {timings['repeat-same-trainer']:.2f} s "
+          f"({timings['repeat-same-trainer'] / timings['first']:.2f}x first); repeat on a fresh trainer "
+          f"{timings['repeat-fresh-trainer']:.2f} s ({timings['repeat-fresh-trainer'] / timings['first']:.2f}x first, "
+          f"{timings['repeat-fresh-trainer'] / timings['repeat-same-trainer']:.2f}x the warm repeat)\n", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N training images")
     parser.add_argument("--model-dir", type=Path, help="registry holding efficientnet-lite0 (default: export one)")
     parser.add_argument("--skip-seeds", action="store_true", help="only run headswap (the seeds' recipe is slow)")
-    parser.add_argument("--backend", choices=("jax", "tensorflow"), default="jax",
-                        help="KERAS_BACKEND of the training worker (default jax)")
+    parser.add_argument("--trainer-backend", choices=("default", "jax", "tensorflow"), default="default",
+                        help="the server's --trainer-backend (default: its own default; KERAS_BACKEND is not set)")
     parser.add_argument("--fast-images", type=int, default=150, help="images in the interactive-loop jobs (part 0)")
     parser.add_argument("--skip-digits", action="store_true", help="only part 0 (no full digits run, no seeds)")
+    parser.add_argument("--job-store", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="postgresql: part 0 on SQLite and on PostgreSQL in this run, then the fleet figures")
     args = parser.parse_args()
-    os.environ["KERAS_BACKEND"] = args.backend  # the server's workers inherit it
+    os.environ.pop("KERAS_BACKEND", None)
+    backend_args = () if args.trainer_backend == "default" else ("--trainer-backend", args.trainer_backend)
     work = Path(tempfile.mkdtemp(prefix="headswap-bench-finetune-"))
     model_dir = prepare_registry(work, args.model_dir)
     registry = Registry(model_dir)
@@ -259,9 +384,31 @@ def main() -> None:
     pre = Preprocessing.from_manifest(manifest)
     train, test = load_data(args.limit or None)
     print(f"digits: {len(train)} training images, {len(test)} held out; {args.epochs} epochs; "
-          f"{os.cpu_count()} CPUs; worker backend {args.backend}\n", flush=True)
+          f"{os.cpu_count()} CPUs; trainer backend {args.trainer_backend}\n", flush=True)
 
-    proc, port = start_server(model_dir, work)
+    if args.job_store == "postgresql":
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from postgres import remove, start_postgres
+
+        server = start_postgres()
+        try:
+            env = server.env
+            sqlite = loop_on("sqlite", model_dir, work, model_path, pre, args, *backend_args)
+            postgres = loop_on("postgresql", model_dir, work, model_path, pre, args, *backend_args,
+                               "--job-store", server.create_database("loop"), env=env)
+            for job in ("first", "second"):
+                extra = postgres[job] - sqlite[job]
+                print(f"{job} job: SQLite {sqlite[job]:.2f} s, PostgreSQL {postgres[job]:.2f} s: PostgreSQL adds "
+                      f"{extra:+.2f} s (target <= 0.2 s): {'MET' if extra <= 0.2 else 'MISSED'}", flush=True)
+            print(flush=True)
+            fleet_figures(model_dir, work, server.create_database, env, train[:args.fast_images])
+        finally:
+            remove(server)
+        return
+
+    proc, port = start_server(model_dir, work, *backend_args)
     try:
         interactive_loop(port, model_path, pre, args.fast_images, args.epochs)
         if args.skip_digits:

@@ -24,7 +24,12 @@ runs each abuse from the issue:
             connection is open before; new ones are refused while the flood fills --max-connections);
 - bigmsg:   2 attackers each sending 32 concurrent 15 MB Classify requests, in a loop;
 - badcalls: 4 attackers sending Classify for unknown models and bodies that are not protobuf; the
-            row reports how much the server log grew.
+            row reports how much the server log grew;
+- reset:    rapid reset (CVE-2023-44487): one raw HTTP/2 connection at a time (the h2 package)
+            sending HEADERS + RST_STREAM(CANCEL) pairs for Classify as fast as it can, reconnecting
+            each time the server sends it away (attacker codes: connections, GOAWAYs, streams);
+- pinned:   8 attackers each calling Classify on a pinned version of 6 (2 extra models x 3
+            versions, published before the server starts), against --max-loaded-models 3.
 
 Prints, per phase: victim p50/p99 (ms) and their ratio to steady, victim errors, health p99,
 attacker status codes, the server's resident memory (end and peak), its peak open files, and how
@@ -62,7 +67,8 @@ from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc  # noqa: E402
 
 MODEL = "efficientnet-lite0"
 ATTACKS = ("tiny256", "bigpng", "names", "aliases", "idle", "uploads", "stalled", "watch", "conns", "bigmsg",
-           "badcalls")
+           "badcalls", "reset", "pinned")
+PINNED = [(name, version) for name in ("pin-a", "pin-b") for version in (1, 2, 3)]
 
 
 def encoded(image: Image.Image, fmt: str, **params) -> bytes:
@@ -410,6 +416,44 @@ def attack_badcalls(target, stop, codes, attackers: int = 4):
     return started(attacker, attackers)
 
 
+def attack_reset(target, stop, codes):
+    """Rapid reset, reconnecting whenever the server sends the connection away."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from hostile import rapid_reset
+
+    host, port = target.rsplit(":", 1)
+
+    def attacker(_: int) -> None:
+        while not stop.is_set():
+            result = rapid_reset(host.strip("[]"), int(port), seconds=5, stop=stop)
+            codes["connections"] += 1
+            codes["GOAWAY"] += int(result.goaway)
+            codes["streams"] += result.streams
+
+    return started(attacker, 1)
+
+
+def publish_pinned(model_dir: Path) -> None:
+    """The versions the `pinned` attack names: copies of the built-in model (same weights)."""
+    from headswap.registry.registry import Registry
+
+    registry = Registry(model_dir)
+    onnx, manifest = registry.verified_model_path(MODEL, registry.resolve(MODEL))
+    base = {k: v for k, v in manifest.items() if k not in ("name", "version", "sha256", "created")}
+    for name in sorted({name for name, _ in PINNED}):
+        for _ in range(3):
+            registry.publish(name, onnx, dict(base), activate=True)
+
+
+def attack_pinned(photo: bytes):
+    def attack(target, stop, codes):
+        def call(stub, i):
+            name, version = PINNED[i % len(PINNED)]
+            stub.Classify(pb.ClassifyRequest(model=name, version=version, images=[photo], top_k=1), timeout=30)
+        return looping(target, stop, codes, 8, call)
+    return attack
+
+
 def metrics_bytes(log_path: Path) -> int:
     match = re.search(r"metrics on (\d+)", log_path.read_text(errors="replace"))
     if not match:
@@ -432,8 +476,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-hostile-"))
     try:
         model_dir = prepare_registry(work, args.model_dir)
+        if "pinned" in chosen:
+            publish_pinned(model_dir)
         proc, port = start_server(model_dir, work, "--metrics-port", "0", "--threads", "2", "--host", "[::]",
-                                  "--metrics-host", "127.0.0.1", "--request-arrival-timeout-s", "5")
+                                  "--metrics-host", "127.0.0.1", "--request-arrival-timeout-s", "5",
+                                  "--max-loaded-models", "3")
         target, attacker_target = f"127.0.0.1:{port}", f"[::1]:{port}"
         try:
             photo = victim_photo()
@@ -447,7 +494,8 @@ def main() -> None:
             attacks = {"tiny256": attack_tiny256, "bigpng": attack_bigpng, "names": attack_names,
                        "aliases": attack_aliases(model_dir), "idle": attack_idle, "uploads": attack_uploads,
                        "stalled": attack_stalled, "watch": attack_watch, "conns": attack_conns,
-                       "bigmsg": attack_bigmsg, "badcalls": attack_badcalls}
+                       "bigmsg": attack_bigmsg, "badcalls": attack_badcalls, "reset": attack_reset,
+                       "pinned": attack_pinned(photo)}
             for name in chosen:
                 rows.append((name, phase.run(attacks[name])))
             print(f"\nvictim: Classify of one 600x400 JPEG in a loop; {args.seconds:.0f} s per phase; "

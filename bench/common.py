@@ -33,13 +33,15 @@ def prepare_registry(work: Path, existing: Path | None) -> Path:
     return model_dir
 
 
-def start_server(model_dir: Path, work: Path, *args: str) -> tuple[subprocess.Popen, int]:
+def start_server(model_dir: Path, work: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
     """`headswap serve` on a free port, logging to work/server.log; returns once it is SERVING."""
+    work.mkdir(parents=True, exist_ok=True)
     log_path = work / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "headswap.cli", "serve", "--port", "0", "--metrics-port", "-1",
                                  "--host", "127.0.0.1", "--model-dir", str(model_dir), "--work-dir", str(work), *args],
-                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         text = log_path.read_text(errors="replace")

@@ -308,7 +308,7 @@ def test_inference_image_installs_no_tensorflow():
     assert extras is not None, f"{venv_stage}: ARG INFERENCE_EXTRAS names the extras installed"
     installed = requirement_names([e for e in extras.split(",") if e])
     assert not {n for n in installed if TRAINING_ONLY.match(n)}, installed
-    assert "onnxruntime" in installed
+    assert {"onnxruntime", "psycopg", "psycopg-pool"} <= installed  # replicas accept jobs into PostgreSQL
     run_lines = " ".join(i.args for i in df.stage(venv_stage) if i.keyword == "RUN")
     assert not re.search(r"tensorflow|keras|tf2onnx|\[train", run_lines), run_lines
 
@@ -321,7 +321,8 @@ def test_trainer_images_install_the_training_stack():
         [venv_copy] = [i for i in df.stage(target) if i.keyword == "COPY" and "from" in i.flags()]
         extras = df.arg_default(venv_copy.flags()["from"], "TRAINER_EXTRAS")
         installed = requirement_names(extras.split(","))
-        assert {"tensorflow", "keras", "jax", "tf2onnx"} <= installed, f"{target}: extras {extras}"
+        assert {"tensorflow", "keras", "jax", "tf2onnx", "psycopg", "psycopg-pool"} <= installed, \
+            f"{target}: extras {extras}"
         # Each worker sets its own backend: an image-wide KERAS_BACKEND would only mislead.
         assert not any(i.keyword == "ENV" and "KERAS_BACKEND" in i.args for i in df.chain(target)), target
     train = pyproject()["project"]["optional-dependencies"]["train"]

@@ -313,21 +313,24 @@ def test_head_only_finetune_composes_caches_and_stays_warm(backend_server, digit
 
 # The warm worker's life cycle and the publish step are shared by both backends: checked once, on JAX.
 @pytest.mark.parametrize("backend_server", ["default"], indirect=True)
-def test_cancel_kills_the_warm_worker_and_a_fresh_one_takes_over(backend_server, digit_sets):
+def test_cancel_stops_the_job_and_the_warm_worker_takes_the_next(backend_server, digit_sets):
+    """A cancel stops the job in the worker (SIGTERM unwinds it) and the worker stays warm; one
+    that does not stop in time is killed and a fresh one takes over. Either way the next job runs,
+    and the embedding cache outlives the job (and any worker)."""
     backend, server, _ = backend_server
     train, _ = digit_sets
     stub = pb_grpc.TrainingStub(server.channel())
-    before = wait_for(lambda: warm_workers(server), timeout=60)
     job = stub.FineTune(stream(pb.FineTuneConfig(name="cancel-fast", epochs=1000), train[:60]), timeout=120)
     wait_for(lambda: stub.GetJob(pb.GetJobRequest(job_id=job.job_id)).phase == "training_head", timeout=180)
     assert stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id), timeout=60).state == pb.JOB_STATE_CANCELLED
-    wait_for(lambda: not Path(f"/proc/{before[0]}").exists(), timeout=30)
+    wait_for(lambda: f"job {job.job_id}: CANCELLED (attempt 1 stopped)" in server.log(), timeout=10)
     after = wait_for(lambda: warm_workers(server), timeout=120)
-    assert after and after[0] != before[0]
+    assert after  # the same worker, still warm, or a fresh one
     again = stub.FineTune(stream(pb.FineTuneConfig(name="cancel-fast", epochs=2), train), timeout=120)
     events = watch(server, again.job_id)
     assert events[-1].state == DONE, events[-1].message
-    assert json.loads(events[-1].metrics_json)["embedding_cache_hits"] == 150  # the cache outlives workers
+    # the cache outlives the cancelled job (and any worker): at least its 60 images hit
+    assert json.loads(events[-1].metrics_json)["embedding_cache_hits"] >= 60
 
 
 @pytest.mark.parametrize("backend_server", ["default"], indirect=True)
