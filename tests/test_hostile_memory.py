@@ -35,7 +35,9 @@ def threads(pid: int) -> int:
 def test_rapid_reset_gets_goaway_and_leaves_memory_threads_and_others_alone(exported_registry, server_factory,
                                                                             photos, tmp_path):
     shutil.copytree(exported_registry, tmp_path / "registry")
-    server = server_factory(tmp_path / "registry", "--max-resets-per-connection", "500")
+    # The attacker comes from another address ([::1]) than the victims (127.0.0.1), as another host
+    # would: per-address bounds (--max-waiting-calls-per-client) are the attacker's alone.
+    server = server_factory(tmp_path / "registry", "--max-resets-per-connection", "500", "--host", "[::]")
     stub = pb_grpc.InferenceStub(server.channel())
     health = health_pb2_grpc.HealthStub(server.channel())
     assert stub.Classify(pb.ClassifyRequest(images=[photos["coffee"]]), timeout=60).results
@@ -64,7 +66,7 @@ def test_rapid_reset_gets_goaway_and_leaves_memory_threads_and_others_alone(expo
     deadline = time.monotonic() + 15
     try:
         while time.monotonic() < deadline:  # an attacker reconnects each time it is sent away
-            results.append(rapid_reset("127.0.0.1", server.port, seconds=5))
+            results.append(rapid_reset("::1", server.port, seconds=5))
             peak_rss = max(peak_rss, rss_mb(server.proc.pid))
             peak_threads = max(peak_threads, threads(server.proc.pid))
     finally:
@@ -174,3 +176,14 @@ def test_pinned_versions_are_held_to_the_residency_bounds(exported_registry, ser
         assert answer.results[0].predictions[0].label == "espresso"
     assert loaded_gauge(server) <= most
     assert "Traceback" not in server.log()
+
+
+def test_the_reset_guard_reads_both_of_grpcs_peer_forms():
+    from headswap.api.reset_guard import _peer_address, goaway_frame
+
+    assert _peer_address("ipv4:10.0.0.7:5123") == ("10.0.0.7", 5123)
+    assert _peer_address("ipv6:%5B::1%5D:5123") == ("::1", 5123)
+    assert _peer_address("ipv6:[fe80::1%25eth0]:80") == ("fe80::1", 80)
+    assert _peer_address("unix:/tmp/socket") is None and _peer_address("ipv4:garbage:1") is None
+    frame = goaway_frame()  # 9-byte header: length, type GOAWAY (7), flags 0, stream 0
+    assert frame[3] == 7 and int.from_bytes(frame[:3], "big") == len(frame) - 9 and frame[5:9] == bytes(4)

@@ -24,6 +24,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 from headswap import metrics
@@ -78,7 +79,11 @@ class ResetGuard:
                 counts.closed = True
         if trip:
             metrics.CONNECTIONS_CLOSED.labels("rapid_reset").inc()
-            closed = close_connection(peer, self.plaintext)
+            try:
+                closed = close_connection(peer, self.plaintext)
+            except OSError as err:  # /proc unreadable, a socket gone meanwhile: count and log only
+                log.debug("closing %s failed: %s", peer, err)
+                closed = False
             log.warning("connection %s reset %d calls and completed %d within %.0f s (--max-resets-per-connection "
                         "%d): %s", peer, counts.resets, counts.completed, self.window_s, self.max_resets,
                         "sent GOAWAY and closed it" if closed and self.plaintext else
@@ -95,12 +100,16 @@ def goaway_frame(reason: bytes = REASON) -> bytes:
 
 
 def _peer_address(peer: str) -> tuple[str, int] | None:
-    """grpc's 'ipv4:10.0.0.7:5123' / 'ipv6:[::1]:5123' -> (address, port)."""
+    """grpc's 'ipv4:10.0.0.7:5123' / 'ipv6:%5B::1%5D:5123' (brackets URL-encoded) -> (address, port);
+    None for anything else (a Unix socket)."""
     kind, _, rest = peer.partition(":")
     if kind not in ("ipv4", "ipv6") or ":" not in rest:
         return None
-    host, _, port = rest.rpartition(":")
-    return host.strip("[]").split("%")[0], int(port)
+    host, _, port = urllib.parse.unquote(rest).rpartition(":")
+    try:
+        return str(ipaddress.ip_address(host.strip("[]").split("%")[0])), int(port)
+    except ValueError:
+        return None
 
 
 def _socket_inode(host: str, port: int) -> int | None:

@@ -179,8 +179,12 @@ class ModelManager:
                     return existing
             name, version = key
             started = time.monotonic()
-            path, manifest = self.registry.verified_model_path(name, version)
             s = self.settings
+            try:
+                path, manifest = self.registry.verified_model_path(name, version)
+            except CorruptModel as err:
+                self._refuse(key, err)
+                raise
             self._make_room(key, expected_bytes(path, manifest, s.cpu_threads, s.lanes, s.intra_op_spinning),
                             replacing)
             try:
@@ -188,26 +192,30 @@ class ModelManager:
                 runtime = load_runtime(name, version, path, manifest, self.settings.cpu_threads,
                                        spinning=self.settings.intra_op_spinning, lanes=self.settings.lanes, files=files)
                 runtime.warm_up()
-            except CorruptModel as err:
-                self._refused.add(key)
-                metrics.LOAD_FAILURES.labels(name).inc()
-                log.error("refusing %s version %s: %s", name, version, err)
-                raise
-            finally:
+                lanes = [functools.partial(runtime.infer, lane=lane) for lane in range(runtime.lane_count)]
+                batcher = Batcher(lanes, f"{name}:{version}", s.max_batch_size,
+                                  s.batch_timeout_ms / 1000.0, s.max_queue, stats=runtime.stats,
+                                  infer_lone=runtime.infer_lone)
+            except BaseException as err:
                 with self._lock:
                     self._loading.pop(key, None)
-            s = self.settings
-            lanes = [functools.partial(runtime.infer, lane=lane) for lane in range(runtime.lane_count)]
-            batcher = Batcher(lanes, f"{name}:{version}", s.max_batch_size,
-                              s.batch_timeout_ms / 1000.0, s.max_queue, stats=runtime.stats,
-                              infer_lone=runtime.infer_lone)
+                if isinstance(err, CorruptModel):
+                    self._refuse(key, err)
+                raise
             model = LoadedModel(runtime, batcher)
-            with self._lock:
+            with self._lock:  # loaded and no longer loading in one step: the bounds never count it twice or not at all
+                self._loading.pop(key, None)
                 self._loaded[key] = model
                 metrics.LOADED_MODELS.set(len(self._loaded))
             log.info("loaded %s version %s in %.2fs (%d inference lane%s)", name, version,
                      time.monotonic() - started, runtime.lane_count, "" if runtime.lane_count == 1 else "s")
             return model
+
+    def _refuse(self, key: Key, err: CorruptModel) -> None:
+        """A corrupt version: logged once, counted, and not retried until activated again."""
+        self._refused.add(key)
+        metrics.LOAD_FAILURES.labels(key[0]).inc()
+        log.error("refusing %s version %s: %s", *key, err)
 
     def _retire(self, key: Key) -> None:
         with self._lock:

@@ -40,9 +40,10 @@ from typing import Any, Callable, Iterable, Iterator
 from headswap.admission import Slots
 from headswap.config import Settings
 from headswap.errors import (AlreadyExists, FailedPrecondition, InvalidInput, NotFound, ResourceExhausted,
-                             shown_name)
+                             Unavailable, shown_name)
 from headswap.registry.registry import Registry, check_model_name, model_name_for_source
 from headswap.training import staging
+from headswap.training.databases import StoreMisconfigured
 from headswap.training.dataset import DatasetWriter, Example, Upload, out_of_space
 from headswap.training.spec import FineTuneSpec
 from headswap.training.store import JobEvent, JobRecord, JobState, JobStore, open_job_store
@@ -109,14 +110,21 @@ class JobManager:
         s = self.settings
         store = open_job_store(s.job_store, self.jobs_dir.parent, s.job_store_timeout_s)
         with self._lock:
-            self._store = store
-        log.info("job store: %s (schema version %d)", store.name, store.schema_version())
+            if self._store is None:
+                self._store, store = store, None
+        if store is not None:  # another thread opened it first
+            store.close()
+            return
+        log.info("job store: %s (schema version %d)", self._store.name, self._store.schema_version())
 
     @property
     def store(self) -> JobStore:
         """The job store, once open; StoreUnavailable (UNAVAILABLE, naming it) until then."""
         if self._store is None:
-            self.connect()
+            try:
+                self.connect()
+            except StoreMisconfigured as err:  # the start-up fails on it; a caller meanwhile gets this
+                raise Unavailable(str(err)) from None
         assert self._store is not None
         return self._store
 
