@@ -494,7 +494,8 @@ class HeadswapServer:
         # grpc's own stop comes after: it would cancel with a bare CANCELLED, its event waits for every
         # handler, and a status sent once its shutdown had begun never reached the client.
         self.calls.refuse_new("the server is shutting down; send the call again (another replica answers)")
-        if not self.calls.wait_idle(limit - time.monotonic()):
+        idle = self.calls.wait_idle(limit - time.monotonic())
+        if not idle:
             ended = self.calls.end_all(grpc.StatusCode.UNAVAILABLE,
                                        f"the server is shutting down and this call was still running after "
                                        f"--grace-period-s ({grace:g} s); send it again (another replica "
@@ -503,7 +504,10 @@ class HeadswapServer:
                 log.warning("drain limit reached: %d calls still running were ended with UNAVAILABLE", ended)
             # Their handlers notice and return (a handler busy in a batch may not before the exit).
             self.calls.wait_idle(min(0.5, exit_at - 0.4 - time.monotonic()))
-        drained = self.server.stop(0)
+        # Every handler has returned, but an answer may still be on its way out, and a call that
+        # came in just now may not have reached our handler yet (it is refused there): grpc's stop
+        # with the time left lets both end, where stop(0) cancelled them ("Cancelling all calls").
+        drained = self.server.stop(max(0.0, limit - time.monotonic()) if idle else 0)
         drained.wait(max(0.0, exit_at - 0.4 - time.monotonic()))
         if self.health_server is not None:
             self.health_server.stop(0)

@@ -7,8 +7,8 @@ The active version is followed by polling the registry (any process may change i
 for changes made through this process's own API.
 
 Residency bounds (--max-loaded-models, --memory-budget-mb) hold for every load, whether a new
-active version or a version a request names: room is made before a load starts, by unloading the
-least recently used idle versions, and counts versions still loading and retired versions that
+active version or a version a request names: room is made before a load starts, by unloading
+idle versions (those only pinned calls use first, then active ones; least recently used first), and counts versions still loading and retired versions that
 requests still hold. When every resident version is serving a request, the load is refused with
 RESOURCE_EXHAUSTED naming the bound (30 concurrent calls pinning 30 versions had loaded all 30:
 2.5 GB against a 300 MB budget).
@@ -112,7 +112,7 @@ class ModelManager:
                 key = self._active.get(name)
         else:
             key = (name, self.registry.resolve(name, version))
-            loaded = self._load(key)
+            loaded = self._load(key, evict_active=False)
             with self._lock:  # taken at once: making room for another load must not unload it first
                 if not loaded.retired:
                     loaded.inflight += 1
@@ -167,9 +167,11 @@ class ModelManager:
             self._retire(previous)
         self._enforce_budget(keep=key)
 
-    def _load(self, key: Key, replacing: Key | None = None) -> LoadedModel:
+    def _load(self, key: Key, replacing: Key | None = None, evict_active: bool = True) -> LoadedModel:
         """Load and warm up a version, within the residency bounds; `replacing` is the active
-        version it is about to take over from, which does not count against them."""
+        version it is about to take over from, which does not count against them. A load for a
+        pinned call (`evict_active=False`) never unloads an active version: unpinned traffic
+        keeps its model, and the pinned call is refused instead when nothing else is idle."""
         with self._lock:
             lock = self._load_locks.setdefault(key, threading.Lock())
         with lock:  # one load per version, however many requests ask at once
@@ -186,7 +188,7 @@ class ModelManager:
                 self._refuse(key, err)
                 raise
             self._make_room(key, expected_bytes(path, manifest, s.cpu_threads, s.lanes, s.intra_op_spinning),
-                            replacing)
+                            replacing, evict_active)
             try:
                 files = self.registry.verified_extra_files(name, version, manifest)
                 runtime = load_runtime(name, version, path, manifest, self.settings.cpu_threads,
@@ -238,7 +240,7 @@ class ModelManager:
         return_freed_memory()
         log.info("unloaded %s version %s", *model.key)
 
-    def _make_room(self, key: Key, size: int, replacing: Key | None) -> None:
+    def _make_room(self, key: Key, size: int, replacing: Key | None, evict_active: bool = True) -> None:
         """Before loading `key` (about `size` bytes): unload least recently used idle versions
         until it fits both bounds, and reserve its place; ResourceExhausted, naming the bound,
         when what is resident is busy serving. `replacing` (the active version a swap retires)
@@ -256,7 +258,8 @@ class ModelManager:
                 over_memory = bool(budget) and total > budget
                 if not over_count and not over_memory:
                     break
-                idle = [m for m in held if m.inflight == 0]
+                idle = [m for m in held if m.inflight == 0
+                        and (evict_active or self._active.get(m.key[0]) != m.key)]
                 if not idle:
                     name, version = key
                     if over_count:
@@ -266,9 +269,12 @@ class ModelManager:
                         bound = (f"loaded versions take {(total - size) >> 20} MiB and this one needs about "
                                  f"{size >> 20} MiB more, over --memory-budget-mb {s.memory_budget_mb}")
                     raise ResourceExhausted(f"cannot load {name} version {version}: {bound}, and every loaded "
-                                            "version is serving requests; retry shortly, or call without a version "
-                                            "to use the active one")
-                victim = min(idle, key=lambda m: m.last_used)
+                                            "version is serving requests (or is an active version, which a pinned "
+                                            "call does not unload); retry shortly, or call without a version to use "
+                                            "the active one")
+                # Versions only pinned calls use go before active ones (which every unpinned call
+                # needs), least recently used first.
+                victim = min(idle, key=lambda m: (self._active.get(m.key[0]) == m.key, m.last_used))
                 victims.append(victim)
                 self._loaded.pop(victim.key)
                 victim.retired = True
