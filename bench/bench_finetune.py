@@ -280,10 +280,12 @@ def submit(channel: grpc.Channel, name: str, examples: list, epochs: int) -> str
     return training.FineTune(requests(), timeout=600).job_id
 
 
-def wait_done(channel: grpc.Channel, job_id: str) -> None:
+def wait_done(channel: grpc.Channel, job_id: str) -> dict:
+    """Until the job succeeds; its metrics."""
     events = list(pb_grpc.TrainingStub(channel).WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=3600))
     if not events or events[-1].state != pb.JOB_STATE_SUCCEEDED:
         raise SystemExit(f"job {job_id} failed: {events[-1].message if events else 'no events'}")
+    return json.loads(events[-1].metrics_json)
 
 
 def trainer_ready(port: int, timeout: float = 300) -> None:
@@ -310,7 +312,8 @@ def fleet_figures(model_dir: Path, work: Path, dsn_for, env: dict, images: list)
         label = f"drain{trainers}"
         registry = copy_registry(model_dir, work, label)
         common = ("--job-store", dsn_for(label))
-        replica, port = start_server(registry, work / f"{label}-replica", "--role", "inference", *common, env=env)
+        replica, port = start_server(registry, work / f"{label}-replica", "--role", "inference", *common,
+                                     "--max-queued-jobs-per-submitter", "8", env=env)
         procs = [replica]
         try:
             for i in range(trainers):
@@ -338,17 +341,17 @@ def fleet_figures(model_dir: Path, work: Path, dsn_for, env: dict, images: list)
     try:
         first, tport = start_server(registry, work / "fresh-trainer1", "--role", "trainer", *common, env=env)
         trainer_ready(tport)
-        timings = {}
+        timings, worker = {}, {}
         for name in ("first", "repeat-same-trainer"):
             started = time.monotonic()
-            wait_done(channel, submit(channel, "repeat", images, 10))
+            worker[name] = wait_done(channel, submit(channel, "repeat", images, 10))["timings"]
             timings[name] = time.monotonic() - started
         first.terminate()
         first.wait(120)
         fresh, tport = start_server(registry, work / "fresh-trainer2", "--role", "trainer", *common, env=env)
         trainer_ready(tport)
         started = time.monotonic()
-        wait_done(channel, submit(channel, "repeat", images, 10))
+        worker["repeat-fresh-trainer"] = wait_done(channel, submit(channel, "repeat", images, 10))["timings"]
         timings["repeat-fresh-trainer"] = time.monotonic() - started
         fresh.terminate()
         fresh.wait(120)
@@ -359,7 +362,10 @@ def fleet_figures(model_dir: Path, work: Path, dsn_for, env: dict, images: list)
           f"same trainer {timings['repeat-same-trainer']:.2f} s "
           f"({timings['repeat-same-trainer'] / timings['first']:.2f}x first); repeat on a fresh trainer "
           f"{timings['repeat-fresh-trainer']:.2f} s ({timings['repeat-fresh-trainer'] / timings['first']:.2f}x first, "
-          f"{timings['repeat-fresh-trainer'] / timings['repeat-same-trainer']:.2f}x the warm repeat)\n", flush=True)
+          f"{timings['repeat-fresh-trainer'] / timings['repeat-same-trainer']:.2f}x the warm repeat)", flush=True)
+    for name, figures in worker.items():
+        print(f"  {name}: worker timings {figures}", flush=True)
+    print(flush=True)
 
 
 def main() -> None:

@@ -64,6 +64,8 @@ class Database(Protocol):
 
     def wait(self, timeout: float) -> None: ...
 
+    def wake(self) -> None: ...
+
     def migrate(self, migrations: Sequence[str]) -> None: ...
 
     def close(self) -> None: ...
@@ -74,9 +76,11 @@ class _QmarkCursor:
 
     def __init__(self, cursor: Any) -> None:
         self._cursor = cursor
+        self.wrote = False
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> "_QmarkCursor":
         self._cursor.execute(sql.replace("?", "%s"), tuple(params))
+        self.wrote = self.wrote or sql.lstrip()[:6].upper() in ("INSERT", "UPDATE", "DELETE")
         return self
 
     def fetchone(self) -> tuple | None:
@@ -119,6 +123,8 @@ class SqliteDatabase:
         self.path = Path(path)
         self.name = str(self.path)
         self.poll_s = poll_s
+        self._wake = threading.Condition()
+        self._generation = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as db:
@@ -144,18 +150,29 @@ class SqliteDatabase:
                 db.execute("BEGIN IMMEDIATE")
                 try:
                     yield db  # sqlite3.Connection.execute returns a cursor: the same shape
+                    changed = db.total_changes
                     db.execute("COMMIT")
                 except BaseException:
                     db.execute("ROLLBACK")
                     raise
         except sqlite3.OperationalError as err:
             raise StoreUnavailable(f"the job database {self.path} cannot be used: {err}") from None
+        if changed:
+            self.wake()
 
     def notify(self, db: Cursor, job_id: str) -> None:
-        """Nothing to send: watchers poll the file."""
+        """Nothing to send to other processes: they poll the file."""
 
     def wait(self, timeout: float) -> None:
-        time.sleep(min(timeout, self.poll_s))
+        """Until a write of this process (`wake`), or the polling interval for other processes'."""
+        with self._wake:
+            generation = self._generation
+            self._wake.wait_for(lambda: self._generation != generation, min(timeout, self.poll_s))
+
+    def wake(self) -> None:
+        with self._wake:
+            self._generation += 1
+            self._wake.notify_all()
 
     def migrate(self, migrations: Sequence[str]) -> None:
         with self.transaction() as db:
@@ -255,7 +272,10 @@ class PostgresDatabase:
             with self._pool.connection(timeout=self.timeout_s) as conn:
                 conn.execute(f"SET LOCAL statement_timeout = {int(self.timeout_s * 1000)}")
                 with conn.cursor() as cursor:
-                    yield _QmarkCursor(cursor)
+                    wrapped = _QmarkCursor(cursor)
+                    yield wrapped
+            if wrapped.wrote:  # committed: this process's waiters need not wait for the NOTIFY
+                self.wake()
         except PoolTimeout:
             raise StoreUnavailable(f"the job store {self.name} is unavailable: no connection within "
                                    f"{self.timeout_s:g} s; retry shortly") from None
@@ -274,6 +294,12 @@ class PostgresDatabase:
             self._wake.wait_for(lambda: self._generation != generation,
                                 timeout if self._listening else min(timeout, self.poll_s))
 
+    def wake(self) -> None:
+        """A write of this process: its own waiters need not wait for the NOTIFY's round trip."""
+        with self._wake:
+            self._generation += 1
+            self._wake.notify_all()
+
     def _start_listener(self) -> None:
         with self._wake:
             if self._listener is None:
@@ -291,11 +317,12 @@ class PostgresDatabase:
                     self._set_listening(True)
                     backoff = 0.5
                     while not self._closed.is_set():
-                        for _ in conn.notifies(timeout=1.0, stop_after=64):
-                            pass
-                        with self._wake:
-                            self._generation += 1
-                            self._wake.notify_all()
+                        for _ in conn.notifies(timeout=1.0):  # each NOTIFY wakes the watchers at once
+                            with self._wake:
+                                self._generation += 1
+                                self._wake.notify_all()
+                            if self._closed.is_set():
+                                break
             except self._psycopg.Error as err:
                 log.debug("job store listener: %s", _first_line(str(err)))
             self._set_listening(False)

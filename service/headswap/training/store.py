@@ -384,7 +384,8 @@ class JobStore:
         return [_event(data) for (data,) in rows]
 
     def wait_for_events(self, timeout: float) -> None:
-        """Sleep until some job's events may have changed (a NOTIFY), or `timeout`."""
+        """Sleep until some job may have changed: a write in this process, a NOTIFY (PostgreSQL),
+        the database's polling interval, or `timeout`."""
         self.db.wait(timeout)
 
     def unfinished(self, submitter: str | None = None) -> int:

@@ -111,10 +111,18 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
     raise Stopped("stopped by its trainer (cancelled, taken over, or the trainer is shutting down)")
 
 
+_STORES: dict[tuple[str, str], JobStore] = {}
+
+
 def job_store(runtime: dict[str, Any]) -> JobStore:
     """The trainer's job store: --job-store reaches workers in the environment (a DSN's password
-    stays out of job.json); empty means the work directory's SQLite file."""
-    return open_job_store(os.environ.get(env_name("job_store"), ""), Path(runtime["work_dir"]))
+    stays out of job.json); empty means the work directory's SQLite file. A warm worker keeps it
+    open from job to job (a PostgreSQL connection with its password exchange costs tenths of a
+    second per job)."""
+    key = (os.environ.get(env_name("job_store"), ""), str(runtime["work_dir"]))
+    if key not in _STORES:
+        _STORES[key] = open_job_store(key[0], Path(key[1]))
+    return _STORES[key]
 
 
 def run_job(job_dir: Path) -> int:
@@ -128,7 +136,6 @@ def run_job(job_dir: Path) -> int:
         return _run_claimed(job_dir, job_file, store, claim)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        store.close()
 
 
 def _run_claimed(job_dir: Path, job_file: dict[str, Any], store: JobStore, claim: Claim) -> int:
