@@ -28,7 +28,7 @@ import pytest
 
 from conftest import BUILTIN_NAME, encode, start_server
 from postgres import PASSWORD
-from test_object_store import bucket_url, copy_exported, s3_endpoint  # noqa: F401 - fixtures
+from test_object_store import bucket_url, copy_exported, s3_endpoint, wait_for  # noqa: F401 - fixtures
 
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
@@ -98,20 +98,6 @@ def training(server) -> pb_grpc.TrainingStub:
 def upload(config: pb.FineTuneConfig, examples) -> list[pb.FineTuneRequest]:
     return [pb.FineTuneRequest(config=config),
             pb.FineTuneRequest(batch=pb.ExampleBatch(examples=[pb.Example(image=i, label=l) for i, l in examples]))]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except grpc.RpcError as err:
-            last = err
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; last: {last}")
 
 
 def final_event(server, job_id: str, timeout: float = 600) -> pb.JobEvent:

@@ -112,12 +112,8 @@ class ModelManager:
                 key = self._active.get(name)
         else:
             key = (name, self.registry.resolve(name, version))
-            loaded = self._load(key, evict_active=False)
-            with self._lock:  # taken at once: making room for another load must not unload it first
-                if not loaded.retired:
-                    loaded.inflight += 1
-                    loaded.last_used = time.monotonic()
-                    return loaded
+            # held from the moment it is loaded: making room for another load must not unload it first
+            return self._load(key, evict_active=False, acquire=True)
         with self._lock:
             model = self._loaded.get(key) if key else None
             if model is None or model.retired:
@@ -144,7 +140,7 @@ class ModelManager:
                            f"{', '.join(self.registry.models()) or 'none'}")
         key = (name, version)
         with self._lock:
-            if self._active.get(name) == key:
+            if self._active.get(name) == key and key in self._loaded:
                 return
         if key in self._refused:
             with self._lock:
@@ -154,30 +150,39 @@ class ModelManager:
                               "earlier version is loaded; activate a good version")
         with self._lock:
             replacing = self._active.get(name)
-        self._load(key, replacing=replacing)
-        with self._lock:
-            previous = self._active.get(name)
-            if previous == key:
-                return
-            self._active[name] = key
-            metrics.SWAPS.labels(name).inc()
-        log.info("model %s: version %s now active (was %s)", name, version, previous and previous[1])
-        self._on_ready_change(name, True)
-        if previous is not None:
-            self._retire(previous)
-        self._enforce_budget(keep=key)
+        # Held while it becomes active: making room for another load must not unload it in between.
+        loaded = self._load(key, replacing=replacing, acquire=True)
+        try:
+            with self._lock:
+                previous = self._active.get(name)
+                if previous == key:
+                    return
+                self._active[name] = key
+                metrics.SWAPS.labels(name).inc()
+            log.info("model %s: version %s now active (was %s)", name, version, previous and previous[1])
+            self._on_ready_change(name, True)
+            if previous is not None:
+                self._retire(previous)
+            self._enforce_budget(keep=key)
+        finally:
+            self._release(loaded)
 
-    def _load(self, key: Key, replacing: Key | None = None, evict_active: bool = True) -> LoadedModel:
+    def _load(self, key: Key, replacing: Key | None = None, evict_active: bool = True,
+              acquire: bool = False) -> LoadedModel:
         """Load and warm up a version, within the residency bounds; `replacing` is the active
         version it is about to take over from, which does not count against them. A load for a
         pinned call (`evict_active=False`) never unloads an active version: unpinned traffic
-        keeps its model, and the pinned call is refused instead when nothing else is idle."""
+        keeps its model, and the pinned call is refused instead when nothing else is idle.
+        `acquire`: the caller holds the version (as `lease` does) from the moment it is there."""
         with self._lock:
             lock = self._load_locks.setdefault(key, threading.Lock())
         with lock:  # one load per version, however many requests ask at once
             with self._lock:
                 existing = self._loaded.get(key)
                 if existing is not None and not existing.retired:
+                    if acquire:
+                        existing.inflight += 1
+                        existing.last_used = time.monotonic()
                     return existing
             name, version = key
             started = time.monotonic()
@@ -204,7 +209,7 @@ class ModelManager:
                 if isinstance(err, CorruptModel):
                     self._refuse(key, err)
                 raise
-            model = LoadedModel(runtime, batcher)
+            model = LoadedModel(runtime, batcher, inflight=int(acquire))
             with self._lock:  # loaded and no longer loading in one step: the bounds never count it twice or not at all
                 self._loading.pop(key, None)
                 self._loaded[key] = model
