@@ -120,9 +120,13 @@ class ServerProcess:
             try:
                 return self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"server ignored signal {sig}:\n{self.log()}")
+                self.proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to the log
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+                raise AssertionError(f"server ignored signal {sig}:\n{self.log()}") from None
         return self.proc.returncode
 
 

@@ -287,6 +287,8 @@ def test_cancel_running_job_skips_invalid_images_and_refuses_duplicates(trained,
     assert stopped, f"{worker_log.read_text()[-3000:]}\n{trained.server.log()[-3000:]}"
     time.sleep(2)
     assert Registry(trained.registry).versions("cancelled") == []
+    # the cancelled job's export staging (if it had begun) is gone at once, not at the next start
+    assert not list((trained.registry / ".staging").glob("headswap-export-*"))
 
     with pytest.raises(grpc.RpcError) as info:
         stub.CancelJob(pb.CancelJobRequest(job_id=response.job_id))

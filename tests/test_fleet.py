@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -145,6 +146,9 @@ def test_replicas_share_jobs_cancel_reaches_any_trainer_and_quotas_hold(exported
     phases = [e.phase for e in events]
     assert phases[0] == "receiving" and "claimed" in phases and "training_head" in phases, phases
     assert "publishing" in phases and events[-1].state == pb.JOB_STATE_SUCCEEDED, events[-1]
+    # The trainers started cold (the tests' servers start their worker with the first job): the
+    # user is told why the first job waits.
+    assert any("waiting for the trainer to start" in e.message for e in events), [e.message for e in events]
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
     version = events[-1].version
     listed = {replica.target: [(j.job_id, j.state, j.version) for j in training(replica).ListJobs(
@@ -319,3 +323,35 @@ def test_a_store_that_cannot_work_stops_the_start(exported_registry, postgres_se
     assert newer.proc.wait(60) != 0
     assert "schema version 99, newer than this headswap" in newer.log(), newer.log()[-2000:]
     assert "Traceback" not in newer.log()
+
+
+def test_a_trainer_stopped_mid_job_releases_it_to_another_at_once(exported_registry, fleet, many, tmp_path):
+    """SIGTERM a trainer whose job cannot finish within --trainer-drain-s: it releases the job at
+    once (no lease to wait out), exits 0, and the other trainer runs the job to the end."""
+    model_dir = tmp_path / "registry"
+    shutil.copytree(exported_registry, model_dir)
+    a = fleet(model_dir, "inference", "replica-a")
+    drain = ("--trainer-drain-s", "3", "--job-lease-s", "60")  # a long lease: only a release is fast
+    fleet(model_dir, "trainer", "trainer-1", *drain)
+    fleet(model_dir, "trainer", "trainer-2", *drain)
+    store = store_for(fleet.dsn, tmp_path)
+    config = pb.FineTuneConfig(base_model=BUILTIN_NAME, name="handed-over", epochs=1000, seed=0, activate=True)
+    job = training(a).FineTune(iter(upload(config, many)), timeout=120)
+    holder = trainer_of(fleet, store, job.job_id)
+    wait_for(lambda: store.get(job.job_id).phase == "training_head", 120, "the job to train")
+    stopped_at = time.monotonic()
+    holder.proc.send_signal(signal.SIGTERM)
+    assert holder.proc.wait(60) == 0
+    took = time.monotonic() - stopped_at
+    assert took < 3 + 10 + 5, took  # the drain limit (then the release), well inside a pod's grace
+    final = final_event(a, job.job_id)
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final
+    history = [e.message for e in training(a).WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=30)]
+    assert any(f"released: trainer {socket.gethostname()}:{holder.proc.pid}:" in m and "is shutting down" in m
+               for m in history), history
+    record = store.get(job.job_id)
+    assert record.attempt == 2 and record.tries == 1  # the release did not count as a lost try
+    assert f"job {job.job_id} released for another trainer" in holder.log()
+    assert Registry(model_dir).versions("handed-over") == [final.version]
+    no_tracebacks(*fleet.started)
+    store.close()

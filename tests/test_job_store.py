@@ -222,3 +222,14 @@ def test_postgresql_errors_name_the_store_never_the_password(postgres_server, mo
             assert time.monotonic() < deadline
             time.sleep(0.5)
     job_store.close()
+
+
+def test_a_dsn_password_never_reaches_the_log_line_of_settings():
+    from headswap.config import Settings, redact_url
+
+    assert redact_url("postgresql://app:s3cret@db.internal:5432/jobs") == "postgresql://app:***@db.internal:5432/jobs"
+    assert redact_url("host=db user=app password=s3cret dbname=jobs") == "host=db user=app password=*** dbname=jobs"
+    described = Settings(job_store="postgresql://app:s3cret@db/jobs").describe()
+    assert "s3cret" not in str(described) and described["job_store"] == "postgresql://app:***@db/jobs"
+    assert Settings().describe()["job_store"] == ""
+

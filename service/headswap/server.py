@@ -617,7 +617,12 @@ def _binding(setting: str, address: str) -> Iterator[None]:
 
 
 def run(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and return (exit code 0)."""
+    """Serve until SIGTERM or SIGINT, then drain and return (exit code 0). A process stuck hard
+    enough to be killed with SIGABRT (or crashing in native code) writes every thread's Python
+    stack to its log first (faulthandler), for whoever has to find out why."""
+    import faulthandler
+
+    faulthandler.enable()
     from headswap.inference.memory import limit_malloc_arenas
 
     limit_malloc_arenas()  # before any thread starts: resident memory stays flat across swaps
