@@ -46,7 +46,7 @@ from headswap.training import staging
 from headswap.training.databases import StoreMisconfigured
 from headswap.training.dataset import DatasetWriter, Example, Upload, out_of_space
 from headswap.training.spec import FineTuneSpec
-from headswap.training.store import JobEvent, JobRecord, JobState, JobStore, open_job_store
+from headswap.training.store import JobEvent, JobRecord, JobStore, open_job_store
 
 log = logging.getLogger(__name__)
 

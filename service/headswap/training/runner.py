@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from headswap.config import Settings, env_name
+from headswap.config import Settings
 from headswap.errors import HeadswapError
 from headswap.metrics import JOBS, JOBS_RUNNING
 from headswap.registry.registry import Registry
