@@ -1,7 +1,8 @@
 """headswap: gRPC image classification with fine-tuned heads and hot-swapped ONNX versions.
 
 `from headswap import Client` loads the Python client on first use only, so that importing the
-package (as the server and the training workers do) pulls in nothing else.
+package (as the server and the training workers do) pulls in nothing else. The names it offers
+are `headswap.client.__all__`, read from there (one list).
 """
 
 from __future__ import annotations
@@ -12,21 +13,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from headswap.client import *  # noqa: F403
 
-# headswap.client.__all__ (tests/test_client.py checks that the two agree).
-_CLIENT_NAMES = (
-    "DEFAULT_TARGET", "FINETUNE_OPTIONS", "Client", "Connection", "FineTuneOptions",
-    "Classifications", "Job", "JobEvent", "JobState", "ModelInfo", "Prediction", "Submission",
-    "ClientError", "AbortedError", "AlreadyExistsError", "CancelledError", "DataLossError", "DeadlineExceededError",
-    "FailedPreconditionError", "InternalError", "InvalidArgumentError", "NotFoundError", "OutOfRangeError",
-    "PermissionDeniedError", "ResourceExhaustedError", "UnauthenticatedError", "UnavailableError",
-    "UnimplementedError", "UnknownError",
-)
-
 
 def __getattr__(name: str) -> Any:
-    if name in _CLIENT_NAMES:
-        return getattr(importlib.import_module("headswap.client"), name)
+    if name.startswith("__") and name != "__all__":  # probes for module dunders never load the client
+        raise AttributeError(f"module 'headswap' has no attribute {name!r}")
+    client = importlib.import_module("headswap.client")
+    if name == "__all__" or name in client.__all__:
+        return getattr(client, name)
     raise AttributeError(f"module 'headswap' has no attribute {name!r}")
-
-
-__all__ = list(_CLIENT_NAMES)

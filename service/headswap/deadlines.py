@@ -58,11 +58,6 @@ class Deadlines:
                 heapq.heapify(self._heap)
                 self._cancelled = 0
 
-    def __len__(self) -> int:
-        """Waits still scheduled (not yet due, not cancelled)."""
-        with self._cond:
-            return len(self._heap) - self._cancelled
-
     def _run(self) -> None:
         while True:
             with self._cond:

@@ -61,7 +61,9 @@ class ResetGuard:
         return counts
 
     def completed(self, peer: str) -> None:
-        if self.max_resets <= 0:
+        """A call answered. Counted only for a connection that has reset calls in this window:
+        the connections that never reset (nearly all) cost a dictionary lookup, no entry."""
+        if self.max_resets <= 0 or peer not in self._peers:
             return
         with self._lock:
             self._counts(peer, time.monotonic()).completed += 1

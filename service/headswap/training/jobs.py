@@ -165,10 +165,15 @@ class JobManager:
         job_id = uuid.uuid4().hex[:12]
         writer = DatasetWriter(self.jobs_dir / f".incoming-{job_id}", self.settings, spec.skip_invalid_images)
         staged = False
+        staged_before = self.store.staged_bytes()  # read once: each batch is checked against it
+        received = 0
         try:
             for batch in batches:
                 batch = list(batch)
-                self._reserve_bytes(job_id, sum(len(example.image) for example in batch))
+                size = sum(len(example.image) for example in batch)
+                self._reserve_bytes(job_id, size)
+                received += size
+                self._check_staged_bytes(received, staged_before)
                 writer.add(batch)
             upload = writer.finish(spec)
             with self._lock:
@@ -177,8 +182,7 @@ class JobManager:
             self._check_name(spec, base)  # another upload for the name may have finished meanwhile
             self._check_queue(submitter)
             self._write_job_file(writer.directory, job_id, spec, base, upload)
-            size = sum(f.stat().st_size for f in writer.directory.iterdir() if f.is_file())
-            self._check_staged_bytes(size)
+            self._check_staged_bytes(sum(f.stat().st_size for f in writer.directory.iterdir() if f.is_file()))
             staged = True
             data_bytes = staging.stage(self.registry.store, job_id, writer.directory)
             self.store.create(job_id, spec.name, base.name, spec.to_dict(), upload.num_images, upload.num_classes,
@@ -252,9 +256,10 @@ class JobManager:
                                     f"{s.max_queued_jobs_per_submitter} (--max-queued-jobs-per-submitter); wait "
                                     "for one to finish or cancel one")
 
-    def _check_staged_bytes(self, size: int) -> None:
+    def _check_staged_bytes(self, size: int, used: int | None = None) -> None:
+        """`size` more bytes against --max-staged-bytes; `used`: the store's figure if already read."""
         limit = self.settings.max_staged_bytes
-        used = self.store.staged_bytes()
+        used = self.store.staged_bytes() if used is None else used
         if used + size > limit:
             raise ResourceExhausted(f"the model store holds {used} bytes of staged uploads and this job adds {size}; "
                                     f"the limit is {limit} (--max-staged-bytes); wait for queued jobs to finish "
@@ -266,14 +271,13 @@ class JobManager:
             return sum(self._inflight_bytes.values())
 
     def _reserve_bytes(self, upload_id: str, size: int) -> None:
-        """Count a batch against --max-work-dir-bytes (and --max-staged-bytes) before it is written."""
+        """Count a batch against --max-work-dir-bytes before it is written."""
         limit = self.settings.max_work_dir_bytes
         used = self.stored_bytes()
         if used + size > limit:
             raise ResourceExhausted(f"the work directory holds {used} bytes of uploads and this batch adds {size}; "
                                     f"the limit is {limit} (--max-work-dir-bytes); wait for queued jobs to "
                                     "finish or send less")
-        self._check_staged_bytes(used + size)
         with self._lock:
             self._inflight_bytes[upload_id] = self._inflight_bytes.get(upload_id, 0) + size
 

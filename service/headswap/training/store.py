@@ -262,9 +262,7 @@ class JobStore:
     def heartbeat(self, claim: Claim, lease_s: float) -> bool:
         """Extend the lease; False when the job is not ours any more (cancelled, or claimed again)."""
         with self.db.transaction() as db:
-            row = db.execute("SELECT state, attempt FROM jobs WHERE job_id = ?" + self.db.for_update,
-                             (claim.job_id,)).fetchone()
-            if row is None or row[0] != JobState.RUNNING or row[1] != claim.attempt:
+            if not self._owned(db, claim):
                 return False
             db.execute("UPDATE jobs SET lease_expires = ? WHERE job_id = ?", (time.time() + lease_s, claim.job_id))
         return True
