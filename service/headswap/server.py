@@ -214,6 +214,7 @@ class HeadswapServer:
 
     def _add_inference(self) -> list[str]:
         from headswap.api.inference_servicer import InferenceServicer, ModelsServicer
+        from headswap.api.inference_protocol import InferenceProtocol
         from headswap.api.kserve_servicer import KServeServicer
         from headswap.inference.classifier import Classifier
         from headswap.inference.manager import ModelManager
@@ -226,8 +227,9 @@ class HeadswapServer:
                               "--max-inference-calls-per-caller")
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(classifier, callers), self.server)
         pb_grpc.add_ModelsServicer_to_server(ModelsServicer(self.registry, self.manager), self.server)
-        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(classifier, self.registry, self.manager, self.ready, callers), self.server)
+        # One protocol object for gRPC's KServe V2 and the REST app: the same rules, models and bounds.
+        self.inference_protocol = InferenceProtocol(classifier, self.registry, self.manager, self.ready, callers)
+        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(self.inference_protocol), self.server)
         return [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Inference", "Models")] + [
             kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
 
