@@ -27,6 +27,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN = "builtin:efficientnet-lite0"
 BUILTIN_NAME = "efficientnet-lite0"
+# Servers started by tests take a free REST port unless a test names one (the default, 8080, may be
+# taken, and servers run side by side).
+os.environ.setdefault("HEADSWAP_HTTP_PORT", "0")
 
 
 def encode(array: np.ndarray, fmt: str = "JPEG", **params) -> bytes:
@@ -74,11 +77,16 @@ class ServerProcess:
     log_path: Path
     port: int = 0
     metrics_port: int = 0
+    http_port: int = 0
     channels: list = field(default_factory=list)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_target(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
 
     def channel(self) -> grpc.Channel:
         channel = grpc.insecure_channel(self.target, options=[("grpc.max_send_message_length", 256 << 20),
@@ -92,10 +100,11 @@ class ServerProcess:
     def wait_ready(self, timeout: float = 300, service: str = "") -> None:
         deadline = time.monotonic() + timeout
         while not self.port:
-            match = re.search(r"gRPC listening on port (\d+), metrics on (\d+|off)", self.log())
+            match = re.search(r"gRPC listening on port (\d+), metrics on (\d+|off)(?:, REST on (\d+|off))?", self.log())
             if match:
                 self.port = int(match.group(1))
                 self.metrics_port = int(match.group(2)) if match.group(2).isdigit() else 0
+                self.http_port = int(match.group(3)) if (match.group(3) or "").isdigit() else 0
                 break
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"server did not start:\n{self.log()}")

@@ -144,6 +144,15 @@ class Settings:
     health_port: int = _setting(-1, "Plaintext port serving only grpc.health.v1 (for probes that cannot do "
                                 "TLS, like the kubelet's gRPC probe); -1 disables it, 0 picks a free port.")
 
+    # --- REST: the Open Inference Protocol over HTTP (issue 22) ---
+    http_port: int = _setting(8080, "Open Inference Protocol REST port (KServe V2 / Triton HTTP endpoints, /v2/...), "
+                              "served beside gRPC by the same process and models, with the same TLS, tokens and "
+                              "bounds; -1 disables it, 0 picks a free port.")
+    http_max_header_bytes: int = _setting(32768, "REST: most bytes of one request's request line and headers; "
+                                          "more get 431 and the connection is closed.")
+    http_max_headers: int = _setting(100, "REST: most header fields in one request; more get 431 and the connection "
+                                     "is closed.")
+
     # --- serving speed (issue 10) ---
     intra_op_spinning: str = _setting(
         "adaptive", "ONNX Runtime intra-op threads between ops: adaptive (a request running alone uses "
@@ -183,13 +192,16 @@ class Settings:
             problems.append("--metrics-port must be between -1 and 65535")
         if not -1 <= self.health_port <= 65535:
             problems.append("--health-port must be between -1 and 65535")
+        if not -1 <= self.http_port <= 65535:
+            problems.append("--http-port must be between -1 and 65535")
         for name in ("max_message_bytes", "max_image_pixels", "max_images_per_request", "max_batch_size",
                      "max_queue", "max_loaded_models", "max_train_images", "max_train_bytes", "max_label_length",
                      "max_request_pixels", "max_inference_calls", "max_inference_calls_per_caller", "max_uploads",
                      "max_watchers", "max_reflection_streams", "max_health_watchers", "max_concurrent_calls",
                      "max_connections", "max_waiting_calls_per_client", "max_request_bytes_in_flight",
                      "log_refusals_per_minute", "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections",
-                     "max_job_attempts", "max_queued_jobs_per_submitter", "max_staged_bytes"):
+                     "max_job_attempts", "max_queued_jobs_per_submitter", "max_staged_bytes",
+                     "http_max_header_bytes", "http_max_headers"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag_name(name)} must be at least 1")
         for name in ("threads", "decode_workers", "memory_budget_mb", "inference_lanes"):

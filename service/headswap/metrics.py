@@ -22,10 +22,12 @@ from headswap.deadlines import Deadlines
 
 log = logging.getLogger(__name__)
 
-REQUESTS = Counter("headswap_requests_total", "gRPC requests handled",
-                   ["method", "model", "version", "code"])
-REQUEST_LATENCY = Histogram("headswap_request_duration_seconds", "gRPC request latency",
-                            ["method", "model"],
+# protocol: grpc, or http (the Open Inference Protocol's REST endpoints, --http-port); method: the
+# gRPC method's name (a REST endpoint counts as the KServe V2 method it stands for); code: gRPC's.
+REQUESTS = Counter("headswap_requests_total", "Requests handled (gRPC and REST)",
+                   ["method", "model", "version", "code", "protocol"])
+REQUEST_LATENCY = Histogram("headswap_request_duration_seconds", "Request latency (gRPC and REST)",
+                            ["method", "model", "protocol"],
                             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
 IMAGES = Counter("headswap_images_total", "Images classified", ["model", "version"])
 TIER_FP32_IMAGES = Counter("headswap_tier_fp32_images_total",

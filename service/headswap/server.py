@@ -183,6 +183,8 @@ class HeadswapServer:
         self.calls = CallsInProgress()
         self.port = 0
         self.metrics_port = 0
+        self.http = None  # the REST port's server (api.http_server), when --http-port is not -1
+        self.http_port = 0
         options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                    ("grpc.max_send_message_length", settings.max_message_bytes),
                    *connection_options(settings, settings.max_connections)]
@@ -230,8 +232,26 @@ class HeadswapServer:
         # One protocol object for gRPC's KServe V2 and the REST app: the same rules, models and bounds.
         self.inference_protocol = InferenceProtocol(classifier, self.registry, self.manager, self.ready, callers)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(self.inference_protocol), self.server)
+        if self.settings.http_port >= 0:
+            self.http = self._rest_server()
         return [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Inference", "Models")] + [
             kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
+
+    def _rest_server(self):
+        """The Open Inference Protocol over REST on --http-port: the same protocol object, credentials,
+        TLS files and bounds as the gRPC port (issue 22)."""
+        from headswap.api.http_server import HttpLimits, HttpServer
+        from headswap.api.rest import RestApp
+        from headswap.api.tls import http_ssl_context
+
+        s = self.settings
+        app = RestApp(self.inference_protocol, self.credentials, mutual_tls=bool(s.tls_client_ca_file),
+                      serving=lambda: self.ready.is_set() and not self.stopping.is_set(),
+                      max_message_bytes=s.max_message_bytes, bytes_in_flight=s.max_request_bytes_in_flight,
+                      waiting_per_client=s.max_waiting_calls_per_client, max_inference_calls=s.max_inference_calls)
+        limits = HttpLimits(max_connections=s.max_connections, arrival_timeout_s=s.request_arrival_timeout_s,
+                            max_headers=s.http_max_headers, max_header_bytes=s.http_max_header_bytes)
+        return HttpServer(app.app, limits, s.connection_idle_timeout_s, http_ssl_context(s))
 
     def _add_training(self) -> list[str]:
         from headswap.api.training_servicer import TrainingServicer
@@ -280,11 +300,18 @@ class HeadswapServer:
         if s.health_port >= 0:
             with _binding("--health-port", f"{s.host}:{s.health_port}"):
                 self._start_health_port()
+        if self.http is not None:
+            http_host = s.host.strip("[]")  # gRPC's [::] is HTTP's ::
+            with _binding("--http-port", f"{http_host}:{s.http_port}"):
+                self.http_port = self.http.bind(http_host, s.http_port)
         self.health.set("", NOT_SERVING)
         if self.jobs is not None:
             self.health.set(TRAINING_SERVICE, NOT_SERVING)
         self.server.start()
-        log.info("gRPC listening on port %d, metrics on %s", self.port, self.metrics_port or "off")
+        if self.http is not None:
+            self.http.start()
+        log.info("gRPC listening on port %d, metrics on %s, REST on %s", self.port, self.metrics_port or "off",
+                 self.http_port or "off")
         threading.Thread(target=self._become_ready, name="bootstrap", daemon=True).start()
         return self.port
 
@@ -509,6 +536,8 @@ class HeadswapServer:
         # Every handler has returned, but an answer may still be on its way out, and a call that
         # came in just now may not have reached our handler yet (it is refused there): grpc's stop
         # with the time left lets both end, where stop(0) cancelled them ("Cancelling all calls").
+        if self.http is not None:  # REST: stop listening, let its requests finish within what is left
+            closing.append(_in_background(lambda: self.http.stop(max(0.0, limit - time.monotonic())), "stop-http"))
         drained = self.server.stop(max(0.0, limit - time.monotonic()) if idle else 0)
         drained.wait(max(0.0, exit_at - 0.4 - time.monotonic()))
         if self.health_server is not None:

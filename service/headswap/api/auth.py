@@ -83,10 +83,14 @@ def caller() -> Principal:
 def caller_key(context: grpc.ServicerContext) -> str:
     """Who the current caller is, for per-caller bounds: its credential when it presented one,
     else its client address (every caller behind one proxy shares that)."""
-    principal = caller()
+    return key_of(caller(), client_address(context.peer()))
+
+
+def key_of(principal: Principal, address: str) -> str:
+    """The per-caller key of a principal calling from `address` (gRPC's and REST's calls share it)."""
     if principal.via != "none":
         return f"{principal.via}:{principal.name}"
-    return client_address(context.peer())
+    return address
 
 
 def job_owner() -> str | None:
@@ -95,7 +99,9 @@ def job_owner() -> str | None:
     return None if principal.sees_all_jobs else principal.name
 
 
-class _Denied(Exception):
+class Denied(Exception):
+    """A caller refused: the gRPC status and the message it gets."""
+
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code, self.message = code, message
@@ -165,46 +171,60 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     def _admit(self, method: str, scope: str, metadata, context: grpc.ServicerContext) -> Principal:
         """The caller, or abort the call with UNAUTHENTICATED / PERMISSION_DENIED."""
+        header = next((str(value) for key, value in metadata if key == "authorization"), None)
+        identities = _certificate_identities(context) if self.mutual_tls and scope != OPEN else []
         try:
-            principal = _ANONYMOUS if scope == OPEN else self._authenticate(metadata, context)
-            if scope != OPEN and not principal.allows(scope):
-                raise _Denied(grpc.StatusCode.PERMISSION_DENIED,
-                              f"{principal.name!r} may not call {method.rsplit('/', 1)[-1]}: it needs the "
-                              f"'{scope}' scope and has {', '.join(sorted(principal.scopes))}")
-        except _Denied as denied:
-            count_refused(method, denied.code)
-            _audit(None if denied.code == grpc.StatusCode.UNAUTHENTICATED else principal, method, denied.code,
-                   None, None, reason=denied.message)
+            principal = admit(self.store, self.mutual_tls, method, scope, header, identities)
+        except Denied as denied:
             context.abort(denied.code, denied.message)
         _CALLER.set(principal)  # no reset: every call sets its own caller before its servicer runs
         return principal
 
-    def _authenticate(self, metadata, context: grpc.ServicerContext) -> Principal:
-        """A bearer token if the call has one, else a mapped client certificate; else UNAUTHENTICATED."""
-        identities = _certificate_identities(context) if self.mutual_tls else []
-        if self.store is None:
-            return Principal(identities[0], ANONYMOUS_SCOPES, "certificate") if identities else _ANONYMOUS
-        header = next((str(value) for key, value in metadata if key == "authorization"), None)
-        if header is not None:
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise _Denied(grpc.StatusCode.UNAUTHENTICATED,
-                              "the authorization metadata must be 'Bearer <token>'")
-            principal = self.store.by_token(token.strip())
-            if principal is None:
-                raise _Denied(grpc.StatusCode.UNAUTHENTICATED,
-                              "unknown bearer token: it matches no entry of the server's credentials file")
-            return principal
-        if identities:
-            principal = self.store.by_identity(identities)
-            if principal is None:
-                raise _Denied(grpc.StatusCode.UNAUTHENTICATED,
-                              f"client certificate {identities[0]!r} is not mapped to scopes in the server's "
-                              "credentials file (client_identity); send a bearer token instead")
-            return principal
-        raise _Denied(grpc.StatusCode.UNAUTHENTICATED,
-                      "this server needs a credential: send the metadata 'authorization: Bearer <token>'"
-                      + (" or a client certificate named in its credentials file" if self.mutual_tls else ""))
+
+def admit(store: CredentialStore | None, mutual_tls: bool, method: str, scope: str, header: str | None,
+          identities: list[str], protocol: str = "grpc") -> Principal:
+    """The caller of `method` (which needs `scope`), from its authorization header value and verified
+    client-certificate names; Denied (counted and audited) when it may not call it. gRPC and REST
+    both come here: one set of rules for who may do what."""
+    try:
+        principal = _ANONYMOUS if scope == OPEN else authenticate(store, mutual_tls, header, identities)
+        if scope != OPEN and not principal.allows(scope):
+            raise Denied(grpc.StatusCode.PERMISSION_DENIED,
+                         f"{principal.name!r} may not call {method.rsplit('/', 1)[-1]}: it needs the "
+                         f"'{scope}' scope and has {', '.join(sorted(principal.scopes))}")
+    except Denied as denied:
+        count_refused(method, denied.code, protocol)
+        _audit(None if denied.code == grpc.StatusCode.UNAUTHENTICATED else principal, method, denied.code,
+               None, None, reason=denied.message, protocol=protocol)
+        raise
+    return principal
+
+
+def authenticate(store: CredentialStore | None, mutual_tls: bool, header: str | None,
+                 identities: list[str]) -> Principal:
+    """A bearer token if the call has one, else a mapped client certificate; else UNAUTHENTICATED."""
+    if store is None:
+        return Principal(identities[0], ANONYMOUS_SCOPES, "certificate") if identities else _ANONYMOUS
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Denied(grpc.StatusCode.UNAUTHENTICATED,
+                         "the authorization metadata must be 'Bearer <token>'")
+        principal = store.by_token(token.strip())
+        if principal is None:
+            raise Denied(grpc.StatusCode.UNAUTHENTICATED,
+                         "unknown bearer token: it matches no entry of the server's credentials file")
+        return principal
+    if identities:
+        principal = store.by_identity(identities)
+        if principal is None:
+            raise Denied(grpc.StatusCode.UNAUTHENTICATED,
+                         f"client certificate {identities[0]!r} is not mapped to scopes in the server's "
+                         "credentials file (client_identity); send a bearer token instead")
+        return principal
+    raise Denied(grpc.StatusCode.UNAUTHENTICATED,
+                 "this server needs a credential: send the metadata 'authorization: Bearer <token>'"
+                 + (" or a client certificate named in its credentials file" if mutual_tls else ""))
 
 
 def _certificate_identities(context: grpc.ServicerContext) -> list[str]:
@@ -229,7 +249,7 @@ def _code(context: grpc.ServicerContext, response: Any) -> grpc.StatusCode:
 
 
 def _audit(principal: Principal | None, method: str, code: grpc.StatusCode, request: Any, response: Any,
-           reason: str = "") -> None:
+           reason: str = "", protocol: str = "grpc") -> None:
     """One line: who, what, on which model/version or job, with what result. Never a credential."""
     fields = {"who": principal.name if principal else "unauthenticated",
               "via": principal.via if principal else "none",
@@ -245,6 +265,8 @@ def _audit(principal: Principal | None, method: str, code: grpc.StatusCode, requ
                 value = next((getattr(source, a) for a in attrs if a in _field_names(source)), None)
                 if value not in (None, "", 0):
                     fields[key] = _plain(value)
+    if protocol != "grpc":
+        fields["protocol"] = protocol
     if reason:
         fields["reason"] = reason
     extra: dict[str, Any] = dict(fields)

@@ -48,17 +48,26 @@ def request_id(context: grpc.ServicerContext) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _children(method: str, model: str, version: str, code: str) -> tuple[Any, Any]:
+def _children(method: str, model: str, version: str, code: str, protocol: str = "grpc") -> tuple[Any, Any]:
     """Prometheus label lookups cost microseconds per call: resolve each combination once."""
-    return (metrics.REQUESTS.labels(method, model, version, code),
-            metrics.REQUEST_LATENCY.labels(method, model))
+    return (metrics.REQUESTS.labels(method, model, version, code, protocol),
+            metrics.REQUEST_LATENCY.labels(method, model, protocol))
 
 
-def count_refused(method: str, code: grpc.StatusCode) -> None:
+def record(method: str, model: str, version: str, code: grpc.StatusCode, seconds: float, protocol: str) -> None:
+    """Count and time one finished call. Label values only from models the registry holds: callers
+    choose the names they send."""
+    label = model_label(model)
+    counter, histogram = _children(method, label, version[:20] if label == model else "", code.name, protocol)
+    counter.inc()
+    histogram.observe(seconds)
+
+
+def count_refused(method: str, code: grpc.StatusCode, protocol: str = "grpc") -> None:
     """Count a call refused before its servicer ran (no credential, a body that is not protobuf, a
     request message that never came): its log line may be throttled, the metric never is.
     `method` is the full name ('/headswap.v1.Inference/Classify'); only served methods get here."""
-    _children(method.rsplit("/", 1)[-1], "", "", code.name)[0].inc()
+    _children(method.rsplit("/", 1)[-1], "", "", code.name, protocol)[0].inc()
 
 
 class CallScope:
@@ -99,12 +108,7 @@ class CallScope:
         return False
 
     def _record(self, code: grpc.StatusCode) -> None:
-        # Label values only from models the registry holds: callers choose the names they send.
-        model = model_label(self.model)
-        version = self.version if model == self.model else ""
-        counter, histogram = _children(self.method, model, version[:20], code.name)
-        counter.inc()
-        histogram.observe(time.perf_counter() - self.started)
+        record(self.method, self.model, self.version, code, time.perf_counter() - self.started, "grpc")
 
 
 def rpc(method: str, model_of: Callable[[Any], str] = lambda request: "") -> Callable:

@@ -103,3 +103,40 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     files = CertificateFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     return grpc.dynamic_ssl_server_credentials(files.configuration(), files.fetch,
                                                require_client_authentication=bool(settings.tls_client_ca_file))
+
+
+class RotatingSslContext:
+    """The REST port's TLS: one `ssl.SSLContext` whose certificate follows the files on disk.
+
+    `refresh()` (called about once a second by the HTTP server) loads a changed certificate and key
+    into the same context, so new handshakes get the new certificate while established connections
+    keep theirs, as on the gRPC port. With a client CA the context requires a client certificate
+    that chains to it (mutual TLS); a rotated CA bundle is added to the trusted ones."""
+
+    def __init__(self, cert_file: str, key_file: str, client_ca_file: str = "") -> None:
+        self.files = CertificateFiles(cert_file, key_file, client_ca_file)  # ValueError: refuse broken files
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._load()
+        if client_ca_file:
+            self.context.verify_mode = ssl.CERT_REQUIRED
+
+    def _load(self) -> None:
+        self.context.load_cert_chain(self.files.paths[0], self.files.paths[1])
+        if len(self.files.paths) > 2:
+            self.context.load_verify_locations(cafile=self.files.paths[2])
+
+    def refresh(self) -> None:
+        if self.files.fetch() is None:  # unchanged, or not yet a matching certificate and key
+            return
+        try:
+            self._load()
+        except (OSError, ssl.SSLError) as err:  # changed again since the check: the next change retries
+            log.warning("TLS files changed but could not be loaded for the REST port; still serving the "
+                        "previous certificate: %s", err)
+
+
+def http_ssl_context(settings: Settings) -> RotatingSslContext | None:
+    """TLS for the REST port from the gRPC port's files, None for plaintext."""
+    if not settings.tls_cert_file:
+        return None
+    return RotatingSslContext(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
