@@ -21,6 +21,11 @@ Same model (the built-in EfficientNet-Lite0, exported into a temporary registry 
 7. with --floor (alone with --only-floor): headswap against bench/floor_server.py, the least a Python
    KServe V2 server can do (frombuffer + one spinning ORT session), and its --echo mode (transport
    alone), interleaved rounds; shows how much of each request is headswap's own work.
+8. with --protocol http (alone): the Open Inference Protocol over REST (tritonclient.http, Triton's
+   binary data, one [1,224,224,3] image per request, each client thread with its own client) against
+   the same load over gRPC (tritonclient.grpc), interleaved rounds on one server; REST/gRPC ratio and
+   server CPU per request. --http-target/--grpc-target measure another server instead (a peer's REST
+   and gRPC ports, model efficientnet-lite0, input image, output probabilities).
 Prints ratios against the raw baseline. Timings, not assertions: tests never assert on speed.
 """
 
@@ -45,7 +50,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from common import cpu_seconds, prepare_registry, start_server
+from common import cpu_seconds, http_port, prepare_registry, start_server
 from headswap.inference.images import Preprocessing, load_pixels
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
@@ -383,6 +388,65 @@ def bench_precision(model_dir: Path, registry: Registry, path: Path, manifest: d
         proc.wait(60)
 
 
+def protocol_calls(grpc_target: str, http_target: str, tensor: np.ndarray) -> dict[str, Callable[[], None]]:
+    """One call per protocol; each load thread gets its own client (tritonclient.http runs on gevent,
+    whose hub belongs to one thread). Every answer is checked to be a [1, classes] tensor."""
+    import tritonclient.grpc as triton_grpc
+    import tritonclient.http as triton_http
+
+    local = threading.local()
+    datatype = "FP32" if tensor.dtype == np.float32 else "UINT8"
+
+    def call(kind: str) -> None:
+        module, target = (triton_http, http_target) if kind == "http" else (triton_grpc, grpc_target)
+        if not hasattr(local, kind):
+            infer_input = module.InferInput("image", list(tensor.shape), datatype)
+            infer_input.set_data_from_numpy(tensor)  # binary data over REST (tritonclient's default)
+            outputs = [module.InferRequestedOutput("probabilities")]
+            setattr(local, kind, (module.InferenceServerClient(target), infer_input, outputs))
+        client, infer_input, outputs = getattr(local, kind)
+        answer = client.infer(MODEL, [infer_input], outputs=outputs).as_numpy("probabilities")
+        if answer is None or answer.shape[0] != 1:
+            raise RuntimeError(f"unexpected answer {answer!r}")
+
+    return {"grpc": lambda: call("grpc"), "http": lambda: call("http")}
+
+
+def bench_protocols(grpc_target: str, http_target: str, tensor: np.ndarray, clients: list[int], seconds: float,
+                    rounds: int, server_pid: int | None) -> None:
+    """REST against gRPC on the same server and load, interleaved (order swapped every round); medians."""
+    import statistics
+
+    calls = protocol_calls(grpc_target, http_target, tensor)
+    for kind in calls:
+        for _ in range(5):
+            calls[kind]()
+    results: dict[tuple[str, int], list[dict]] = {}
+    for round_ in range(rounds):
+        order = list(calls) if round_ % 2 == 0 else list(calls)[::-1]
+        for n in clients:
+            for kind in order:
+                cpu, mine = cpu_seconds(server_pid) if server_pid else 0.0, time.process_time()
+                r = load(calls[kind], n, seconds)
+                r["cpu_ms"] = ((cpu_seconds(server_pid) - cpu) * 1000 / max(1, r["n"])) if server_pid else 0.0
+                r["client_ms"] = (time.process_time() - mine) * 1000 / max(1, r["n"])
+                results.setdefault((kind, n), []).append(r)
+    print(f"{tensor.dtype} {list(tensor.shape)} per request, {rounds} rounds x {seconds:g} s, medians "
+          f"(gRPC {grpc_target}, REST {http_target}); CPU ms/req: the server's; client CPU: this load generator's")
+    print(f"  {'clients':>7} {'protocol':>8} {'img/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'CPU ms/req':>10} "
+          f"{'client CPU':>10} {'REST/gRPC':>9}")
+    for n in clients:
+        rate = {}
+        for kind in calls:
+            runs = results[(kind, n)]
+            rate[kind] = statistics.median(r["rate"] for r in runs)
+            ratio = f"{rate['http'] / rate['grpc']:9.2f}" if kind == "http" and rate.get("grpc") else ""
+            cpu = f"{statistics.median(r['cpu_ms'] for r in runs):10.2f}" if server_pid else f"{'-':>10}"
+            print(f"  {n:7d} {kind:>8} {rate[kind]:8.1f} {statistics.median(r['p50'] for r in runs):7.1f} "
+                  f"{statistics.median(r['p99'] for r in runs):7.1f} {sum(r['errors'] for r in runs):6d} {cpu} "
+                  f"{statistics.median(r['client_ms'] for r in runs):10.2f} {ratio}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -396,7 +460,23 @@ def main() -> None:
     parser.add_argument("--only-lanes", action="store_true", help="compare the inference lanes only (section 6)")
     parser.add_argument("--floor", action="store_true", help="also measure headswap against floor_server.py")
     parser.add_argument("--only-floor", action="store_true", help="measure against floor_server.py only (section 7)")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc",
+                        help="http: REST against gRPC only (section 8)")
+    parser.add_argument("--datatype", choices=("FP32", "UINT8"), default="FP32",
+                        help="section 8: the image as the model's FP32 input (as the peer harness sends it) or pixels")
+    parser.add_argument("--http-target", default="", help="section 8: another server's REST HOST:PORT (a peer's)")
+    parser.add_argument("--grpc-target", default="", help="section 8: that server's gRPC HOST:PORT")
     args = parser.parse_args()
+    if args.protocol == "http" and args.http_target:  # a peer: nothing of ours to start
+        if not args.grpc_target:
+            parser.error("--http-target needs --grpc-target (the same server's gRPC port)")
+        from skimage import data
+
+        pixels = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224)), dtype=np.uint8)[None]
+        tensor = (pixels.astype(np.float32) - 127.0) / 128.0 if args.datatype == "FP32" else pixels
+        bench_protocols(args.grpc_target, args.http_target, tensor, [int(c) for c in args.clients.split(",")],
+                        args.seconds, args.rounds, None)
+        return
     work = Path(tempfile.mkdtemp(prefix="headswap-bench-"))
     model_dir = prepare_registry(work, args.model_dir)
     registry = Registry(model_dir)
@@ -405,6 +485,20 @@ def main() -> None:
     print(f"model {MODEL}, JPEG {len(jpeg)} bytes, {os.cpu_count()} CPUs, {args.seconds:.0f} s per point\n")
     tiers = [t for t in args.precision.split(",") if t and t != "fp32"]
     clients = [int(c) for c in args.clients.split(",")]
+    if args.protocol == "http":
+        proc, port = start_server(model_dir, work, "--role", "inference", "--threads", str(args.threads))
+        try:
+            tensor, _ = fp32_input(manifest, jpeg)
+            if args.datatype == "UINT8":
+                prep = Preprocessing.from_manifest(manifest)
+                tensor = load_pixels(jpeg, prep.height, prep.width, 10**8)[None]
+            bench_protocols(f"127.0.0.1:{port}", f"127.0.0.1:{http_port(work)}", tensor, clients, args.seconds,
+                            args.rounds, proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+            shutil.rmtree(work, ignore_errors=True)
+        return
     if args.only_lanes or args.only_floor:
         try:
             section = bench_lanes if args.only_lanes else bench_floor

@@ -39,7 +39,7 @@ def start_server(model_dir: Path, work: Path, *args: str, env: dict | None = Non
     log_path = work / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "headswap.cli", "serve", "--port", "0", "--metrics-port", "-1",
-                                 "--host", "127.0.0.1", "--model-dir", str(model_dir), "--work-dir", str(work), *args],
+                                 "--http-port", "0", "--host", "127.0.0.1", "--model-dir", str(model_dir), "--work-dir", str(work), *args],
                                 stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     deadline = time.monotonic() + 300
@@ -59,3 +59,9 @@ def start_server(model_dir: Path, work: Path, *args: str, env: dict | None = Non
         time.sleep(0.2)
     proc.kill()
     raise SystemExit("server did not become ready")
+
+
+def http_port(work: Path) -> int:
+    """The REST port a server started by `start_server` in `work` reported (0 when off)."""
+    match = re.search(r"REST on (\d+)", (work / "server.log").read_text(errors="replace"))
+    return int(match.group(1)) if match else 0
