@@ -232,3 +232,64 @@ def test_finetune_streams_cut_off_or_malformed(channel, frames, cut):
 
 def test_stream_cases_left_the_server_healthy(server):
     assert_healthy(server)
+
+
+# --- REST bodies (the Open Inference Protocol over HTTP, issue 22) ------------------------------
+
+REST_CALLER_ERRORS = {400, 404, 413, 429}
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                        max_size=4), max_leaves=30)
+
+
+def rest_post(server, body: bytes, headers: dict | None = None, path: str = f"/v2/models/{BUILTIN_NAME}/infer") -> int:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    try:
+        connection.request("POST", path, body, headers or {})
+        response = connection.getresponse()
+        answer = response.read()
+        if response.status != 200:
+            assert b'"error"' in answer, answer[:200]  # every refusal says why, as {"error": ...}
+        return response.status
+    finally:
+        connection.close()
+
+
+@FUZZ
+@given(document=json_values | st.fixed_dictionaries({"inputs": json_values}, optional={"outputs": json_values,
+                                                                                     "parameters": json_values}))
+def test_rest_arbitrary_json(server, document):
+    import json
+
+    assert rest_post(server, json.dumps(document).encode()) in REST_CALLER_ERRORS
+
+
+@FUZZ
+@given(datatype=st.sampled_from(["FP32", "UINT8", "BYTES", "INT8", ""]),
+       shape=st.lists(st.integers(-2, 300) | st.sampled_from([224, 2**40]), max_size=5),
+       binary_size=st.none() | st.integers(-1, 2**20), binary=st.binary(max_size=512),
+       header_length=st.none() | st.integers(-1, 1024), data=st.none() | st.lists(st.integers(-1, 300), max_size=8),
+       outputs=st.lists(st.fixed_dictionaries({"name": st.sampled_from(["probabilities", "x"]), "parameters":
+                                               st.fixed_dictionaries({}, optional={
+                                                   "binary_data": st.booleans() | st.integers(0, 2),
+                                                   "classification": st.integers(-1, 2000) | st.text(max_size=3)})}),
+                        max_size=2))
+def test_rest_tensors_and_binary_sections(server, datatype, shape, binary_size, binary, header_length, data, outputs):
+    import json
+
+    tensor: dict = {"name": "image", "datatype": datatype, "shape": shape}
+    if binary_size is not None:
+        tensor["parameters"] = {"binary_data_size": binary_size}
+    if data is not None:
+        tensor["data"] = data
+    text = json.dumps({"inputs": [tensor], "outputs": outputs}).encode()
+    headers = {"Inference-Header-Content-Length": str(len(text) if header_length is None else header_length)}
+    status = rest_post(server, text + binary, headers)
+    assert status in REST_CALLER_ERRORS or status == 200, status
+
+
+def test_rest_cases_left_the_server_healthy(server):
+    assert_healthy(server)
+    assert rest_post(server, b"", path="/v2/health/ready") in (200, 405)
