@@ -18,6 +18,7 @@ from conftest import BUILTIN_NAME, start_server
 
 ARRIVAL_S = 2.0
 MAX_MESSAGE = 4 << 20
+IN_FLIGHT = 40 << 20
 INFER = f"/v2/models/{BUILTIN_NAME}/infer"
 
 
@@ -27,9 +28,11 @@ def rest_server(exported_registry, tmp_path_factory):
     registry = work / "registry"
     shutil.copytree(exported_registry, registry)
     server = start_server(registry, work, "--request-arrival-timeout-s", str(ARRIVAL_S),
-                          "--max-message-bytes", str(MAX_MESSAGE), "--max-connections", "64")
+                          "--max-message-bytes", str(MAX_MESSAGE), "--max-connections", "64",
+                          "--max-request-bytes-in-flight", str(IN_FLIGHT))
     yield server
-    server.stop()
+    assert server.stop() == 0, server.log()[-3000:]  # a clean drain with the REST port open
+    assert "Traceback" not in server.log()
 
 
 def rss_mb(server) -> float:
@@ -218,6 +221,24 @@ def test_garbage_and_a_body_longer_than_its_content_length(rest_server):
         sock.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n".encode() + body)
         first, _, _ = read_response(sock)
         assert first == 400
+    assert_serving(rest_server)
+
+
+def test_json_bodies_in_flight_are_bounded(rest_server):
+    """A declared 3 MiB JSON body holds 8 x 3 MiB of --max-request-bytes-in-flight (40 MiB here) while
+    it arrives: a second one does not fit (429); once the first is gone, it does."""
+    size = 3 << 20
+    head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode()
+    with connect(rest_server) as first:
+        first.sendall(head + b"[" * 10)
+        time.sleep(0.3)
+        with connect(rest_server) as second:
+            second.sendall(head + b"[" * 10)
+            status, _, answer = read_response(second)
+            assert status == 429 and "--max-request-bytes-in-flight" in answer["error"], answer
+    time.sleep(0.3)
+    status, answer = post(rest_server, b"[" * 100 + b" " * size)
+    assert status == 400 and "not valid JSON" in answer["error"], answer  # admitted now, and read
     assert_serving(rest_server)
 
 

@@ -282,3 +282,28 @@ def test_rest_certificate_rotation(rest_tls_server, pki):  # noqa: F811
         time.sleep(0.3)
     context = ssl.create_default_context(cafile=str(pki.ca_file))
     assert http_json(server, "/v2/health/live", scheme="https", context=context)[0] == 200
+
+
+def test_rest_mutual_tls_names_the_caller_by_its_certificate(exported_registry, tmp_path, pki):  # noqa: F811
+    """--tls-client-ca-file: a REST connection needs a client certificate from that CA, and one named
+    in the credentials file (client_identity) is a credential with that entry's scopes."""
+    registry = tmp_path / "registry"
+    shutil.copytree(exported_registry, registry)
+    server = start_server(registry, tmp_path / "work", "--tls-cert-file", str(pki.cert_file), "--tls-key-file",
+                          str(pki.key_file), "--tls-client-ca-file", str(pki.ca_file), "--auth-tokens-file",
+                          str(pki.tokens_file), "--health-port", "0", "--log-format", "json", wait=False)
+    try:
+        wait_secure_ready(server)
+        server.http_port = int(re.search(r"REST on (\d+)", server.log())[1])
+        with_cert = ssl.create_default_context(cafile=str(pki.ca_file))
+        with_cert.load_cert_chain(pki.client_cert, pki.client_key)
+        status, body = http_json(server, f"/v2/models/{BUILTIN_NAME}/ready", scheme="https", context=with_cert)
+        assert status == 200 and body["ready"] is True, body
+        foreign = ssl.create_default_context(cafile=str(pki.ca_file))
+        foreign.load_cert_chain(pki.foreign_cert, pki.foreign_key)
+        for context in (foreign, ssl.create_default_context(cafile=str(pki.ca_file))):  # wrong CA, or none
+            with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+                http_json(server, "/v2/health/live", scheme="https", context=context)
+        assert "Traceback" not in server.log()
+    finally:
+        assert server.stop() == 0
