@@ -178,11 +178,16 @@ def test_metrics_are_labelled_by_protocol(shared_server, http_client, pixels):
     tensor = tc_http.InferInput("image", list(pixels.shape), "UINT8")
     tensor.set_data_from_numpy(pixels)
     http_client.infer(BUILTIN_NAME, [tensor])
+    assert http_client.is_server_live()
+    grpc_probabilities(shared_server, pixels)
     with urllib.request.urlopen(f"http://127.0.0.1:{shared_server.metrics_port}/metrics", timeout=30) as response:
         text = response.read().decode()
     assert re.search(r'headswap_requests_total\{code="OK",method="ModelInfer",model="efficientnet-lite0",'
                      r'protocol="http",version="1"\} [1-9]', text), text[:3000]
-    assert 'protocol="grpc"' in text
+    assert re.search(r'headswap_requests_total\{code="OK",method="ModelInfer",model="efficientnet-lite0",'
+                     r'protocol="grpc",version="1"\} [1-9]', text)
+    assert re.search(r'headswap_requests_total\{code="OK",method="ServerLive",model="",protocol="http",version=""\} '
+                     r'[1-9]', text)  # the open health endpoints are counted too
     assert "Traceback" not in shared_server.log()
 
 

@@ -274,14 +274,14 @@ class RestApp:
     # --- one wrapper for every endpoint --------------------------------------------------------
 
     async def _call(self, request: Request, method: str, work: Callable[[], Any], model: str = "",
-                    in_thread: bool = True) -> Response:
+                    in_thread: bool = True, scope: str | None = None) -> Response:
         """Admit the caller, run `work` (a coroutine, or in a thread: registry reads may wait on a
         store), answer JSON or the error's status; count and time the call like gRPC's CallScope,
         with protocol=http."""
         started = time.perf_counter()
         code, version = grpc.StatusCode.OK, ""
         try:
-            self._admit(request, method)
+            self._admit(request, method, scope)
             if asyncio.iscoroutinefunction(work):
                 result = await work()
             else:
@@ -305,8 +305,9 @@ class RestApp:
         record(method, model, version, code, time.perf_counter() - started, "http")
         return response
 
-    def _admit(self, request: Request, method: str) -> None:
-        scope = OPEN if method.startswith("health") else scope_for(_KSERVE + method)
+    def _admit(self, request: Request, method: str, scope: str | None) -> None:
+        """The caller of a KServe method (`scope` None: the method's own scope from auth's table)."""
+        scope = scope or scope_for(_KSERVE + method)
         identities = request.scope.get(IDENTITIES, []) if self.mutual_tls and scope != OPEN else []
         principal = admit(self.credentials, self.mutual_tls, _KSERVE + method, scope,
                           request.headers.get("authorization"), identities, protocol="http")
@@ -325,12 +326,12 @@ class RestApp:
     # --- health and metadata -----------------------------------------------------------------
 
     async def live(self, request: Request) -> Response:
-        return await self._call(request, "health live", lambda: {"live": True}, in_thread=False)
+        return await self._call(request, "ServerLive", lambda: {"live": True}, in_thread=False, scope=OPEN)
 
     async def ready(self, request: Request) -> Response:
         ready = self.serving()
-        return await self._call(request, "health ready", lambda: json_response({"ready": ready}, 200 if ready else 503),
-                                in_thread=False)
+        return await self._call(request, "ServerReady", lambda: json_response({"ready": ready}, 200 if ready else 503),
+                                in_thread=False, scope=OPEN)  # health is open, as grpc.health.v1 is
 
     async def server_metadata(self, request: Request) -> Response:
         return await self._call(request, "ServerMetadata", self.protocol.server_metadata, in_thread=False)
