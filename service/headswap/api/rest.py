@@ -69,6 +69,13 @@ class TooLarge(ResourceExhausted):
     """A body past --max-message-bytes: 413, and the connection is closed (its rest is never read)."""
 
 
+def client_address(request: Request) -> str:
+    """The caller's address as gRPC names it ('ipv4:10.0.0.7', 'ipv6:[::1]'): an unauthenticated
+    caller has one per-caller count over both protocols."""
+    host = request.client.host if request.client else "unknown"
+    return f"ipv6:[{host}]" if ":" in host else f"ipv4:{host}"
+
+
 def error_response(status: int, message: str, close: bool = False) -> Response:
     if len(message) > MAX_DETAILS:
         message = f"{message[:MAX_DETAILS]}... (message cut from {len(message)} characters)"
@@ -311,7 +318,7 @@ class RestApp:
         identities = request.scope.get(IDENTITIES, []) if self.mutual_tls and scope != OPEN else []
         principal = admit(self.credentials, self.mutual_tls, _KSERVE + method, scope,
                           request.headers.get("authorization"), identities, protocol="http")
-        request.state.caller = key_of(principal, f"ip:{request.client.host}" if request.client else "unknown")
+        request.state.caller = key_of(principal, client_address(request))
 
     async def _http_error(self, request: Request, exc: HTTPException) -> Response:
         message = {404: f"no such endpoint: {shown_name(request.url.path)} (the Open Inference Protocol's are "
@@ -365,7 +372,7 @@ class RestApp:
 
     async def infer(self, request: Request) -> Response:
         model, version = request.path_params["model"], request.path_params.get("version", "")
-        async with contextlib.AsyncExitStack() as held:
+        with contextlib.ExitStack() as held:  # what the request holds (its bytes in flight) until answered
             async def work_async() -> Response:
                 header_length = self._header_length(request)
                 body = await self._body(request, header_length, held)
@@ -392,7 +399,7 @@ class RestApp:
             raise InvalidInput(f"Inference-Header-Content-Length must be a whole number of bytes, got {shown_name(value)}")
         return int(value)
 
-    async def _body(self, request: Request, header_length: int | None, held: contextlib.AsyncExitStack) -> bytes:
+    async def _body(self, request: Request, header_length: int | None, held: contextlib.ExitStack) -> bytes:
         """Read the body within --max-message-bytes, its bytes held against the in-flight budget."""
         limit = self.max_message_bytes
         declared = request.headers.get("content-length")
@@ -407,16 +414,15 @@ class RestApp:
                                    f"({size} bytes)")
             json_part = size if header_length is None else header_length
             held.enter_context(self.in_flight.take(json_part * JSON_COST + size - json_part))
-        address = f"ip:{request.client.host}" if request.client else "unknown"
-        held.enter_context(self.waiting.take(address))
         chunks, received = [], 0
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                raise TooLarge(f"the request body passed {limit} bytes (--max-message-bytes)")
-            if declared is None:  # chunked: each piece is held as it comes
-                held.enter_context(self.in_flight.take(len(chunk) * JSON_COST))
-            chunks.append(chunk)
+        with self.waiting.take(client_address(request)):  # only while the body arrives
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:
+                    raise TooLarge(f"the request body passed {limit} bytes (--max-message-bytes)")
+                if declared is None:  # chunked: each piece is held as it comes
+                    held.enter_context(self.in_flight.take(len(chunk) * JSON_COST))
+                chunks.append(chunk)
         body = b"".join(chunks)
         if header_length is not None and header_length > len(body):
             raise InvalidInput(f"Inference-Header-Content-Length ({header_length}) is larger than the body "
