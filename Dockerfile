@@ -88,8 +88,9 @@ RUN groupadd --system --gid 10001 headswap \
  && install -d -o headswap -g headswap /models /tmp/headswap
 WORKDIR /home/headswap
 USER 10001:10001
-# 50051: gRPC (headswap.v1, KServe V2, grpc.health.v1, reflection); 9090: Prometheus /metrics.
-EXPOSE 50051 9090
+# 50051: gRPC (headswap.v1, KServe V2, grpc.health.v1, reflection); 8080: the Open Inference Protocol over
+# REST (--http-port, inference roles); 9090: Prometheus /metrics.
+EXPOSE 50051 8080 9090
 # Exec form: no shell needed. `--local` reads the container's HEADSWAP_* settings: it checks the
 # plaintext HEADSWAP_HEALTH_PORT when set (needed once TLS is on), else HEADSWAP_PORT.
 # Kubernetes ignores this and uses its own gRPC probes.
