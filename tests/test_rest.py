@@ -312,3 +312,41 @@ def test_rest_mutual_tls_names_the_caller_by_its_certificate(exported_registry, 
         assert "Traceback" not in server.log()
     finally:
         assert server.stop() == 0
+
+
+# --- the kserve package's REST client ---------------------------------------------------------------------
+
+KSERVE = "kserve==0.21.0"
+
+
+@pytest.fixture(scope="session")
+def kserve_python() -> Path:
+    """An interpreter with the `kserve` package: its own venv, built once per machine (kserve 0.21 pins
+    protobuf 6 and grpcio-tools 1.81, so it cannot live in headswap's venv)."""
+    import os
+
+    venv = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "headswap-tests" / KSERVE.replace("==", "-")
+    python = venv / "bin" / "python"
+    if not (venv / ".complete").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=300)
+        result = subprocess.run([str(python), "-m", "pip", "install", "-q", KSERVE], capture_output=True, text=True,
+                                timeout=1200)
+        assert result.returncode == 0, f"pip install {KSERVE} failed:\n{result.stderr[-3000:]}"
+        (venv / ".complete").touch()
+    return python
+
+
+def test_kserve_rest_client_unchanged(shared_server, kserve_python, pixels, tmp_path):
+    """The kserve package's InferenceRESTClient (v2): health, model readiness, infer with JSON and with
+    binary data, and an error it reports with the server's message."""
+    np.save(tmp_path / "pixels.npy", pixels)
+    result = subprocess.run([str(kserve_python), str(Path(__file__).with_name("kserve_rest_client.py")),
+                             shared_server.http_target, str(tmp_path / "pixels.npy")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["ready"] and seen["live"] and seen["model_ready"], seen
+    for kind in ("json", "binary"):
+        assert seen[kind]["shape"] == [1, 1000] and seen[kind]["top"] == EGYPTIAN_CAT, seen
+    assert abs(seen["json"]["max"] - seen["binary"]["max"]) < 1e-6
+    assert "404" in seen["error"] and "unknown model 'no-such-model'" in seen["error"], seen
