@@ -231,7 +231,7 @@ def rest_tls_server(exported_registry, tmp_path_factory, pki):  # noqa: F811
     shutil.copy(pki.key_file, key)
     server = start_server(registry, work, "--tls-cert-file", str(cert), "--tls-key-file", str(key),
                           "--auth-tokens-file", str(pki.tokens_file), "--log-format", "json", "--health-port", "0",
-                          wait=False)
+                          "--handshake-timeout-s", "2", wait=False)
     try:
         wait_secure_ready(server)
         server.http_port = int(re.search(r"REST on (\d+)", server.log())[1])
@@ -270,6 +270,17 @@ def test_rest_tls_tokens_scopes_and_audit(rest_tls_server, pki, pixels):  # noqa
     refused = [a for a in audits if a.get("protocol") == "http" and a.get("result") == "UNAUTHENTICATED"]
     assert refused and refused[0]["method"] == "ModelMetadata", audits[-5:]
     assert token not in server.log()
+
+
+def test_a_silent_tls_client_is_closed_after_the_handshake_timeout(rest_tls_server):
+    """A connection that never starts its TLS handshake is closed at --handshake-timeout-s (2 s here)."""
+    import socket
+
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", rest_tls_server.http_port), timeout=30) as sock:
+        assert sock.recv(1) == b""  # closed by the server, not by our timeout
+    assert 1.5 < time.monotonic() - started < 10
+    assert rest_tls_server.proc.poll() is None
 
 
 def test_rest_certificate_rotation(rest_tls_server, pki):  # noqa: F811

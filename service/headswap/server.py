@@ -251,7 +251,7 @@ class HeadswapServer:
                       waiting_per_client=s.max_waiting_calls_per_client, max_inference_calls=s.max_inference_calls)
         limits = HttpLimits(max_connections=s.max_connections, arrival_timeout_s=s.request_arrival_timeout_s,
                             max_headers=s.http_max_headers, max_header_bytes=s.http_max_header_bytes)
-        return HttpServer(app.app, limits, s.connection_idle_timeout_s, http_ssl_context(s))
+        return HttpServer(app.app, limits, s.connection_idle_timeout_s, s.handshake_timeout_s, http_ssl_context(s))
 
     def _add_training(self) -> list[str]:
         from headswap.api.training_servicer import TrainingServicer

@@ -5,7 +5,8 @@ request, uvicorn + httptools spent 0.28 ms of server CPU per request, cheroot (t
 and uvicorn + h11 0.44. An idle or slow connection costs a socket and a few KB, not a thread.
 
 uvicorn leaves some bounds to its user; `BoundedHttpProtocol` adds them where bytes arrive:
-- connections: at most --max-connections open at once; more are closed on arrival;
+- connections: at most --max-connections open at once; more are closed on arrival; a TLS handshake
+  not finished within --handshake-timeout-s closes the connection (asyncio's own bound is 60 s);
 - request arrival: a request's line, headers and body must all arrive within
   --request-arrival-timeout-s of its first byte (a slowloris on headers or body gets 408 and the
   connection is closed); an idle keep-alive connection is closed after --connection-idle-timeout-s;
@@ -168,11 +169,26 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+class _HandshakeBoundLoop(asyncio.SelectorEventLoop):
+    """asyncio's loop, with TLS handshakes bounded by --handshake-timeout-s (uvicorn passes no bound)."""
+
+    def __init__(self, handshake_timeout_s: float) -> None:
+        super().__init__()
+        self.handshake_timeout_s = handshake_timeout_s
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.base_events.Server:  # type: ignore[override]
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_handshake_timeout", self.handshake_timeout_s)
+        return await super().create_server(*args, **kwargs)
+
+
 class HttpServer:
     """An ASGI app served by uvicorn on a socket bound up front (port errors surface at start)."""
 
-    def __init__(self, app: Any, limits: HttpLimits, idle_timeout_s: float, tls: RotatingSslContext | None) -> None:
+    def __init__(self, app: Any, limits: HttpLimits, idle_timeout_s: float, handshake_timeout_s: float,
+                 tls: RotatingSslContext | None) -> None:
         self.tls = tls
+        self.handshake_timeout_s = handshake_timeout_s
         self.config = uvicorn.Config(app, http=BoundedHttpProtocol, loop="asyncio", lifespan="off", ws="none",
                                      log_config=None, access_log=False, server_header=False,
                                      timeout_keep_alive=max(1, round(idle_timeout_s)),
@@ -207,9 +223,12 @@ class HttpServer:
     def start(self) -> None:
         self.config.load()
         self.config.ssl = self.tls.context if self.tls is not None else None
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, name="http",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self._run, name="http", daemon=True)
         self.thread.start()
+
+    def _run(self) -> None:
+        with asyncio.Runner(loop_factory=lambda: _HandshakeBoundLoop(self.handshake_timeout_s)) as runner:
+            runner.run(self.server.serve(sockets=[self.socket]))
 
     def stop(self, grace_s: float) -> None:
         """Stop listening, let requests in progress finish within `grace_s`, then end."""
