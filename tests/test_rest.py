@@ -28,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import BUILTIN_NAME, start_server
 from headswap.inference.images import Preprocessing, load_pixels
-from test_security import CLIENT_IDENTITY, Pki, TOKENS, pki, served_certificate, wait_secure_ready  # noqa: F401
+from test_security import TOKENS, pki, served_certificate, wait_secure_ready  # noqa: F401 (pki: a fixture)
 from test_triton_tools import load_dev
 
 SIZE = 224
