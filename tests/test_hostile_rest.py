@@ -5,7 +5,6 @@ hostile ones (no client library would send them)."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import socket
 import struct
@@ -15,6 +14,7 @@ import time
 import pytest
 
 from conftest import BUILTIN_NAME, start_server
+from hostile import rss_mb
 
 ARRIVAL_S = 2.0
 MAX_MESSAGE = 4 << 20
@@ -33,11 +33,6 @@ def rest_server(exported_registry, tmp_path_factory):
     yield server
     assert server.stop() == 0, server.log()[-3000:]  # a clean drain with the REST port open
     assert "Traceback" not in server.log()
-
-
-def rss_mb(server) -> float:
-    status = open(f"/proc/{server.proc.pid}/status").read()
-    return int(re.search(r"VmRSS:\s+(\d+)", status)[1]) / 1024
 
 
 def connect(server) -> socket.socket:
@@ -133,7 +128,7 @@ def test_bad_bodies_get_400_with_a_reason(rest_server, body, headers, status, wo
 
 
 def test_a_100_mb_array_is_refused_before_it_is_read(rest_server):
-    before = rss_mb(rest_server)
+    before = rss_mb(rest_server.proc.pid)
     body = b'{"inputs": [{"name": "image", "shape": [1, 224, 224, 3], "datatype": "FP32", "data": [' + b"0.5," * (25 << 20)
     with connect(rest_server) as sock:  # declared: 413 from the headers alone, the connection closed
         sock.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body) + 10}\r\n\r\n".encode()
@@ -153,7 +148,7 @@ def test_a_100_mb_array_is_refused_before_it_is_read(rest_server):
         status, _, answer = read_response(sock)
         assert status == 413 and "--max-message-bytes" in answer["error"]
         assert sent < len(body)
-    assert rss_mb(rest_server) - before < 150
+    assert rss_mb(rest_server.proc.pid) - before < 150
     assert_serving(rest_server)
 
 
