@@ -35,6 +35,10 @@ METHOD_SCOPES: dict[str, str] = {
     f"{_V1}Models/GetModel": CLASSIFY,
     f"{_V1}Models/ActivateModel": ADMIN,
     f"{_V1}Models/RollbackModel": ADMIN,
+    f"{_V1}Models/StartRollout": ADMIN,
+    f"{_V1}Models/GetRollout": ADMIN,
+    f"{_V1}Models/PromoteRollout": ADMIN,
+    f"{_V1}Models/AbortRollout": ADMIN,
     # train: the servicer limits a train-only caller to its own jobs; admin sees every job.
     f"{_V1}Training/FineTune": TRAIN,
     f"{_V1}Training/WatchJob": TRAIN,
@@ -61,7 +65,8 @@ METHOD_SCOPES: dict[str, str] = {
 }
 
 # Calls that change what is served or start/stop training: audited whatever their outcome.
-AUDITED = frozenset({f"{_V1}Models/ActivateModel", f"{_V1}Models/RollbackModel", f"{_V1}Training/FineTune",
+AUDITED = frozenset({f"{_V1}Models/ActivateModel", f"{_V1}Models/RollbackModel", f"{_V1}Models/StartRollout",
+                     f"{_V1}Models/PromoteRollout", f"{_V1}Models/AbortRollout", f"{_V1}Training/FineTune",
                      f"{_V1}Training/CancelJob", f"{_KSERVE}RepositoryModelLoad",
                      f"{_KSERVE}RepositoryModelUnload"})
 
@@ -87,6 +92,20 @@ def caller_key(context: grpc.ServicerContext) -> str:
     if principal.via != "none":
         return f"{principal.via}:{principal.name}"
     return client_address(context.peer())
+
+
+ROUTING_KEY = "routing-key"  # metadata entry naming the end user a rollout's split sticks to
+
+
+def routing_key(context: grpc.ServicerContext) -> str | None:
+    """What a rollout's sticky split keys on (headswap.inference.rollout): the `routing-key` metadata
+    entry when the caller sends one, else its credential's name; None (routed by weight) without
+    either. Only hashed, never stored; gRPC's metadata limit bounds its size."""
+    for key, value in context.invocation_metadata() or ():
+        if key == ROUTING_KEY:
+            return str(value) or None
+    principal = caller()
+    return principal.name if principal.via != "none" else None
 
 
 def job_owner() -> str | None:

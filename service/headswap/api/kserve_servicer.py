@@ -44,7 +44,7 @@ import grpc
 import numpy as np
 
 from headswap.admission import SlotsPerKey
-from headswap.api.auth import caller_key
+from headswap.api.auth import caller_key, routing_key
 from headswap.api.inference_servicer import deadline_of, stopped
 from headswap.api.names import known_model
 from headswap.api.status import rpc
@@ -258,13 +258,14 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
                     raise InvalidInput(f"input {tensor.name!r}: shape says {count} BYTES elements, "
                                        f"bytes_contents holds {len(images)}")
             def infer() -> Answer:
-                return self.classifier.infer_encoded(images, name, version, deadline, stopped(context))
+                return self.classifier.infer_encoded(images, name, version, deadline, stopped(context),
+                                                     routing_key(context))
         elif datatype in PIXEL_DTYPES:
             pixels = self._pixels(tensor, raw, PIXEL_DTYPES[datatype], shape)
 
             def infer() -> Answer:
                 return self.classifier.infer_pixels(pixels, name, version, deadline, normalized=datatype == "FP32",
-                                                    should_stop=stopped(context))
+                                                    should_stop=stopped(context), routing_key=routing_key(context))
         else:
             raise InvalidInput(f"input {tensor.name!r} has datatype {shown_name(datatype)}; "
                                f"accepted: {ACCEPTED_DATATYPES}")
