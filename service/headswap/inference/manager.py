@@ -382,6 +382,8 @@ class ModelManager:
         """Start a rollout of `version` against the active one: checked, loaded and warmed up first
         (nothing is written when any of it fails), then one conditional update of the pointer."""
         check_request(mode, percent)
+        if not self.registry.versions(name):
+            raise NotFound(f"unknown model {name!r}; models in the registry: {', '.join(self.registry.models()) or 'none'}")
         self.registry.resolve(name, version)  # NotFound names the versions there are
         state = self.registry.active_state(name)
         if state.get("version") is None:

@@ -1,0 +1,467 @@
+"""Safe rollouts (issue 21): canary split, shadow comparison, automatic promote/rollback, replicas
+following one rollout in active.json, crash safety, and bad input.
+
+Candidates are real ONNX files built here: a tiny classifier (8x8 pixels -> 4 classes, so that
+thousands of requests take seconds), the same with an op that fails on real images (warm-up's
+all-zero input passes, so it loads), the same with a deliberately slow branch, and the built-in
+EfficientNet-Lite0 with two classes swapped (for shadow agreement on real photos).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import BUILTIN_NAME, encode, run_cli
+from headswap.protocol import headswap_v1_pb2 as pb
+from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
+from headswap.registry.registry import Registry
+
+TINY = "tiny"
+SIZE = 8
+CLASSES = 4
+
+
+# --- models built for the tests ---------------------------------------------------------------
+
+def tiny_graph(seed: int, kind: str = "good") -> onnx.ModelProto:
+    """image [N, 8, 8, 3] -> Flatten -> MatMul -> Softmax -> probabilities [N, 4].
+
+    kind "error": a Reshape whose target depends on the input: all zeros (the warm-up) pass, any real
+    image fails at run time. kind "slow": a chain of 256x256 MatMuls on an input-dependent matrix,
+    multiplied by zero and added (same answers, many times the work)."""
+    rng = np.random.default_rng(seed)
+    weights = numpy_helper.from_array(rng.normal(size=(SIZE * SIZE * 3, CLASSES)).astype(np.float32), "w")
+    nodes = [helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["soft"], axis=1)]
+    inits = [weights]
+    out = "soft"
+    if kind == "error":
+        inits += [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+                  numpy_helper.from_array(np.array(CLASSES, np.int64), "ok_width"),
+                  numpy_helper.from_array(np.array(3, np.int64), "bad_width"),
+                  numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
+        nodes += [helper.make_node("Abs", ["image"], ["abs"]),
+                  helper.make_node("ReduceMax", ["abs"], ["peak"], keepdims=0),
+                  helper.make_node("Equal", ["peak", "zero"], ["is_zero"]),
+                  helper.make_node("Where", ["is_zero", "ok_width", "bad_width"], ["width"]),
+                  helper.make_node("Unsqueeze", ["width", "axes0"], ["width1"]),
+                  helper.make_node("Concat", ["minus_one", "width1"], ["shape"], axis=0),
+                  helper.make_node("Reshape", ["soft", "shape"], ["reshaped"])]
+        inits.append(numpy_helper.from_array(np.array([0], np.int64), "axes0"))
+        out = "reshaped"
+    elif kind == "slow":
+        inits += [numpy_helper.from_array(rng.uniform(-1, 1, (256, 256)).astype(np.float32), "c"),
+                  numpy_helper.from_array((rng.uniform(-1, 1, (256, 256)) / 16).astype(np.float32), "c2"),
+                  numpy_helper.from_array(np.array(0.0, np.float32), "nothing")]
+        nodes += [helper.make_node("ReduceMean", ["image"], ["mean"], keepdims=0),
+                  helper.make_node("Mul", ["c", "mean"], ["m0"])]
+        for i in range(60):
+            nodes.append(helper.make_node("MatMul", [f"m{i}", "c2"], [f"m{i + 1}"]))
+        nodes += [helper.make_node("ReduceSum", ["m60"], ["total"], keepdims=0),
+                  helper.make_node("Mul", ["total", "nothing"], ["naught"]),
+                  helper.make_node("Add", ["soft", "naught"], ["slowed"])]
+        out = "slowed"
+    nodes.append(helper.make_node("Identity", [out], ["probabilities"]))
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", SIZE, SIZE, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", CLASSES])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+TINY_MANIFEST = {"kind": "test", "source": "test:tiny", "labels": ["a", "b", "c", "d"],
+                 "preprocessing": {"resize": "center_crop", "mode": "test", "channel_order": "RGB",
+                                   "mean": [127.0] * 3, "std": [128.0] * 3},
+                 "input": {"name": "image", "height": SIZE, "width": SIZE, "layout": "NHWC", "dtype": "float32"},
+                 "outputs": {"probabilities": "probabilities"}}
+
+
+def publish_tiny(registry_dir: Path, tmp_path: Path, seed: int, kind: str = "good", activate: bool = False,
+                 name: str = TINY) -> int:
+    path = tmp_path / f"tiny-{kind}-{seed}-{time.monotonic_ns()}.onnx"
+    onnx.save(tiny_graph(seed, kind), str(path))
+    return Registry(registry_dir).publish(name, path, dict(TINY_MANIFEST), activate=activate)
+
+
+def publish_swapped_builtin(registry_dir: Path, tmp_path: Path, swap: tuple[int, int]) -> int:
+    """The built-in model with two output classes swapped: it disagrees with v1 exactly on the images
+    whose top-1 is one of them."""
+    registry = Registry(registry_dir)
+    path, manifest = registry.verified_model_path(BUILTIN_NAME, 1)
+    model = onnx.load(str(path))
+    graph = model.graph
+    output = next(o for o in graph.output if o.name == "probabilities")
+    order = np.arange(len(manifest["labels"]), dtype=np.int64)
+    order[[swap[0], swap[1]]] = order[[swap[1], swap[0]]]
+    for node in graph.node:
+        node.output[:] = ["probabilities_unswapped" if o == "probabilities" else o for o in node.output]
+    graph.initializer.append(numpy_helper.from_array(order, "swap_order"))
+    graph.node.append(helper.make_node("Gather", ["probabilities_unswapped", "swap_order"], ["probabilities"],
+                                       axis=1))
+    del output  # the graph output keeps its name, now produced by the Gather
+    copy = tmp_path / "swapped.onnx"
+    onnx.save(model, str(copy))
+    base = {k: v for k, v in manifest.items() if k not in ("name", "version", "sha256", "created")}
+    return registry.publish(BUILTIN_NAME, copy, base)
+
+
+# --- calling the server -----------------------------------------------------------------------
+
+def tiny_images(count: int, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [encode(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), "PNG") for _ in range(count)]
+
+
+def classify(server, images: list[bytes], model: str = TINY, version: int = 0, key: str | None = None,
+             stub=None) -> pb.ClassifyResponse:
+    stub = stub or pb_grpc.InferenceStub(server.channel())
+    return stub.Classify(pb.ClassifyRequest(images=images, model=model, version=version, top_k=1), timeout=60,
+                         metadata=(("routing-key", key),) if key else None)
+
+
+def models(server):
+    return pb_grpc.ModelsStub(server.channel())
+
+
+def start(server, version: int, mode: str = "canary", percent: int = 10, manual: bool = False,
+          name: str = TINY) -> pb.RolloutStatus:
+    return models(server).StartRollout(pb.StartRolloutRequest(name=name, version=version, mode=mode,
+                                                              percent=percent, manual=manual), timeout=60)
+
+
+def status(server, name: str = TINY) -> pb.RolloutStatus:
+    return models(server).GetRollout(pb.RolloutRequest(name=name), timeout=30)
+
+
+def pointer(registry_dir: Path, name: str = TINY) -> dict:
+    return json.loads((registry_dir / name / "active.json").read_text())
+
+
+def figures(rollout: pb.RolloutStatus) -> dict[str, pb.VersionFigures]:
+    return {f.role: f for f in rollout.figures}
+
+
+def wait_for(predicate, timeout: float = 30, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+# --- canary -----------------------------------------------------------------------------------
+
+def test_canary_split_sticky_keys_and_pinned_versions(server_factory, registry_copy, tmp_path):
+    import tritonclient.grpc as tc
+
+    publish_tiny(registry_copy, tmp_path, 1, activate=True)
+    candidate = publish_tiny(registry_copy, tmp_path, 2)
+    server = server_factory(registry_copy)
+    started = start(server, candidate, "canary", 10, manual=True)
+    assert started.running and started.candidate_version == candidate and started.stable_version == 1
+    assert pointer(registry_copy)["rollout"]["percent"] == 10
+
+    # Without a routing key: each request by weight. 2,000 requests within +-3 points of 10%.
+    images = tiny_images(1)
+    stub = pb_grpc.InferenceStub(server.channel())
+    with ThreadPoolExecutor(4) as pool:
+        versions = list(pool.map(lambda _: classify(server, images, stub=stub).version, range(2000)))
+    share = 100 * versions.count(candidate) / len(versions)
+    assert set(versions) == {1, candidate}
+    assert 7 <= share <= 13, share
+    live = figures(status(server))
+    assert live["candidate"].requests == versions.count(candidate)
+    assert live["stable"].requests == versions.count(1)
+    assert live["candidate"].p99_ms > 0 and live["stable"].p50_ms > 0
+
+    # With a routing key: one caller, one version throughout; across keys, both versions.
+    seen = {}
+    for i in range(60):
+        key = f"user-{i}"
+        answers = {classify(server, images, key=key, stub=stub).version for _ in range(4)}
+        assert len(answers) == 1, (key, answers)
+        seen[key] = answers.pop()
+    assert set(seen.values()) == {1, candidate}
+
+    # A request that names a version gets exactly that version.
+    assert {classify(server, images, version=1, stub=stub).version for _ in range(30)} == {1}
+    assert {classify(server, images, version=candidate, stub=stub).version for _ in range(10)} == {candidate}
+
+    # KServe V2 too: split by weight, sticky with the routing-key metadata, the response names the version.
+    client = tc.InferenceServerClient(url=server.target)
+    pixels = np.random.default_rng(3).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
+    tensor = tc.InferInput("image", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    kserve = [client.infer(TINY, [tensor]).get_response().model_version for _ in range(300)]
+    assert set(kserve) == {"1", str(candidate)}
+    assert 3 <= 100 * kserve.count(str(candidate)) / len(kserve) <= 20
+    key = next(k for k, v in seen.items() if v == candidate)
+    assert {client.infer(TINY, [tensor], headers={"routing-key": key}).get_response().model_version
+            for _ in range(10)} == {str(candidate)}
+    client.close()
+
+
+# --- shadow -----------------------------------------------------------------------------------
+
+def test_shadow_agreement_matches_a_direct_comparison(server_factory, registry_copy, tmp_path, photos):
+    images = [photos[k] for k in ("chelsea", "coffee", "rocket", "astronaut")]
+    server = server_factory(registry_copy, "--rollout-min-requests", "1000")
+    before = classify(server, images, model=BUILTIN_NAME, version=1)
+    top1 = [r.predictions[0].index for r in before.results]
+    other = next(i for i in range(1000) if i not in top1)
+    candidate = publish_swapped_builtin(registry_copy, tmp_path, (top1[0], other))  # chelsea's answer moves
+
+    start(server, candidate, "shadow", 50, name=BUILTIN_NAME)
+    # The direct comparison: both versions, named explicitly, on the same images.
+    stable_top1 = [r.predictions[0].index
+                   for r in classify(server, images, model=BUILTIN_NAME, version=1).results]
+    candidate_top1 = [r.predictions[0].index
+                      for r in classify(server, images, model=BUILTIN_NAME, version=candidate).results]
+    agree_direct = sum(a == b for a, b in zip(stable_top1, candidate_top1))
+    assert 0 < agree_direct < len(images)  # the swap changes some answers, not all
+
+    stub = pb_grpc.InferenceStub(server.channel())
+    for _ in range(24):
+        answer = classify(server, images, model=BUILTIN_NAME, stub=stub)
+        assert answer.version == 1  # the caller always gets stable's answer
+        assert [r.predictions[0].index for r in answer.results] == stable_top1
+
+    def settled() -> bool:
+        live = figures(status(server, BUILTIN_NAME))["candidate"]
+        return live.requests + live.dropped > 0 and not server_busy(server)
+
+    time.sleep(1.0)
+    wait_for(settled, 60, "shadow work")
+    live = figures(status(server, BUILTIN_NAME))
+    shadow = live["candidate"]
+    # Explicitly named calls count for their version but are never mirrored: stable has 24 + 1.
+    assert live["stable"].requests == 25
+    assert shadow.compared > 0 and shadow.compared == len(images) * (shadow.requests - 1)
+    assert shadow.agreed * len(images) == agree_direct * shadow.compared
+    assert shadow.agreement == pytest.approx(agree_direct / len(images), abs=1e-4)
+
+
+def server_busy(server) -> bool:
+    """True while the candidate's shadow figures still change."""
+    first = figures(status(server, BUILTIN_NAME))["candidate"].requests
+    time.sleep(0.5)
+    return figures(status(server, BUILTIN_NAME))["candidate"].requests != first
+
+
+# --- automatic decisions ----------------------------------------------------------------------
+
+def drive_until_decided(server, timeout: float = 90, name: str = TINY) -> pb.RolloutStatus:
+    """Send requests (from distinct routing keys) until the rollout ends; its final status."""
+    stub = pb_grpc.InferenceStub(server.channel())
+    images = tiny_images(1, seed=7)
+    deadline = time.monotonic() + timeout
+    i = 0
+    while time.monotonic() < deadline:
+        for _ in range(20):
+            i += 1
+            try:
+                classify(server, images, key=f"caller-{i}", stub=stub)
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.INTERNAL  # the failing candidate's answer
+        current = status(server, name)
+        if not current.running:
+            return current
+    raise AssertionError(f"no decision within {timeout} s: {status(server, name)}")
+
+
+def audit_decisions(server) -> list[str]:
+    return [line for line in server.log().splitlines() if "method=RolloutDecision" in line]
+
+
+def test_bad_candidates_are_rolled_back_and_a_good_one_promoted(server_factory, registry_copy, tmp_path):
+    publish_tiny(registry_copy, tmp_path, 1, activate=True)
+    failing = publish_tiny(registry_copy, tmp_path, 1, "error")
+    slow = publish_tiny(registry_copy, tmp_path, 1, "slow")
+    good = publish_tiny(registry_copy, tmp_path, 1)
+    server = server_factory(registry_copy, "--rollout-min-requests", "30", "--poll-interval-s", "0.2")
+
+    # A candidate that answers errors.
+    start(server, failing, "canary", 50)
+    ended = drive_until_decided(server)
+    assert ended.outcome == "rolled_back" and ended.candidate_version == failing
+    decision = ended.events[-1]
+    assert "FAILED error rate 1.0000" in decision.what, decision.what
+    decided = json.loads(decision.figures_json)
+    assert decided["candidate"]["errors"] == decided["candidate"]["requests"] >= 30
+    assert pointer(registry_copy)["version"] == 1 and "rollout" not in pointer(registry_copy)
+    assert classify(server, tiny_images(1)).version == 1
+    line = audit_decisions(server)[-1]
+    assert "result=rolled_back" in line and f"version={failing}" in line and "error rate 1.0000" in line
+
+    # A candidate made slow on purpose.
+    start(server, slow, "canary", 50)
+    ended = drive_until_decided(server)
+    assert ended.outcome == "rolled_back", ended.events[-1].what
+    what = ended.events[-1].what
+    assert re.search(r"FAILED p99 [\d.]+ ms vs stable [\d.]+ ms x 1.5", what), what
+    decided = json.loads(ended.events[-1].figures_json)
+    assert decided["candidate"]["p99_ms"] > 1.5 * decided["stable"]["p99_ms"]
+    assert "p99" in audit_decisions(server)[-1] and "result=rolled_back" in audit_decisions(server)[-1]
+    assert pointer(registry_copy)["version"] == 1
+
+    # A good candidate (the same weights as stable) is promoted: it becomes the active version.
+    start(server, good, "canary", 50)
+    ended = drive_until_decided(server)
+    assert ended.outcome == "promoted", ended.events[-1].what
+    assert "passed error rate" in ended.events[-1].what and "passed p99" in ended.events[-1].what
+    state = pointer(registry_copy)
+    assert state["version"] == good and state["history"][-1] == 1 and state["last_rollout"]["outcome"] == "promoted"
+    wait_for(lambda: classify(server, tiny_images(1)).version == good, 10, "promoted version answering")
+    assert "result=promoted" in audit_decisions(server)[-1]
+    # The CLI shows the last rollout with its events.
+    shown = run_cli("rollout", "status", TINY, "--target", server.target).stdout
+    assert f"rollout of version {good} beside version 1: canary 50%, promoted" in shown
+    assert "event: promoted after" in shown
+
+
+# --- replicas ---------------------------------------------------------------------------------
+
+def test_two_replicas_follow_one_rollout(server_factory, registry_copy, tmp_path):
+    publish_tiny(registry_copy, tmp_path, 1, activate=True)
+    candidate = publish_tiny(registry_copy, tmp_path, 2)
+    first = server_factory(registry_copy, "--poll-interval-s", "0.2")
+    second = server_factory(registry_copy, "--poll-interval-s", "0.2")
+    images = tiny_images(1)
+
+    def answers(server, count: int = 40) -> set[int]:
+        return {classify(server, images).version for _ in range(count)}
+
+    assert answers(first, 2) == answers(second, 2) == {1}
+    start(first, candidate, "canary", 50, manual=True)
+    wait_for(lambda: answers(second) == {1, candidate}, 20, "the second replica to follow the rollout")
+    assert status(second).running and status(second).candidate_version == candidate
+    assert answers(first) == {1, candidate}
+
+    # Abort through the second: both go back to stable only.
+    aborted = models(second).AbortRollout(pb.RolloutRequest(name=TINY), timeout=30)
+    assert not aborted.running and aborted.outcome == "aborted"
+    wait_for(lambda: answers(first) == {1}, 20, "the first replica to see the abort")
+    assert answers(second) == {1} and not status(first).running
+
+    # Start through the second, promote through the first: both answer with the candidate.
+    start(second, candidate, "canary", 50, manual=True)
+    wait_for(lambda: status(first).running and answers(first) == {1, candidate}, 20, "the new rollout")
+    promoted = models(first).PromoteRollout(pb.RolloutRequest(name=TINY), timeout=30)
+    assert promoted.outcome == "promoted"
+    wait_for(lambda: answers(second) == {candidate}, 20, "the second replica to see the promotion")
+    assert answers(first) == {candidate}
+    assert pointer(registry_copy)["version"] == candidate
+
+
+# --- crash safety -----------------------------------------------------------------------------
+
+def consistent(registry_dir: Path) -> dict:
+    """The pointer parses and names stored versions; a rollout in it is whole."""
+    state = pointer(registry_dir)
+    stored = Registry(registry_dir).versions(TINY)
+    assert state["version"] in stored
+    if "rollout" in state:
+        rollout = state["rollout"]
+        assert rollout["candidate"] in stored and rollout["stable"] == state["version"]
+        assert rollout["mode"] == "canary" and rollout["percent"] == 50 and rollout["rules"]["min_requests"] >= 1
+    return state
+
+
+def test_kill_9_while_a_rollout_starts_or_ends_leaves_the_pointer_consistent(server_factory, registry_copy,
+                                                                             tmp_path):
+    publish_tiny(registry_copy, tmp_path, 1, activate=True)
+    candidate = publish_tiny(registry_copy, tmp_path, 2)
+    outcomes = set()
+    for attempt in range(3):
+        server = server_factory(registry_copy)
+        classify(server, tiny_images(1))  # tiny is loaded: StartRollout only loads the candidate and writes
+        running = "rollout" in pointer(registry_copy)
+        stub = models(server)
+        call = (stub.PromoteRollout.future(pb.RolloutRequest(name=TINY), timeout=30) if running else
+                stub.StartRollout.future(pb.StartRolloutRequest(name=TINY, version=candidate, mode="canary",
+                                                                percent=50, manual=True), timeout=30))
+        time.sleep(random.uniform(0.0, 0.05))
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait()
+        state = consistent(registry_copy)
+        outcomes.add(("rollout" in state, state["version"]))
+        if state["version"] == candidate:  # promoted before the kill: nothing left to end
+            break
+    # A server started on what the kills left serves, and the rollout can be ended or started cleanly.
+    server = server_factory(registry_copy)
+    state = consistent(registry_copy)
+    answer = classify(server, tiny_images(1))
+    assert answer.version in (1, candidate)
+    if "rollout" in state:
+        models(server).AbortRollout(pb.RolloutRequest(name=TINY), timeout=30)
+        assert "rollout" not in consistent(registry_copy)
+    assert outcomes
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+def test_bad_rollout_requests_get_a_clear_status_and_change_nothing(server_factory, registry_copy, tmp_path):
+    publish_tiny(registry_copy, tmp_path, 1, activate=True)
+    candidate = publish_tiny(registry_copy, tmp_path, 2)
+    publish_tiny(registry_copy, tmp_path, 1, name="dark")  # stored, never activated
+    server = server_factory(registry_copy)
+    stub = models(server)
+
+    def refused(code: grpc.StatusCode, words: str, call, request) -> None:
+        before = {p: p.read_bytes() for p in registry_copy.glob("*/active.json")}
+        with pytest.raises(grpc.RpcError) as err:
+            call(request, timeout=30)
+        assert err.value.code() == code, err.value.details()
+        assert words in err.value.details(), err.value.details()
+        assert {p: p.read_bytes() for p in registry_copy.glob("*/active.json")} == before
+        assert not (registry_copy / "dark" / "active.json").exists()
+
+    def request(**fields) -> pb.StartRolloutRequest:
+        return pb.StartRolloutRequest(**{"name": TINY, "version": candidate, "mode": "canary", "percent": 10,
+                                         **fields})
+
+    refused(grpc.StatusCode.NOT_FOUND, "has no version 99", stub.StartRollout, request(version=99))
+    refused(grpc.StatusCode.INVALID_ARGUMENT, "positive version", stub.StartRollout, request(version=0))
+    for percent in (0, 100, -5, 1000):
+        refused(grpc.StatusCode.INVALID_ARGUMENT, "from 1 to 99", stub.StartRollout, request(percent=percent))
+    refused(grpc.StatusCode.INVALID_ARGUMENT, "canary or shadow", stub.StartRollout, request(mode="blue"))
+    refused(grpc.StatusCode.INVALID_ARGUMENT, "already the active version", stub.StartRollout, request(version=1))
+    refused(grpc.StatusCode.FAILED_PRECONDITION, "none is active yet", stub.StartRollout,
+            request(name="dark", version=1))
+    refused(grpc.StatusCode.NOT_FOUND, "unknown model", stub.StartRollout, request(name="nothing-here", version=1))
+    refused(grpc.StatusCode.INVALID_ARGUMENT, "invalid model name", stub.StartRollout, request(name="Bad/Name"))
+    refused(grpc.StatusCode.FAILED_PRECONDITION, "no rollout in progress", stub.PromoteRollout,
+            pb.RolloutRequest(name=TINY))
+    refused(grpc.StatusCode.FAILED_PRECONDITION, "no rollout in progress", stub.AbortRollout,
+            pb.RolloutRequest(name=TINY))
+    refused(grpc.StatusCode.NOT_FOUND, "unknown model", stub.GetRollout, pb.RolloutRequest(name="nothing-here"))
+
+    start(server, candidate, "canary", 10, manual=True)
+    refused(grpc.StatusCode.FAILED_PRECONDITION, "already has a rollout of version", stub.StartRollout,
+            request(mode="shadow"))
+    refused(grpc.StatusCode.FAILED_PRECONDITION, "rollout of version", models(server).ActivateModel,
+            pb.ActivateModelRequest(name=TINY, version=candidate))
+    refused(grpc.StatusCode.FAILED_PRECONDITION, "rollout of version", models(server).RollbackModel,
+            pb.RollbackModelRequest(name=TINY))
+    assert "INTERNAL" not in server.log() and "Traceback" not in server.log()
+
+    # The CLI refuses a missing or doubled mode and an out-of-range percentage before calling.
+    for args in ((), ("--canary", "10", "--shadow", "10"), ("--canary", "0"), ("--shadow", "100")):
+        result = run_cli("rollout", "start", TINY, str(candidate), *args, "--target", server.target, check=False)
+        assert result.returncode == 2, result.stderr
