@@ -465,3 +465,38 @@ def test_bad_rollout_requests_get_a_clear_status_and_change_nothing(server_facto
     for args in ((), ("--canary", "10", "--shadow", "10"), ("--canary", "0"), ("--shadow", "100")):
         result = run_cli("rollout", "start", TINY, str(candidate), *args, "--target", server.target, check=False)
         assert result.returncode == 2, result.stderr
+
+
+# --- FineTune ---------------------------------------------------------------------------------
+
+def test_finetune_can_start_its_version_as_a_rollout(server_factory, registry_copy):
+    from sklearn.datasets import load_digits
+
+    from test_finetune import digit_png, stream, watch
+
+    digits = load_digits()
+    examples = [(digit_png(image), str(label)) for image, label in zip(digits.images[:90], digits.target[:90])
+                if label < 3]
+    server = server_factory(registry_copy)
+    training = pb_grpc.TrainingStub(server.channel())
+
+    def finetune(**options) -> pb.Job:
+        config = pb.FineTuneConfig(name="digits-roll", epochs=3, seed=0, activate=True, **options)
+        job_id = training.FineTune(stream(config, examples), timeout=300).job_id
+        watch(server, job_id, timeout=300)
+        return training.GetJob(pb.GetJobRequest(job_id=job_id), timeout=30)
+
+    with pytest.raises(grpc.RpcError) as err:  # checked before anything is uploaded or trained
+        training.FineTune(stream(pb.FineTuneConfig(name="digits-roll", rollout_mode="canary", rollout_percent=100),
+                                 examples), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rollout_percent" in err.value.details()
+
+    first = finetune(rollout_mode="canary", rollout_percent=30)  # nothing to roll out against: activated
+    assert first.state == pb.JOB_STATE_SUCCEEDED and pointer(registry_copy, "digits-roll")["version"] == first.version
+    second = finetune(rollout_mode="shadow", rollout_percent=30)
+    assert second.state == pb.JOB_STATE_SUCCEEDED, second.error
+    rollout = status(server, "digits-roll")
+    assert rollout.running and rollout.mode == "shadow" and rollout.percent == 30
+    assert rollout.candidate_version == second.version and rollout.stable_version == first.version
+    assert f"fine-tune job {second.job_id}" in rollout.events[0].what
+    assert pointer(registry_copy, "digits-roll")["version"] == first.version
