@@ -448,10 +448,12 @@ class ModelManager:
         return dict(last, running=False, live=[]) if last else {"running": False, "live": [], "events": []}
 
     def _shadow_run(self, name: str, version: int, chunks: list[np.ndarray]) -> np.ndarray:
-        """The candidate's answer to a mirrored request, through its own batcher."""
+        """The candidate's answer to a mirrored request, run in the calling (shadow) thread on one
+        lane's session: with one intra-op thread per lane, all of its work runs at that thread's
+        low priority (`rollout.Rollouts`), not on the batcher's lanes that answer callers."""
         with self.lease(name, version) as loaded:
-            futures = [loaded.batcher.submit(chunk, None, announced=False) for chunk in chunks]
-            results = [future.result(timeout=60) for future in futures]
+            runtime = loaded.runtime
+            results = [runtime.infer(chunk, runtime.lane_count - 1) for chunk in chunks]
         return results[0] if len(results) == 1 else np.concatenate(results)
 
     def _poll_loop(self) -> None:

@@ -20,8 +20,10 @@ and a decision is one conditional update of that pointer. What lives here is per
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import queue
 import random
 import threading
@@ -45,6 +47,7 @@ CANARY, SHADOW = MODES
 PROMOTED, ROLLED_BACK, ABORTED = "promoted", "rolled_back", "aborted"
 LATENCY_WINDOW = 10_000  # latencies kept per version for p50/p99
 MAX_EVENTS = 20  # events kept on a rollout's status
+SHADOW_NICE = 19  # the shadow thread's priority: the lowest
 # Errors that say something about the caller or the load, not about the version that answered.
 CALLER_ERRORS = (InvalidInput, Cancelled, DeadlineExceeded, ResourceExhausted)
 
@@ -357,6 +360,11 @@ class Rollouts:
         return True
 
     def _shadow_loop(self) -> None:
+        # Shadow work takes only the CPU that stable answers leave: this thread runs at the lowest
+        # priority (Linux: nice 19 for this thread alone), so under load the kernel gives the cores
+        # to the threads that answer callers, the shadow queue fills, and mirrors are dropped.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICE)
         while not self._stop.is_set():
             item = self._shadow.get()
             try:
