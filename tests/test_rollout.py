@@ -500,3 +500,57 @@ def test_finetune_can_start_its_version_as_a_rollout(server_factory, registry_co
     assert rollout.candidate_version == second.version and rollout.stable_version == first.version
     assert f"fine-tune job {second.job_id}" in rollout.events[0].what
     assert pointer(registry_copy, "digits-roll")["version"] == first.version
+
+
+# --- authentication: sticky per credential, admin scope ---------------------------------------
+
+def test_split_sticks_to_the_credential_and_rollouts_need_admin(server_factory, registry_copy, tmp_path):
+    import urllib.request
+
+    from headswap.security.credentials import token_sha256
+
+    publish_tiny(registry_copy, tmp_path, 1, activate=True)
+    candidate = publish_tiny(registry_copy, tmp_path, 2)
+    users = {f"user-{i}": f"token-for-user-{i}" for i in range(24)}
+    entries = [{"name": name, "token_sha256": token_sha256(token), "scopes": ["classify"]}
+               for name, token in users.items()]
+    entries.append({"name": "ops", "token_sha256": token_sha256("ops-token"), "scopes": ["admin"]})
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps(entries))
+    server = server_factory(registry_copy, "--auth-tokens-file", str(tokens))
+    stub, admin = pb_grpc.InferenceStub(server.channel()), (("authorization", "Bearer ops-token"),)
+    images = tiny_images(1)
+
+    for method, request in ((models(server).StartRollout, pb.StartRolloutRequest(name=TINY, version=candidate,
+                                                                                  mode="canary", percent=50)),
+                            (models(server).GetRollout, pb.RolloutRequest(name=TINY)),
+                            (models(server).AbortRollout, pb.RolloutRequest(name=TINY))):
+        with pytest.raises(grpc.RpcError) as err:
+            method(request, timeout=30, metadata=(("authorization", "Bearer token-for-user-0"),))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "admin" in err.value.details()
+    assert "rollout" not in pointer(registry_copy)
+
+    models(server).StartRollout(pb.StartRolloutRequest(name=TINY, version=candidate, mode="canary", percent=50,
+                                                       manual=True), timeout=60, metadata=admin)
+    seen = {}
+    for name, token in users.items():
+        auth = (("authorization", f"Bearer {token}"),)
+        answers = {stub.Classify(pb.ClassifyRequest(images=images, model=TINY), timeout=30, metadata=auth).version
+                   for _ in range(4)}
+        assert len(answers) == 1, (name, answers)
+        seen[name] = answers.pop()
+    assert set(seen.values()) == {1, candidate}
+    # A routing-key entry wins over the credential: a caller speaking for its end users.
+    first = next(iter(users.values()))
+    keyed = {stub.Classify(pb.ClassifyRequest(images=images, model=TINY), timeout=30,
+                           metadata=(("authorization", f"Bearer {first}"), ("routing-key", f"end-user-{i}"))).version
+             for i in range(30)}
+    assert keyed == {1, candidate}
+    assert re.search(r"audit who=ops via=token method=StartRollout .*result=OK model=tiny version=2", server.log())
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    for version, role in ((1, "stable"), (candidate, "candidate")):
+        count = 4 * list(seen.values()).count(version)  # each user's four calls
+        line = f'headswap_rollout_requests_total{{model="tiny",role="{role}",version="{version}"}}'
+        assert line in text, text[-2000:]
+        assert float(text.split(line, 1)[1].split()[0]) >= count
