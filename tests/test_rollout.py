@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import BUILTIN_NAME, encode, run_cli
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
+from headswap.inference.rollout import Rollout
 from headswap.registry.registry import Registry
 
 TINY = "tiny"
@@ -255,6 +256,16 @@ def test_shadow_agreement_matches_a_direct_comparison(server_factory, registry_c
     assert shadow.compared > 0 and shadow.compared == len(images) * (shadow.requests - 1)
     assert shadow.agreed * len(images) == agree_direct * shadow.compared
     assert shadow.agreement == pytest.approx(agree_direct / len(images), abs=1e-4)
+
+    # A mirrored request larger than one batch (--max-batch-size 8) is not run: dropped, counted.
+    running = status(server, BUILTIN_NAME)
+    rollout = Rollout(running.id, 1, candidate, "shadow", 50, False, None)  # the server's routing rule
+    key = next(f"user-{i}" for i in range(100) if rollout.picks_candidate(f"user-{i}"))
+    answer = classify(server, images * 3, model=BUILTIN_NAME, key=key)
+    assert answer.version == 1 and len(answer.results) == 12
+    after = figures(status(server, BUILTIN_NAME))
+    assert after["candidate"].dropped == shadow.dropped + 1 and after["candidate"].requests == shadow.requests
+    assert after["stable"].requests == live["stable"].requests + 1
 
 
 def server_busy(server) -> bool:
@@ -554,3 +565,41 @@ def test_split_sticks_to_the_credential_and_rollouts_need_admin(server_factory, 
         line = f'headswap_rollout_requests_total{{model="tiny",role="{role}",version="{version}"}}'
         assert line in text, text[-2000:]
         assert float(text.split(line, 1)[1].split()[0]) >= count
+
+
+# --- the decision rules and the routing hash (pure logic) -------------------------------------
+
+def test_decision_rules_name_the_figures_that_decided():
+    from headswap.inference.rollout import Rules, decide
+
+    rules = Rules(min_requests=100, error_margin=0.02, p99_factor=1.5, agreement_floor=0.9)
+
+    def figures_of(requests=100, errors=0, p99=10.0, compared=0, agreed=0) -> dict:
+        return {"requests": requests, "errors": errors, "error_rate": errors / requests if requests else 0.0,
+                "p50_ms": p99 / 2, "p99_ms": p99, "compared": compared, "agreed": agreed,
+                "agreement": agreed / compared if compared else 0.0, "dropped": 0}
+
+    canary = Rollout("r1", 1, 2, "canary", 10, False, rules)
+    stable = figures_of(900, errors=9, p99=10.0)  # 1% errors
+    assert decide(canary, stable, figures_of(99)) is None
+    assert decide(canary, stable, figures_of(100, errors=3, p99=14.9)).outcome == "promoted"  # 3% <= 1% + 2%
+    failed = decide(canary, stable, figures_of(100, errors=4, p99=10.0))
+    assert failed.outcome == "rolled_back" and "FAILED error rate 0.0400 vs stable 0.0100 + margin 0.02" in failed.reason
+    slow = decide(canary, stable, figures_of(100, p99=15.1))
+    assert slow.outcome == "rolled_back" and "FAILED p99 15.10 ms vs stable 10.00 ms x 1.5 = 15.00 ms" in slow.reason
+    assert slow.figures["candidate"]["p99_ms"] == 15.1 and slow.figures["rules"]["p99_factor"] == 1.5
+
+    shadow = Rollout("r2", 1, 2, "shadow", 50, False, rules)
+    assert decide(shadow, stable, figures_of(100, compared=400, agreed=360)).outcome == "promoted"
+    low = decide(shadow, stable, figures_of(100, compared=400, agreed=359))
+    assert low.outcome == "rolled_back" and "FAILED top-1 agreement 0.8975 (359/400 images) vs floor 0.9" in low.reason
+
+
+def test_routing_hash_is_sticky_and_splits_by_the_percentage():
+    rollout = Rollout("abc", 1, 2, "canary", 10, False, None)
+    keys = [f"caller-{i}" for i in range(10_000)]
+    picked = [rollout.picks_candidate(key) for key in keys]
+    assert picked == [rollout.picks_candidate(key) for key in keys]
+    assert 9.0 <= 100 * sum(picked) / len(keys) <= 11.0
+    other = Rollout("def", 1, 2, "canary", 10, False, None)  # another rollout: another draw of callers
+    assert [other.picks_candidate(key) for key in keys] != picked

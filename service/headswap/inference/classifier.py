@@ -32,7 +32,7 @@ from headswap.inference.decoding import DecodeSlots
 from headswap.inference.images import decode, pixel_count, to_pixels
 from headswap.inference.manager import LoadedModel, ModelManager
 from headswap.inference.batcher import Pending
-from headswap.inference.rollout import chunk_copies
+from headswap.inference.rollout import ShadowInput
 from headswap.inference.runtime import Prediction
 from headswap.inference.stats import RequestTiming
 
@@ -164,8 +164,8 @@ class Classifier:
             return self._run_version(name, route.version, chunks, check, deadline)
         # In a rollout: the answer (or failure) counts for the version that gave it, and a mirrored
         # request's model input is kept for the shadow candidate (the caller does not wait for it).
-        kept: list[np.ndarray] = []
-        keep: Chunks = (lambda loaded, check: chunk_copies(chunks(loaded, check), kept)) if route.mirror else chunks
+        copy = ShadowInput()
+        keep: Chunks = (lambda loaded, check: copy.passing(chunks(loaded, check))) if route.mirror else chunks
         started = time.perf_counter()
         try:
             answer = self._run_version(name, route.version, keep, check, deadline)
@@ -174,7 +174,7 @@ class Classifier:
             raise
         rollouts.record(name, route, answer.version, time.perf_counter() - started, None)
         if route.mirror:
-            rollouts.mirror(name, route, kept, answer.probabilities)
+            rollouts.mirror(name, route, copy, answer.probabilities)
         return answer
 
     def _run_version(self, name: str, version: int, chunks: Chunks, check: Callable[[], None],

@@ -158,8 +158,8 @@ class ModelManager:
         """Load a rollout's candidate ahead of its first request (best effort: requests load it too)."""
         with self._lock:
             model = self._loaded.get((name, version))
-        if model is not None and not model.retired:
-            return
+        if (model is not None and not model.retired) or (name, version) in self._refused:
+            return  # loaded, or refused as corrupt (logged once; its requests fail and count)
         try:
             self._load((name, version), evict_active=False)
         except Exception as err:  # counted as the candidate's errors when its requests fail too

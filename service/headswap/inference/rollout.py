@@ -328,16 +328,16 @@ class Rollouts:
         if ready:
             threading.Thread(target=self._decide, args=(name, rollout), name="rollout-decision", daemon=True).start()
 
-    def mirror(self, name: str, route: Route, chunks: list[np.ndarray], stable: np.ndarray) -> None:
+    def mirror(self, name: str, route: Route, copy: ShadowInput, stable: np.ndarray) -> None:
         """Queue a copy of a stable answer's input for the candidate; dropped (and counted) when
         the queue is full or the request is larger than one batch."""
         rollout = route.rollout
         assert rollout is not None
-        if sum(len(c) for c in chunks) > self.settings.max_batch_size or self._stop.is_set():
+        if copy.too_large or copy.chunk is None:
             self._dropped(name, rollout, "too large")
             return
         try:
-            self._shadow.put_nowait((name, rollout, chunks, stable))
+            self._shadow.put_nowait((name, rollout, [copy.chunk], stable))
         except queue.Full:
             self._dropped(name, rollout, "queue full")
 
@@ -412,8 +412,20 @@ class Rollouts:
                     tracked.deciding = False
 
 
-def chunk_copies(chunks: Iterator[np.ndarray], keep: list[np.ndarray]) -> Iterator[np.ndarray]:
-    """Pass a request's model-input chunks through, keeping them for a shadow run."""
-    for chunk in chunks:
-        keep.append(chunk)
-        yield chunk
+@dataclass
+class ShadowInput:
+    """A mirrored request's model input: its one chunk (a request of at most --max-batch-size
+    images is one chunk); a longer request is not kept (`too_large`), so shadow work never holds
+    more than one batch per queued request."""
+
+    chunk: np.ndarray | None = None
+    too_large: bool = False
+
+    def passing(self, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """Pass the request's chunks through, keeping the first (and only) one."""
+        for chunk in chunks:
+            if self.chunk is None and not self.too_large:
+                self.chunk = chunk
+            else:
+                self.chunk, self.too_large = None, True
+            yield chunk
