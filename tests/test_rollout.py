@@ -603,3 +603,60 @@ def test_routing_hash_is_sticky_and_splits_by_the_percentage():
     assert 9.0 <= 100 * sum(picked) / len(keys) <= 11.0
     other = Rollout("def", 1, 2, "canary", 10, False, None)  # another rollout: another draw of callers
     assert [other.picks_candidate(key) for key in keys] != picked
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from headswap.inference.rollout import Rollout, Rules
+from headswap.registry import store
+from headswap.registry.registry import Registry
+
+root, step, action = sys.argv[1], sys.argv[2], sys.argv[3]
+die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+real_replace = os.replace
+if step == "before-rename":  # the new pointer is written and synced under its temporary name
+    store.os.replace = lambda src, dst: die() if str(dst).endswith("active.json") else real_replace(src, dst)
+elif step == "after-rename":
+    store.os.replace = lambda src, dst: (real_replace(src, dst), die() if str(dst).endswith("active.json") else 0)
+registry = Registry(root)
+if step == "while-deciding":  # inside the update, the lock held, nothing written yet
+    update_state = registry.update_state
+    registry.update_state = lambda name, change: update_state(name, lambda state: die() or change(state))
+rules = Rules(100, 0.02, 1.5, 0.9)
+make = lambda stable: Rollout.new(stable, 2, "canary", 50, True, rules, "killed-writer").to_dict()
+if action == "start":
+    registry.start_rollout("tiny", 2, make)
+else:
+    registry.end_rollout("tiny", action == "promote", action, {"what": "killed"})
+"""
+
+
+@pytest.mark.parametrize("step", ["while-deciding", "before-rename", "after-rename"])
+def test_a_writer_killed_at_each_step_of_the_pointer_update_leaves_it_whole(registry_copy, tmp_path, step):
+    """SIGKILL inside the conditional update: while the change is computed (lock held), after the new
+    pointer is written but before it is renamed into place, and right after: the pointer is the old
+    one or the new one, whole, and the next writer is not blocked by the dead one's lock."""
+    import subprocess
+    import sys
+
+    publish_tiny(registry_copy, tmp_path, 1, activate=True)
+    publish_tiny(registry_copy, tmp_path, 2)
+    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    for action in ("start", "promote"):
+        before = pointer(registry_copy)
+        if action == "promote" and "rollout" not in before:  # the killed start left none: start one whole
+            Registry(registry_copy).start_rollout(TINY, 2, lambda stable: {
+                "id": "whole", "stable": stable, "candidate": 2, "mode": "canary", "percent": 50, "manual": True,
+                "rules": {"min_requests": 100, "error_margin": 0.02, "p99_factor": 1.5, "agreement_floor": 0.9}})
+            before = pointer(registry_copy)
+        result = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(registry_copy), step, action], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == -signal.SIGKILL, result.stderr
+        after = consistent(registry_copy)
+        if step == "after-rename":
+            assert after != before and (("rollout" in after) if action == "start" else after["version"] == 2)
+        else:
+            assert after == before
+    # The dead writers' lock is gone: an ordinary update goes through at once.
+    Registry(registry_copy).update_state(TINY, lambda state: dict(state, checked=True))
+    assert pointer(registry_copy)["checked"] is True
