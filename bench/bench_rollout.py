@@ -120,7 +120,8 @@ def main() -> None:
     shadow = {k: statistics.median(r[i] for r in rows["shadow"]) for i, k in enumerate(("p50", "p99", "n"))}
     print(f"\n{args.clients} clients, shadow {args.percent}%, medians of {args.rounds} rounds of {args.seconds:g} s:")
     print(f"  no rollout: p50 {base['p50']:.1f} ms  p99 {base['p99']:.1f} ms  {base['n'] / args.seconds:.1f} req/s")
-    print(f"  shadow    : p50 {shadow['p50']:.1f} ms  p99 {shadow['p99']:.1f} ms  {shadow['n'] / args.seconds:.1f} req/s")
+    print(f"  shadow    : p50 {shadow['p50']:.1f} ms  p99 {shadow['p99']:.1f} ms  "
+          f"{shadow['n'] / args.seconds:.1f} req/s")
     print(f"  stable p99 with shadow / without: {shadow['p99'] / base['p99']:.2f}x")
 
 

@@ -584,7 +584,8 @@ def test_decision_rules_name_the_figures_that_decided():
     assert decide(canary, stable, figures_of(99)) is None
     assert decide(canary, stable, figures_of(100, errors=3, p99=14.9)).outcome == "promoted"  # 3% <= 1% + 2%
     failed = decide(canary, stable, figures_of(100, errors=4, p99=10.0))
-    assert failed.outcome == "rolled_back" and "FAILED error rate 0.0400 vs stable 0.0100 + margin 0.02" in failed.reason
+    assert failed.outcome == "rolled_back"
+    assert "FAILED error rate 0.0400 vs stable 0.0100 + margin 0.02" in failed.reason
     slow = decide(canary, stable, figures_of(100, p99=15.1))
     assert slow.outcome == "rolled_back" and "FAILED p99 15.10 ms vs stable 10.00 ms x 1.5 = 15.00 ms" in slow.reason
     assert slow.figures["candidate"]["p99_ms"] == 15.1 and slow.figures["rules"]["p99_factor"] == 1.5

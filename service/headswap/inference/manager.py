@@ -383,7 +383,7 @@ class ModelManager:
         (nothing is written when any of it fails), then one conditional update of the pointer."""
         check_request(mode, percent)
         if not self.registry.versions(name):
-            raise NotFound(f"unknown model {name!r}; models in the registry: {', '.join(self.registry.models()) or 'none'}")
+            raise self._unknown_model(name)
         self.registry.resolve(name, version)  # NotFound names the versions there are
         state = self.registry.active_state(name)
         if state.get("version") is None:
@@ -406,7 +406,7 @@ class ModelManager:
         """Promote or abort the running rollout by hand; the event carries this process's figures."""
         state = self.registry.active_state(name)
         if not state and not self.registry.versions(name):
-            raise NotFound(f"unknown model {name!r}; models in the registry: {', '.join(self.registry.models()) or 'none'}")
+            raise self._unknown_model(name)
         running = Rollout.from_dict(state.get(ROLLOUT)) if state.get(ROLLOUT) else None
         if running is None:
             raise FailedPrecondition(f"model {name!r} has no rollout in progress")
@@ -440,12 +440,16 @@ class ModelManager:
         """The running rollout (with this process's live figures), else the last one that ended."""
         state = self.registry.active_state(name)
         if not state and not self.registry.versions(name):
-            raise NotFound(f"unknown model {name!r}; models in the registry: {', '.join(self.registry.models()) or 'none'}")
+            raise self._unknown_model(name)
         running = state.get(ROLLOUT)
         if running:
             return dict(running, running=True, live=self.rollouts.figures(name, str(running.get("id"))))
         last = state.get(LAST_ROLLOUT)
         return dict(last, running=False, live=[]) if last else {"running": False, "live": [], "events": []}
+
+    def _unknown_model(self, name: str) -> NotFound:
+        known = ", ".join(self.registry.models()) or "none"
+        return NotFound(f"unknown model {name!r}; models in the registry: {known}")
 
     def _shadow_run(self, name: str, version: int, chunks: list[np.ndarray]) -> np.ndarray:
         """The candidate's answer to a mirrored request, run in the calling (shadow) thread on one

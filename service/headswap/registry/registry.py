@@ -334,7 +334,8 @@ class Registry:
             running = state.get(ROLLOUT)
             if not running or (rollout_id is not None and running.get("id") != rollout_id):
                 if state.get("version") is None and not self.versions(name):
-                    raise NotFound(f"unknown model {name!r}; models in the registry: {', '.join(self.models()) or 'none'}")
+                    raise NotFound(f"unknown model {name!r}; models in the registry: "
+                                   f"{', '.join(self.models()) or 'none'}")
                 raise FailedPrecondition(f"model {name!r} has no rollout in progress"
                                          + (" (it ended already)" if rollout_id is not None else ""))
             ended = dict(running, outcome=outcome, ended=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
