@@ -268,11 +268,38 @@ def test_shadow_agreement_matches_a_direct_comparison(server_factory, registry_c
     assert after["stable"].requests == live["stable"].requests + 1
 
 
-def server_busy(server) -> bool:
+def server_busy(server, name: str = BUILTIN_NAME) -> bool:
     """True while the candidate's shadow figures still change."""
-    first = figures(status(server, BUILTIN_NAME))["candidate"].requests
+    first = figures(status(server, name))["candidate"].requests
     time.sleep(0.5)
-    return figures(status(server, BUILTIN_NAME))["candidate"].requests != first
+    return figures(status(server, name))["candidate"].requests != first
+
+
+def test_shadow_work_is_bounded_and_drops_are_counted(server_factory, registry_copy, tmp_path):
+    """A slow shadow candidate under concurrent load, with a one-request queue: every stable answer
+    arrives, and every mirrored request is either run by the candidate or counted as dropped."""
+    publish_tiny(registry_copy, tmp_path, 1, activate=True)
+    slow = publish_tiny(registry_copy, tmp_path, 1, "slow")
+    server = server_factory(registry_copy, "--rollout-shadow-queue", "1")
+    running = start(server, slow, "shadow", 99, manual=True)
+    rollout = Rollout(running.id, 1, slow, "shadow", 99, True, None)
+    keys = [key for key in (f"user-{i}" for i in range(200)) if rollout.picks_candidate(key)][:8]
+    stub = pb_grpc.InferenceStub(server.channel())
+    images = tiny_images(1)
+
+    def caller(key: str) -> list[int]:
+        return [classify(server, images, key=key, stub=stub).version for _ in range(25)]
+
+    with ThreadPoolExecutor(len(keys)) as pool:
+        versions = [v for answers in pool.map(caller, keys) for v in answers]
+    assert versions == [1] * 200  # every caller gets stable's answer
+    wait_for(lambda: not server_busy(server, TINY), 60, "shadow work")
+    live = figures(status(server))
+    assert live["stable"].requests == 200
+    assert live["candidate"].dropped > 0
+    assert live["candidate"].requests + live["candidate"].dropped == 200
+    assert live["candidate"].compared == live["candidate"].requests
+    assert live["candidate"].agreed == live["candidate"].compared  # same weights: the same answers
 
 
 # --- automatic decisions ----------------------------------------------------------------------
