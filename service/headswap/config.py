@@ -179,6 +179,18 @@ class Settings:
         "server starts, so that the first FineTune does not wait for it; false: when the first FineTune "
         "arrives. Health for headswap.v1.Training turns SERVING once it is ready.")
 
+    # --- safe rollouts (issue 21) ---
+    rollout_min_requests: int = _setting(200, "Rollouts: answers the candidate must give in a replica before "
+                                         "that replica decides to promote or roll it back.")
+    rollout_error_margin: float = _setting(0.02, "Rollouts: the candidate's error rate may exceed the stable "
+                                           "version's by at most this (0..1) to be promoted.")
+    rollout_p99_factor: float = _setting(1.5, "Rollouts: the candidate's p99 latency may be at most this many "
+                                         "times the stable version's to be promoted.")
+    rollout_agreement_floor: float = _setting(0.9, "Rollouts, shadow mode: least share (0..1) of images on which "
+                                              "the candidate's top-1 matches the stable version's to be promoted.")
+    rollout_shadow_queue: int = _setting(16, "Rollouts, shadow mode: most mirrored requests waiting for the "
+                                         "candidate; more are dropped and counted.")
+
     def validate(self) -> "Settings":
         """Refuse impossible values at start, with a message naming the setting."""
         problems: list[str] = []
@@ -234,6 +246,12 @@ class Settings:
         if self.max_request_bytes_in_flight < self.max_message_bytes:
             problems.append("--max-request-bytes-in-flight must be at least --max-message-bytes, or the largest "
                             "request allowed could never be handled")
+        if self.rollout_min_requests < 1 or self.rollout_shadow_queue < 1:
+            problems.append("--rollout-min-requests and --rollout-shadow-queue must be at least 1")
+        if not 0 <= self.rollout_error_margin <= 1 or not 0 <= self.rollout_agreement_floor <= 1:
+            problems.append("--rollout-error-margin and --rollout-agreement-floor must be between 0 and 1")
+        if self.rollout_p99_factor < 1:
+            problems.append("--rollout-p99-factor must be at least 1")
         if self.poll_interval_s <= 0:
             problems.append("--poll-interval-s must be positive")
         if not self.model_dir:

@@ -59,6 +59,21 @@ INFERENCE_QUEUE_DURATION = _latency_histogram("queue", "Time a request waited in
 INFERENCE_DECODE_DURATION = _latency_histogram("compute_input", "Decoding and preprocessing a request's images")
 INFERENCE_COMPUTE_DURATION = _latency_histogram("compute_infer", "The ONNX Runtime call a request's batch ran in")
 
+# Rollouts (headswap.inference.rollout): per version of a model in a running rollout, in this process.
+ROLLOUT_REQUESTS = Counter("headswap_rollout_requests_total", "Answers counted in a rollout (shadow runs included)",
+                           ["model", "version", "role"])
+ROLLOUT_ERRORS = Counter("headswap_rollout_errors_total", "Failed answers counted in a rollout",
+                         ["model", "version", "role"])
+ROLLOUT_LATENCY = Histogram("headswap_rollout_duration_seconds", "Answer latency of each version in a rollout",
+                            ["model", "version", "role"],
+                            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+SHADOW_COMPARED = Counter("headswap_shadow_compared_images_total", "Images a shadow candidate answered beside stable",
+                          ["model", "version"])
+SHADOW_AGREED = Counter("headswap_shadow_agreed_images_total", "Shadow images whose top-1 matched stable's",
+                        ["model", "version"])
+SHADOW_DROPPED = Counter("headswap_shadow_dropped_total", "Mirrored requests not run by the shadow candidate",
+                         ["model", "version", "reason"])
+
 JOBS = Counter("headswap_finetune_jobs_total", "Fine-tune jobs by final state", ["state"])
 JOBS_RUNNING = Gauge("headswap_finetune_jobs_running", "Fine-tune jobs in progress")
 

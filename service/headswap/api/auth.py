@@ -19,7 +19,7 @@ import grpc
 
 from headswap.api.arrival import client_address
 from headswap.api.status import count_refused
-from headswap.errors import shown_name
+from headswap.errors import InvalidInput, shown_name
 from headswap.security.credentials import ADMIN, ANONYMOUS_SCOPES, CLASSIFY, TRAIN, CredentialStore, Principal
 
 audit_log = logging.getLogger("headswap.audit")
@@ -35,6 +35,10 @@ METHOD_SCOPES: dict[str, str] = {
     f"{_V1}Models/GetModel": CLASSIFY,
     f"{_V1}Models/ActivateModel": ADMIN,
     f"{_V1}Models/RollbackModel": ADMIN,
+    f"{_V1}Models/StartRollout": ADMIN,
+    f"{_V1}Models/GetRollout": ADMIN,
+    f"{_V1}Models/PromoteRollout": ADMIN,
+    f"{_V1}Models/AbortRollout": ADMIN,
     # train: the servicer limits a train-only caller to its own jobs; admin sees every job.
     f"{_V1}Training/FineTune": TRAIN,
     f"{_V1}Training/WatchJob": TRAIN,
@@ -61,7 +65,8 @@ METHOD_SCOPES: dict[str, str] = {
 }
 
 # Calls that change what is served or start/stop training: audited whatever their outcome.
-AUDITED = frozenset({f"{_V1}Models/ActivateModel", f"{_V1}Models/RollbackModel", f"{_V1}Training/FineTune",
+AUDITED = frozenset({f"{_V1}Models/ActivateModel", f"{_V1}Models/RollbackModel", f"{_V1}Models/StartRollout",
+                     f"{_V1}Models/PromoteRollout", f"{_V1}Models/AbortRollout", f"{_V1}Training/FineTune",
                      f"{_V1}Training/CancelJob", f"{_KSERVE}RepositoryModelLoad",
                      f"{_KSERVE}RepositoryModelUnload"})
 
@@ -91,6 +96,27 @@ def key_of(principal: Principal, address: str) -> str:
     if principal.via != "none":
         return f"{principal.via}:{principal.name}"
     return address
+
+
+ROUTING_KEY = "routing-key"  # metadata entry / HTTP header naming the end user a rollout's split sticks to
+MAX_ROUTING_KEY_LENGTH = 256  # it is only hashed; a longer one is a caller's mistake, refused
+
+
+def routing_key(context: grpc.ServicerContext) -> str | None:
+    """The gRPC call's routing key (see `routing_key_of`)."""
+    sent = next((str(value) for key, value in context.invocation_metadata() or () if key == ROUTING_KEY), None)
+    return routing_key_of(sent, caller())
+
+
+def routing_key_of(sent: str | None, principal: Principal) -> str | None:
+    """What a rollout's sticky split keys on (headswap.inference.rollout): the `routing-key` the caller
+    sent, else its credential's name; None (routed by weight) without either. Only hashed, never stored."""
+    if sent:
+        if len(sent) > MAX_ROUTING_KEY_LENGTH:
+            raise InvalidInput(f"the {ROUTING_KEY} metadata has {len(sent)} characters; at most "
+                               f"{MAX_ROUTING_KEY_LENGTH} are accepted (it names one end user)")
+        return sent
+    return principal.name if principal.via != "none" else None
 
 
 def job_owner() -> str | None:

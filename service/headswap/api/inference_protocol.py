@@ -414,11 +414,12 @@ class InferenceProtocol:
     # --- inference -------------------------------------------------------------------------
 
     def infer(self, request: InferRequest, caller: str, deadline: float | None,
-              should_stop: Callable[[], bool]) -> InferResponse:
+              should_stop: Callable[[], bool], routing_key: str | None = None) -> InferResponse:
         """Check the request, classify under the caller's slot, answer the output tensors.
 
         `caller` keys --max-inference-calls-per-caller; `deadline` is the transport's (monotonic);
-        `should_stop` turns true once the caller went away."""
+        `should_stop` turns true once the caller went away; `routing_key` is who asks, for a
+        rollout's sticky split (headswap.inference.rollout)."""
         name = self.model_name(request.model)
         version = parse_version(request.version)
         if len(request.id) > MAX_REQUEST_ID_LENGTH:
@@ -449,13 +450,13 @@ class InferenceProtocol:
             images = encoded_images(tensor, count)
 
             def run() -> Answer:
-                return self.classifier.infer_encoded(images, name, version, deadline, should_stop)
+                return self.classifier.infer_encoded(images, name, version, deadline, should_stop, routing_key)
         elif datatype in PIXEL_DTYPES:
             array = pixels(tensor, PIXEL_DTYPES[datatype])
 
             def run() -> Answer:
                 return self.classifier.infer_pixels(array, name, version, deadline, normalized=datatype == "FP32",
-                                                    should_stop=should_stop)
+                                                    should_stop=should_stop, routing_key=routing_key)
         else:
             raise InvalidInput(f"input {tensor.name!r} has datatype {shown_name(datatype)}; "
                                f"accepted: {ACCEPTED_DATATYPES}")

@@ -8,7 +8,7 @@ import time
 import grpc
 
 from headswap.admission import SlotsPerKey
-from headswap.api.auth import caller_key
+from headswap.api.auth import caller, caller_key, routing_key
 from headswap.api.names import requested_model
 from headswap.api.status import rpc
 from headswap.errors import InvalidInput, NotFound
@@ -41,7 +41,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         model = requested_model(request.model, self.classifier.default_model)
         with self.callers.take(caller_key(context)):
             answer, results = self.classifier.classify(list(request.images), request.top_k, model,
-                                                       request.version, deadline_of(context), stopped(context))
+                                                       request.version, deadline_of(context), stopped(context),
+                                                       routing_key(context))
         return pb.ClassifyResponse(
             model=answer.model, version=answer.version,
             results=[pb.Classification(predictions=[pb.Prediction(label=p.label, index=p.index, score=p.score)
@@ -95,3 +96,41 @@ class ModelsServicer(pb_grpc.ModelsServicer):
     def RollbackModel(self, request: pb.RollbackModelRequest, context) -> pb.ModelInfo:
         self.manager.rollback(requested_model(request.name))
         return self.describe(request.name)
+
+    @rpc("StartRollout", lambda r: r.name)
+    def StartRollout(self, request: pb.StartRolloutRequest, context) -> pb.RolloutStatus:
+        name = requested_model(request.name)
+        if request.version < 1:
+            raise InvalidInput(f"version must be a positive version number, got {request.version}")
+        self.manager.start_rollout(name, request.version, request.mode, request.percent, request.manual,
+                                   caller().name)
+        return rollout_status(name, self.manager.rollout_status(name))
+
+    @rpc("GetRollout", lambda r: r.name)
+    def GetRollout(self, request: pb.RolloutRequest, context) -> pb.RolloutStatus:
+        name = requested_model(request.name)
+        return rollout_status(name, self.manager.rollout_status(name))
+
+    @rpc("PromoteRollout", lambda r: r.name)
+    def PromoteRollout(self, request: pb.RolloutRequest, context) -> pb.RolloutStatus:
+        name = requested_model(request.name)
+        return rollout_status(name, self.manager.end_rollout(name, True, caller().name))
+
+    @rpc("AbortRollout", lambda r: r.name)
+    def AbortRollout(self, request: pb.RolloutRequest, context) -> pb.RolloutStatus:
+        name = requested_model(request.name)
+        return rollout_status(name, self.manager.end_rollout(name, False, caller().name))
+
+
+def rollout_status(name: str, record: dict) -> pb.RolloutStatus:
+    """A rollout's record (the pointer's, plus live figures) -> RolloutStatus."""
+    return pb.RolloutStatus(
+        name=name, running=bool(record.get("running")), id=str(record.get("id", "")),
+        stable_version=int(record.get("stable", 0)), candidate_version=int(record.get("candidate", 0)),
+        mode=str(record.get("mode", "")), percent=int(record.get("percent", 0)), manual=bool(record.get("manual")),
+        rules_json=json.dumps(record.get("rules", {})), outcome=str(record.get("outcome", "")),
+        started=str(record.get("started", "")), ended=str(record.get("ended", "")),
+        figures=[pb.VersionFigures(**figures) for figures in record.get("live", [])],
+        events=[pb.RolloutEvent(time=float(e.get("time", 0)), what=str(e.get("what", "")),
+                                figures_json=json.dumps(e.get("figures", {})))
+                for e in record.get("events", [])])

@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from headswap.api.auth import caller_key
+from headswap.api.auth import caller_key, routing_key
 from headswap.api.inference_protocol import (InferenceProtocol, InferRequest, InferResponse, InputTensor,
                                              RequestedOutput)
 from headswap.api.inference_servicer import deadline_of, stopped
@@ -111,7 +111,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(self, request: kserve_pb.ModelInferRequest, context: grpc.ServicerContext
                    ) -> kserve_pb.ModelInferResponse:
         answer = self.protocol.infer(infer_request(request), caller_key(context), deadline_of(context),
-                                     stopped(context))
+                                     stopped(context), routing_key(context))
         return infer_response(answer)
 
     # --- model repository ------------------------------------------------------------------

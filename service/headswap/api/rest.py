@@ -44,7 +44,7 @@ from starlette.routing import Route
 
 from headswap import errors
 from headswap.admission import ByteBudget, SlotsPerKey
-from headswap.api.auth import OPEN, Denied, admit, key_of, scope_for
+from headswap.api.auth import OPEN, ROUTING_KEY, Denied, admit, key_of, routing_key_of, scope_for
 from headswap.api.http_server import IDENTITIES
 from headswap.api.inference_protocol import (InferenceProtocol, InferRequest, InferResponse, InputTensor,
                                              RequestedOutput, whole_number)
@@ -319,6 +319,7 @@ class RestApp:
         principal = admit(self.credentials, self.mutual_tls, _KSERVE + method, scope,
                           request.headers.get("authorization"), identities, protocol="http")
         request.state.caller = key_of(principal, client_address(request))
+        request.state.principal = principal
 
     async def _http_error(self, request: Request, exc: HTTPException) -> Response:
         message = {404: f"no such endpoint: {shown_name(request.url.path)} (the Open Inference Protocol's are "
@@ -375,12 +376,14 @@ class RestApp:
         with contextlib.ExitStack() as held:  # what the request holds (its bytes in flight) until answered
             async def work_async() -> Response:
                 header_length = self._header_length(request)
+                routing_key = routing_key_of(request.headers.get(ROUTING_KEY), request.state.principal)
                 body = await self._body(request, header_length, held)
                 gone = threading.Event()
                 watcher = asyncio.ensure_future(self._watch_disconnect(request, gone))
                 try:
                     response, request.state.version = await anyio.to_thread.run_sync(
-                        lambda: self._infer(body, header_length, model, version, request.state.caller, gone.is_set),
+                        lambda: self._infer(body, header_length, model, version, request.state.caller, gone.is_set,
+                                            routing_key),
                         limiter=self.threads)
                     return response
                 finally:
@@ -437,10 +440,10 @@ class RestApp:
             gone.set()
 
     def _infer(self, body: bytes, header_length: int | None, model: str, version: str, caller: str,
-               should_stop: Callable[[], bool]) -> tuple[Response, str]:
+               should_stop: Callable[[], bool], routing_key: str | None = None) -> tuple[Response, str]:
         """The response, and the version that answered (for the metrics)."""
         infer_request, binary_all, binary_names = parse_infer_body(body, header_length, model, version)
-        answer = self.protocol.infer(infer_request, caller, None, should_stop)
+        answer = self.protocol.infer(infer_request, caller, None, should_stop, routing_key)
         content, json_length = infer_body(answer, binary_all, binary_names)
         if json_length is None:
             return Response(content, media_type="application/json"), answer.version

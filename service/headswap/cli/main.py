@@ -15,6 +15,7 @@ from typing import Any, Callable
 import click
 
 from headswap.cli.options import connect, target_option
+from headswap.cli.rollout import rollout
 from headswap.cli.training import cancel, finetune, jobs
 from headswap.client import Connection
 from headswap.config import Settings, env_name, field_type, flag_name
@@ -207,5 +208,5 @@ def _model_ref(text: str) -> tuple[str, int]:
     return name, int(version or 0)
 
 
-for _command in (finetune, jobs, cancel):
+for _command in (finetune, jobs, cancel, rollout):
     main.add_command(_command)

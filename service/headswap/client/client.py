@@ -16,7 +16,7 @@ from headswap.client.connection import Connection, channel
 from headswap.client.errors import UnavailableError, from_rpc_error
 from headswap.client.images import Example, ImageLike, encode, examples_of, is_single_image
 from headswap.client.results import (Classifications, Job, JobEvent, JobState, ModelInfo, Prediction,
-                                     Submission)
+                                     RolloutStatus, Submission)
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
 
@@ -49,6 +49,8 @@ class FineTuneOptions(TypedDict, total=False):
     label_smoothing: float
     precision: Literal["fp32", "bf16", "int8"]
     hidden_units: int
+    rollout_mode: Literal["", "canary", "shadow"]
+    rollout_percent: int
 
 
 FINETUNE_OPTIONS: tuple[str, ...] = tuple(f.name for f in pb.FineTuneConfig.DESCRIPTOR.fields if f.name != "name")
@@ -150,11 +152,12 @@ class Client:
     # --- inference --------------------------------------------------------------------------
 
     def classify(self, images: ImageLike | Iterable[ImageLike], model: str | None = None, version: int = 0,
-                 top_k: int = 5, *, timeout: float | None = None) -> Classifications:
+                 top_k: int = 5, *, timeout: float | None = None, routing_key: str | None = None) -> Classifications:
         """Classify images (encoded bytes, file paths, PIL images or uint8 arrays; one or a list).
 
         Returns one list of `Prediction` per image, best first; `.model` and `.version` on the result
         say which model answered (`model=None`: the server's default; `version=0`: the active one).
+        `routing_key` (an end user's id): during a rollout, one key always gets the same version.
         """
         batch = [images] if is_single_image(images) else list(images)  # type: ignore[arg-type]
         if not batch:
@@ -165,7 +168,8 @@ class Client:
             raise ValueError(f"version must be 0 (the active one) or a version number, got {version!r}")
         request = pb.ClassifyRequest(images=[encode(image) for image in batch], top_k=top_k, model=model or "",
                                      version=version)
-        response = self._call(self._inference.Classify, request, timeout)
+        metadata = (("routing-key", routing_key),) if routing_key else None
+        response = self._call(self._inference.Classify, request, timeout, metadata)
         return Classifications([[Prediction(p.label, p.index, p.score) for p in result.predictions]
                                 for result in response.results], response.model, response.version)
 
@@ -190,6 +194,31 @@ class Client:
         """Re-activate the version that was active before the current one."""
         return ModelInfo.from_message(
             self._call(self._models.RollbackModel, pb.RollbackModelRequest(name=name), timeout))
+
+    # --- rollouts (docs/rollouts.md) --------------------------------------------------------
+
+    def start_rollout(self, name: str, version: int, *, canary: int = 0, shadow: int = 0, manual: bool = False,
+                      timeout: float | None = None) -> RolloutStatus:
+        """Roll `version` out beside the active one: `canary=P` (it answers P% of requests) or
+        `shadow=P` (it runs on a copy of P%, answers discarded); promoted or rolled back on its
+        figures unless `manual`."""
+        if bool(canary) == bool(shadow):
+            raise ValueError("give exactly one of canary=PERCENT or shadow=PERCENT")
+        request = pb.StartRolloutRequest(name=name, version=version, mode="canary" if canary else "shadow",
+                                         percent=canary or shadow, manual=manual)
+        return RolloutStatus.from_message(self._call(self._models.StartRollout, request, timeout))
+
+    def rollout(self, name: str, *, timeout: float | None = None) -> RolloutStatus:
+        """The running rollout with live figures, else the last that ended."""
+        return RolloutStatus.from_message(self._call(self._models.GetRollout, pb.RolloutRequest(name=name), timeout))
+
+    def promote_rollout(self, name: str, *, timeout: float | None = None) -> RolloutStatus:
+        return RolloutStatus.from_message(
+            self._call(self._models.PromoteRollout, pb.RolloutRequest(name=name), timeout))
+
+    def abort_rollout(self, name: str, *, timeout: float | None = None) -> RolloutStatus:
+        return RolloutStatus.from_message(
+            self._call(self._models.AbortRollout, pb.RolloutRequest(name=name), timeout))
 
     # --- training ---------------------------------------------------------------------------
 
@@ -278,9 +307,10 @@ class Client:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None,
+              metadata: tuple[tuple[str, str], ...] | None = None) -> Any:
         try:
-            return method(request, timeout=self._timeout(timeout))
+            return method(request, timeout=self._timeout(timeout), metadata=metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 

@@ -151,5 +151,34 @@ class ModelInfo:
                    created=info.created, manifest=_json(info.manifest_json))
 
 
+@dataclass(frozen=True)
+class RolloutStatus:
+    """A model's rollout: the running one with the answering replica's live figures per version
+    (`figures`: dicts of requests, errors, error_rate, p50_ms, p99_ms, agreement...), or the last
+    that ended (`running` False, `outcome` promoted / rolled_back / aborted)."""
+
+    name: str
+    running: bool
+    stable_version: int
+    candidate_version: int
+    mode: str
+    percent: int
+    manual: bool
+    outcome: str
+    rules: dict[str, Any]
+    figures: tuple[dict[str, Any], ...]
+    events: tuple[dict[str, Any], ...]
+
+    @classmethod
+    def from_message(cls, status: pb.RolloutStatus) -> "RolloutStatus":
+        figure_fields = [f.name for f in pb.VersionFigures.DESCRIPTOR.fields]
+        return cls(name=status.name, running=status.running, stable_version=status.stable_version,
+                   candidate_version=status.candidate_version, mode=status.mode, percent=status.percent,
+                   manual=status.manual, outcome=status.outcome, rules=_json(status.rules_json),
+                   figures=tuple({f: getattr(v, f) for f in figure_fields} for v in status.figures),
+                   events=tuple({"time": e.time, "what": e.what, "figures": _json(e.figures_json)}
+                                for e in status.events))
+
+
 def _json(text: str) -> dict[str, Any]:
     return json.loads(text) if text else {}

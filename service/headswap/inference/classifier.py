@@ -32,6 +32,7 @@ from headswap.inference.decoding import DecodeSlots
 from headswap.inference.images import decode, pixel_count, to_pixels
 from headswap.inference.manager import LoadedModel, ModelManager
 from headswap.inference.batcher import Pending
+from headswap.inference.rollout import ShadowInput
 from headswap.inference.runtime import Prediction
 from headswap.inference.stats import RequestTiming
 
@@ -80,19 +81,20 @@ class Classifier:
         self._calls = Slots("inference calls in progress", settings.max_inference_calls, "--max-inference-calls")
 
     def classify(self, images: list[bytes], top_k: int, model: str = "", version: int = 0,
-                 deadline: float | None = None, should_stop: ShouldStop | None = None
-                 ) -> tuple[Answer, list[list[Prediction]]]:
-        """Encoded images -> top-k predictions per image."""
+                 deadline: float | None = None, should_stop: ShouldStop | None = None,
+                 routing_key: str | None = None) -> tuple[Answer, list[list[Prediction]]]:
+        """Encoded images -> top-k predictions per image. `routing_key`: who asks, for a rollout's
+        sticky split (headswap.inference.rollout)."""
         top_k = top_k or 5
         if not 1 <= top_k <= MAX_TOP_K:
             raise InvalidInput(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
-        answer = self.infer_encoded(images, model, version, deadline, should_stop)
+        answer = self.infer_encoded(images, model, version, deadline, should_stop, routing_key)
         runtime_k = min(top_k, answer.probabilities.shape[-1])
         return answer, [self._top_k(answer, row, runtime_k) for row in answer.probabilities]
 
     def infer_pixels(self, pixels: np.ndarray, model: str = "", version: int = 0,
                      deadline: float | None = None, normalized: bool = False,
-                     should_stop: ShouldStop | None = None) -> Answer:
+                     should_stop: ShouldStop | None = None, routing_key: str | None = None) -> Answer:
         """Already-sized NHWC pixels (uint8 0..255, or float32 model input when normalized)."""
         if pixels.ndim >= 1 and len(pixels) > self.settings.max_images_per_request:
             raise ResourceExhausted(f"{len(pixels)} images in one request; the limit is "
@@ -114,10 +116,11 @@ class Classifier:
                 else:
                     yield loaded.runtime.preprocessing.normalize(part)
 
-        return self._run(model, version, chunks, deadline, should_stop)
+        return self._run(model, version, chunks, deadline, should_stop, routing_key)
 
     def infer_encoded(self, images: list[bytes], model: str = "", version: int = 0,
-                      deadline: float | None = None, should_stop: ShouldStop | None = None) -> Answer:
+                      deadline: float | None = None, should_stop: ShouldStop | None = None,
+                      routing_key: str | None = None) -> Answer:
         """Encoded images (JPEG, PNG, WebP, BMP) -> probabilities, decoded as the manifest says."""
         s = self.settings
         if not images:
@@ -142,10 +145,10 @@ class Classifier:
                     opened[i] = None  # let the decoded source go now
                 yield loaded.runtime.preprocessing.normalize(np.stack(rows))
 
-        return self._run(model, version, chunks, deadline, should_stop)
+        return self._run(model, version, chunks, deadline, should_stop, routing_key)
 
     def _run(self, model: str, version: int, chunks: Chunks, deadline: float | None,
-             should_stop: ShouldStop | None) -> Answer:
+             should_stop: ShouldStop | None, routing_key: str | None = None) -> Answer:
         name = model or self.default_model
         check_version(version)
 
@@ -155,6 +158,27 @@ class Classifier:
             if should_stop is not None and should_stop():
                 raise Cancelled("the call was cancelled; its work was stopped")
 
+        rollouts = self.manager.rollouts
+        route = rollouts.route(name, version, routing_key)
+        if route.rollout is None:
+            return self._run_version(name, route.version, chunks, check, deadline)
+        # In a rollout: the answer (or failure) counts for the version that gave it, and a mirrored
+        # request's model input is kept for the shadow candidate (the caller does not wait for it).
+        copy = ShadowInput()
+        keep: Chunks = (lambda loaded, check: copy.passing(chunks(loaded, check))) if route.mirror else chunks
+        started = time.perf_counter()
+        try:
+            answer = self._run_version(name, route.version, keep, check, deadline)
+        except BaseException as err:
+            rollouts.record(name, route, route.version or route.rollout.stable, time.perf_counter() - started, err)
+            raise
+        rollouts.record(name, route, answer.version, time.perf_counter() - started, None)
+        if route.mirror:
+            rollouts.mirror(name, route, copy, answer.probabilities)
+        return answer
+
+    def _run_version(self, name: str, version: int, chunks: Chunks, check: Callable[[], None],
+                     deadline: float | None) -> Answer:
         with self._calls.take(), self.manager.lease(name, version) as loaded:
             started_ns = time.perf_counter_ns()
             try:

@@ -22,15 +22,18 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
+
+import numpy as np
 
 from headswap import metrics
 from headswap.config import Settings
-from headswap.errors import CorruptModel, NotFound, ResourceExhausted, Unavailable
+from headswap.errors import CorruptModel, FailedPrecondition, InvalidInput, NotFound, ResourceExhausted, Unavailable
 from headswap.inference.batcher import Batcher
 from headswap.inference.memory import return_freed_memory
+from headswap.inference.rollout import PROMOTED, Decision, Rollout, Rollouts, Rules, audit_decision, check_request
 from headswap.inference.runtime import ModelRuntime, expected_bytes, load_runtime
-from headswap.registry.registry import Registry
+from headswap.registry.registry import LAST_ROLLOUT, ROLLOUT, Registry
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,8 @@ class ModelManager:
         self._draining: dict[int, LoadedModel] = {}  # retired versions that requests still hold
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        # The rollouts in the pointers this process follows (routing, figures, shadow, decisions).
+        self.rollouts = Rollouts(settings, self._shadow_run, self._decided)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -78,6 +83,7 @@ class ModelManager:
 
     def close(self) -> None:
         self._stop.set()
+        self.rollouts.close()
         if self._poller:
             self._poller.join(timeout=5)
         with self._lock:
@@ -132,8 +138,34 @@ class ModelManager:
     # --- loading and swapping --------------------------------------------------------------
 
     def refresh(self, name: str) -> None:
-        """Make the registry's active version of `name` the one new requests take."""
-        version = self.registry.active_version(name)
+        """Make the registry's active version of `name` the one new requests take, and follow its
+        rollout (the candidate is loaded beside it)."""
+        state = self.registry.active_state(name)
+        version = int(state["version"]) if state.get("version") is not None else None
+        try:
+            rollout = Rollout.from_dict(state.get(ROLLOUT))
+        except (KeyError, TypeError, ValueError) as err:
+            log.warning("model %s: ignoring an unreadable rollout in its pointer: %s", name, err)
+            rollout = None
+        try:
+            self._swap_to(name, version)
+        finally:
+            self.rollouts.follow(name, rollout if version is not None else None)
+        if rollout is not None:
+            self._preload(name, rollout.candidate)
+
+    def _preload(self, name: str, version: int) -> None:
+        """Load a rollout's candidate ahead of its first request (best effort: requests load it too)."""
+        with self._lock:
+            model = self._loaded.get((name, version))
+        if (model is not None and not model.retired) or (name, version) in self._refused:
+            return  # loaded, or refused as corrupt (logged once; its requests fail and count)
+        try:
+            self._load((name, version), evict_active=False)
+        except Exception as err:  # counted as the candidate's errors when its requests fail too
+            log.warning("model %s: rollout candidate version %d not loaded: %s", name, version, err)
+
+    def _swap_to(self, name: str, version: int | None) -> None:
         if version is None:
             self.registry.resolve(name)  # NotFound, or FailedPrecondition "none is active yet; activate one"
             raise NotFound(f"unknown model {name!r}; models in the registry: "
@@ -342,6 +374,91 @@ class ModelManager:
         version = self.registry.rollback(name)
         self.refresh(name)
         return version
+
+    # --- rollouts (headswap.inference.rollout) ---------------------------------------------
+
+    def start_rollout(self, name: str, version: int, mode: str, percent: int, manual: bool,
+                      started_by: str) -> dict[str, Any]:
+        """Start a rollout of `version` against the active one: checked, loaded and warmed up first
+        (nothing is written when any of it fails), then one conditional update of the pointer."""
+        check_request(mode, percent)
+        if not self.registry.versions(name):
+            raise self._unknown_model(name)
+        self.registry.resolve(name, version)  # NotFound names the versions there are
+        state = self.registry.active_state(name)
+        if state.get("version") is None:
+            self.registry.resolve(name)  # NotFound, or FailedPrecondition "none is active yet"
+        if state.get(ROLLOUT):
+            raise FailedPrecondition(f"model {name!r} already has a rollout of version "
+                                     f"{state[ROLLOUT].get('candidate')} in progress; promote or abort it first")
+        if int(state["version"]) == version:
+            raise InvalidInput(f"version {version} of {name!r} is already the active version; roll out another version")
+        self._refused.discard((name, version))
+        self._load((name, version), evict_active=False)
+        rules = Rules.from_settings(self.settings)
+        record = self.registry.start_rollout(
+            name, version, lambda stable: Rollout.new(stable, version, mode, percent, manual, rules,
+                                                      started_by).to_dict())
+        self.refresh(name)
+        return record
+
+    def end_rollout(self, name: str, promote: bool, who: str) -> dict[str, Any]:
+        """Promote or abort the running rollout by hand; the event carries this process's figures."""
+        state = self.registry.active_state(name)
+        if not state and not self.registry.versions(name):
+            raise self._unknown_model(name)
+        running = Rollout.from_dict(state.get(ROLLOUT)) if state.get(ROLLOUT) else None
+        if running is None:
+            raise FailedPrecondition(f"model {name!r} has no rollout in progress")
+        figures = {f["role"]: f for f in self.rollouts.figures(name, running.id)}
+        outcome = PROMOTED if promote else "aborted"
+        what = f"{outcome} by {who}: version {running.candidate if promote else running.stable} answers"
+        event = {"time": time.time(), "what": what, "figures": figures}
+        record = self.registry.end_rollout(name, promote, outcome, event, rollout_id=running.id)
+        audit_decision(name, running, outcome, f"{what}; figures {figures}", who)
+        self.refresh(name)
+        return record
+
+    def _decided(self, name: str, rollout: Rollout, decision: Decision) -> None:
+        """An automatic decision, written only if that rollout still runs (another replica may have
+        ended it first: then nothing changes here but the next poll)."""
+        event = {"time": time.time(), "what": decision.reason, "figures": decision.figures}
+        try:
+            self.registry.end_rollout(name, decision.outcome == PROMOTED, decision.outcome, event,
+                                      rollout_id=rollout.id)
+        except (FailedPrecondition, NotFound) as err:
+            log.info("model %s: rollout %s already ended elsewhere: %s", name, rollout.id, err)
+        else:
+            log.info("model %s: rollout %s %s", name, rollout.id, decision.reason)
+            audit_decision(name, rollout, decision.outcome, decision.reason, "rollout")
+        try:
+            self.refresh(name)
+        except Exception as err:  # the next poll tries again
+            log.warning("model %s: refresh after the rollout decision failed: %s", name, err)
+
+    def rollout_status(self, name: str) -> dict[str, Any]:
+        """The running rollout (with this process's live figures), else the last one that ended."""
+        state = self.registry.active_state(name)
+        if not state and not self.registry.versions(name):
+            raise self._unknown_model(name)
+        running = state.get(ROLLOUT)
+        if running:
+            return dict(running, running=True, live=self.rollouts.figures(name, str(running.get("id"))))
+        last = state.get(LAST_ROLLOUT)
+        return dict(last, running=False, live=[]) if last else {"running": False, "live": [], "events": []}
+
+    def _unknown_model(self, name: str) -> NotFound:
+        known = ", ".join(self.registry.models()) or "none"
+        return NotFound(f"unknown model {name!r}; models in the registry: {known}")
+
+    def _shadow_run(self, name: str, version: int, chunks: list[np.ndarray]) -> np.ndarray:
+        """The candidate's answer to a mirrored request, run in the calling (shadow) thread on one
+        lane's session: with one intra-op thread per lane, all of its work runs at that thread's
+        low priority (`rollout.Rollouts`), not on the batcher's lanes that answer callers."""
+        with self.lease(name, version) as loaded:
+            runtime = loaded.runtime
+            results = [runtime.infer(chunk, runtime.lane_count - 1) for chunk in chunks]
+        return results[0] if len(results) == 1 else np.concatenate(results)
 
     def _poll_loop(self) -> None:
         while not self._stop.wait(self.settings.poll_interval_s):

@@ -6,7 +6,9 @@ Layout, as TF Serving watches a base path:
     <root>/<model>/<version>/model.fp32.onnx only in an int8 version: the fp32 file its near ties
                                              are re-checked on (`headswap.export.precision`)
     <root>/<model>/<version>/manifest.json   written last: a version without it does not exist
-    <root>/<model>/active.json               {"version": N, "history": [older actives...]}
+    <root>/<model>/active.json               {"version": N, "history": [older actives...],
+                                              "rollout": {candidate, mode, percent, rules...} while one
+                                              runs, "last_rollout": the last that ended}
 
 A version is published whole (see `Store.publish_dir`), "active" is one small object replaced
 atomically and updated conditionally (`Store.update_bytes`: two activations at once never drop a
@@ -36,6 +38,8 @@ RECHECK_FILE = "model.fp32.onnx"  # an int8 version's fp32 file, for its re-chec
 EXTRA_FILES = (RECHECK_FILE,)  # the only other files a version may carry (manifest `files`: name -> sha256)
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}\Z")
 ACTIVE_FILE = "active.json"
+ROLLOUT = "rollout"  # active.json: the running rollout (headswap.inference.rollout), absent when none runs
+LAST_ROLLOUT = "last_rollout"  # active.json: the last one that ended, with its outcome and figures
 # The one model-name rule (every API checks it where a request enters, and the registry again):
 # names are path segments and metric labels. `\Z`, not `$`: "$" also matches before a final "\n".
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
@@ -295,17 +299,83 @@ class Registry:
 
         return self._update_active(name, change)
 
+    def start_rollout(self, name: str, candidate: int, make: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
+        """Put a rollout of `candidate` in the pointer: `make(stable)` gives its record. Refused
+        (nothing written) without an active version, while another rollout runs, or for a version
+        that is not stored or is the active one."""
+        if not self.store.exists(f"{name}/{candidate}/{MANIFEST}"):
+            raise NotFound(f"model {name!r} has no version {candidate}; versions: {self.versions(name)}")
+
+        def change(state: dict[str, Any]) -> dict[str, Any]:
+            stable = state.get("version")
+            if stable is None:
+                raise FailedPrecondition(f"model {name!r} has no active version to roll out against; activate "
+                                         f"one first (`headswap activate {name} VERSION`)")
+            running = state.get(ROLLOUT)
+            if running:
+                raise FailedPrecondition(f"model {name!r} already has a rollout of version "
+                                         f"{running.get('candidate')} in progress; promote or abort it first")
+            if int(stable) == candidate:
+                raise InvalidInput(f"version {candidate} of {name!r} is already the active version; roll out "
+                                   "another version")
+            return dict(state, **{ROLLOUT: make(int(stable))})
+
+        return self.update_state(name, change)[ROLLOUT]
+
+    def end_rollout(self, name: str, promote: bool, outcome: str, event: dict[str, Any],
+                    rollout_id: str | None = None) -> dict[str, Any]:
+        """End the running rollout in one write: promoted, the candidate becomes the active version
+        (stable goes on the rollback history); else the pointer keeps stable. `rollout_id`: only that
+        rollout (an automatic decision of a rollout someone already ended changes nothing).
+        Returns the ended rollout's record, as kept under LAST_ROLLOUT."""
+        check_model_name(name)
+
+        def change(state: dict[str, Any]) -> dict[str, Any]:
+            running = state.get(ROLLOUT)
+            if not running or (rollout_id is not None and running.get("id") != rollout_id):
+                if state.get("version") is None and not self.versions(name):
+                    raise NotFound(f"unknown model {name!r}; models in the registry: "
+                                   f"{', '.join(self.models()) or 'none'}")
+                raise FailedPrecondition(f"model {name!r} has no rollout in progress"
+                                         + (" (it ended already)" if rollout_id is not None else ""))
+            ended = dict(running, outcome=outcome, ended=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         events=[*running.get("events", []), event][-20:])
+            state = {key: value for key, value in state.items() if key != ROLLOUT}
+            state[LAST_ROLLOUT] = ended
+            if promote:
+                history = [int(v) for v in state.get("history", [])]
+                if state.get("version") is not None and int(state["version"]) != int(running["candidate"]):
+                    history.append(int(state["version"]))
+                state.update(version=int(running["candidate"]), history=history[-50:])
+            return state
+
+        return self.update_state(name, change)[LAST_ROLLOUT]
+
     def _update_active(self, name: str, change: Any) -> int:
-        """Conditional read-modify-write of active.json; `change(state) -> (version, history)`."""
+        """Conditional read-modify-write of active.json; `change(state) -> (version, history)`.
+        Refused while a rollout runs: it ends by promote or abort, not by moving the pointer under it."""
+
+        def update(state: dict[str, Any]) -> dict[str, Any]:
+            if state.get(ROLLOUT):
+                raise FailedPrecondition(
+                    f"model {name!r} has a rollout of version {state[ROLLOUT].get('candidate')} in progress; "
+                    f"promote or abort it first (`headswap rollout promote|abort {name}`)")
+            version, history = change(state)
+            return dict(state, version=version, history=history)
+
+        return int(self.update_state(name, update)["version"])
+
+    def update_state(self, name: str, change: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """Conditional read-modify-write of the whole pointer (version, history, rollout): one atomic
+        write, retried when another writer got there first; `change` raising writes nothing."""
+        check_model_name(name)
 
         def update(old: bytes | None) -> bytes:
-            state = json.loads(old) if old else {}
-            version, history = change(state)
-            return json.dumps({"version": version, "history": history,
-                               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+            state = change(json.loads(old) if old else {})
+            state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            return json.dumps(state).encode()
 
-        written = self.store.update_bytes(f"{name}/{ACTIVE_FILE}", update)
-        return int(json.loads(written)["version"])
+        return json.loads(self.store.update_bytes(f"{name}/{ACTIVE_FILE}", update))
 
     # --- housekeeping ----------------------------------------------------------------------
 
@@ -315,7 +385,8 @@ class Registry:
         if keep <= 0:
             return []
         state = self.active_state(name)
-        protected = {int(v) for v in [state.get("version"), *state.get("history", [])[-1:]] if v is not None}
+        protected = {int(v) for v in [state.get("version"), *state.get("history", [])[-1:],
+                                      (state.get(ROLLOUT) or {}).get("candidate")] if v is not None}
         inactive = [v for v in self.versions(name) if v not in protected]
         doomed = inactive[:-keep] if len(inactive) > keep else []
         for version in doomed:

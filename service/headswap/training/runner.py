@@ -287,12 +287,18 @@ class JobRunner:
         message = f"stored {job.model} version {job.version} (validation accuracy {accuracy:.4f})"
         if spec.activate and accuracy >= spec.min_val_accuracy:
             try:
-                if self.manager is not None:
+                if spec.rollout_mode and self.registry.active_version(job.model):
+                    # a rollout beside the active version instead of all traffic at once (docs/rollouts.md);
+                    # a first version has nothing to roll out against and is activated outright
+                    self._start_rollout(job, spec)
+                    message += f"; rolling out: {spec.rollout_mode} {spec.rollout_percent}%"
+                elif self.manager is not None:
                     self.manager.activate(job.model, job.version)  # loads and warms it, then swaps
+                    message += "; now active"
                 else:
                     self.registry.activate(job.model, job.version)
+                    message += "; now active"
                 activated = True
-                message += "; now active"
             except Exception as err:  # the version stays stored; say why it is not serving
                 log.warning("job %s: activation failed: %s", job.job_id, err)
                 message += f"; not activated: {err}"
@@ -307,6 +313,17 @@ class JobRunner:
             except Exception as err:  # retention is housekeeping: the job itself succeeded
                 log.warning("job %s: pruning old versions of %s failed: %s", job.job_id, job.model, err)
         self._finish(claim, JobState.SUCCEEDED, message=message, activated=activated)
+
+    def _start_rollout(self, job: JobRecord, spec: FineTuneSpec) -> None:
+        who = f"fine-tune job {job.job_id}"
+        if self.manager is not None:  # loads and warms the candidate first
+            self.manager.start_rollout(job.model, job.version, spec.rollout_mode, spec.rollout_percent, False, who)
+            return
+        from headswap.inference.rollout import Rollout, Rules
+
+        rules = Rules.from_settings(self.settings)
+        self.registry.start_rollout(job.model, job.version, lambda stable: Rollout.new(
+            stable, job.version, spec.rollout_mode, spec.rollout_percent, False, rules, who).to_dict())
 
     def _finish(self, claim: Claim, state: JobState, **fields: Any) -> None:
         try:

@@ -134,6 +134,10 @@ class FineTuneSpec:
     label_smoothing: float = 0.0
     hidden_units: int = 0  # 0 = linear head; N = Dense(N, relu) before the output (the seeds' recipe: 256)
     precision: str = "fp32"
+    # With activate: start the new version as a rollout ("canary" or "shadow", at rollout_percent)
+    # instead of activating it outright (headswap.inference.rollout).
+    rollout_mode: str = ""
+    rollout_percent: int = 0
 
     @classmethod
     def from_request(cls, values: dict[str, Any]) -> "FineTuneSpec":
@@ -169,6 +173,8 @@ class FineTuneSpec:
             label_smoothing=float(v.get("label_smoothing") or 0.0),
             hidden_units=int(v.get("hidden_units") or 0),
             precision=str(v.get("precision") or "fp32").strip().lower(),
+            rollout_mode=str(v.get("rollout_mode") or "").strip().lower(),
+            rollout_percent=int(v.get("rollout_percent") or 0),
         )
         spec.check()
         return spec
@@ -225,6 +231,13 @@ class FineTuneSpec:
             problems.append(f"class_weights may name at most {MAX_CLASS_WEIGHTS} labels, got {len(self.class_weights)}")
         if any(not k for k in self.class_weights):
             problems.append("class_weights keys must be non-empty labels")
+        if self.rollout_mode not in ("", "canary", "shadow"):
+            problems.append(f"rollout_mode must be canary, shadow or empty (activate outright), got "
+                            f"{shown_name(self.rollout_mode)}")
+        elif self.rollout_mode and not 1 <= self.rollout_percent <= 99:
+            problems.append(f"rollout_percent must be from 1 to 99 with a rollout_mode, got {self.rollout_percent}")
+        elif not self.rollout_mode and self.rollout_percent:
+            problems.append("rollout_percent needs a rollout_mode (canary or shadow)")
         if problems:
             raise InvalidInput("invalid fine-tune config: " + "; ".join(problems))
 
