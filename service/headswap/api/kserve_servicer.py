@@ -22,6 +22,9 @@ A model is a registry model (`efficientnet-lite0`); its versions are registry ve
   `classification` parameter of k (tritonclient's `InferRequestedOutput(name, class_count=k)`),
   it is instead a BYTES [N, k] tensor of "score:index:label" strings, best first, as Triton's
   classification extension returns them.
+- output `ood_score`, FP32 [N] (issue 23): how unlike the version's training images each image is;
+  its tensor parameters `ood_method` and `ood_threshold` (absent when the version has none) say
+  how to read it. Both outputs come back when none is requested, as in Triton.
 - request parameter `timeout` (microseconds, 0 for none) tightens the gRPC deadline. `timeout` and
   `classification` must be int64/uint64 parameters: any other kind is refused, not ignored.
 
@@ -51,6 +54,7 @@ from headswap.api.status import rpc
 from headswap.errors import InvalidInput, NotFound, ResourceExhausted, shown_name
 from headswap.inference.classifier import Answer, Classifier, top_k_indices
 from headswap.inference.manager import ModelManager
+from headswap.inference.ood import OOD_OUTPUT, OodSpec
 from headswap.inference.stats import Duration, StatsSnapshot
 from headswap.protocol import kserve_v2_pb2 as kserve_pb
 from headswap.protocol import kserve_v2_pb2_grpc as kserve_grpc
@@ -61,6 +65,7 @@ EXTENSIONS = ["classification", "model_repository", "statistics"]
 PLATFORM = "onnxruntime_onnx"
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
+OOD_OUTPUT_NAME = OOD_OUTPUT  # issue 23
 PIXEL_DTYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
 ACCEPTED_DATATYPES = "FP32 or UINT8 [N, H, W, 3] pixels, or BYTES [N] encoded images"
 # Not FP32, the ONNX file's own input: FP32 with NaN or infinity is refused (a finite-input rule),
@@ -206,7 +211,8 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
         return kserve_pb.ModelMetadataResponse(
             name=name, versions=[str(v) for v in self.registry.versions(name)], platform=PLATFORM,
             inputs=[TensorMetadata(name=INPUT_NAME, datatype=ADVERTISED_DATATYPE, shape=[-1, height, width, 3])],
-            outputs=[TensorMetadata(name=OUTPUT_NAME, datatype="FP32", shape=[-1, classes])])
+            outputs=[TensorMetadata(name=OUTPUT_NAME, datatype="FP32", shape=[-1, classes]),
+                     TensorMetadata(name=OOD_OUTPUT_NAME, datatype="FP32", shape=[-1])])
 
     # --- inference -------------------------------------------------------------------------
 
@@ -218,7 +224,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
         if len(request.id) > MAX_REQUEST_ID_LENGTH:
             raise InvalidInput(f"the request id has {len(request.id)} characters; at most {MAX_REQUEST_ID_LENGTH} "
                                "are accepted (it is echoed in the response)")
-        class_count = self._requested_output(request)
+        class_count, outputs_wanted = self._requested_output(request)
         deadline = self._deadline(request, context)
 
         if len(request.inputs) != 1:
@@ -270,28 +276,37 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
                                f"accepted: {ACCEPTED_DATATYPES}")
         with self.callers.take(caller_key(context)):  # checked once the request is known to be valid
             answer = infer()
-        return self._response(request, answer, class_count)
+        return self._response(request, answer, class_count, outputs_wanted)
 
     @staticmethod
-    def _requested_output(request: kserve_pb.ModelInferRequest) -> int:
-        """Validate the requested outputs; the classification count asked for, 0 for probabilities."""
+    def _requested_output(request: kserve_pb.ModelInferRequest) -> tuple[int, tuple[str, ...]]:
+        """Validate the requested outputs; the classification count asked for (0 for probabilities)
+        and the outputs to send (both when none is named)."""
         outputs = request.outputs
         if not outputs:
-            return 0
-        if len(outputs) > 1:
-            raise InvalidInput(f"the model has one output, {OUTPUT_NAME!r}; {len(outputs)} were requested")
-        output = outputs[0]
-        if output.name != OUTPUT_NAME:
-            raise InvalidInput(f"unknown requested output {shown_name(output.name)}; the model's output is "
-                               f"{OUTPUT_NAME!r}")
+            return 0, (OUTPUT_NAME, OOD_OUTPUT_NAME)
+        names = [output.name for output in outputs]
+        if len(outputs) > 2 or len(set(names)) != len(names):
+            raise InvalidInput(f"the model has two outputs, {OUTPUT_NAME!r} and {OOD_OUTPUT_NAME!r}; "
+                               f"{len(outputs)} were requested")
+        for output in outputs:
+            if output.name not in (OUTPUT_NAME, OOD_OUTPUT_NAME):
+                raise InvalidInput(f"unknown requested output {shown_name(output.name)}; the model's outputs are "
+                                   f"{OUTPUT_NAME!r} and {OOD_OUTPUT_NAME!r}")
+            if output.name == OOD_OUTPUT_NAME and output.parameters:
+                _refuse_shared_memory(output.parameters, f"output {output.name!r}")
+        wanted = tuple(names)
+        if OUTPUT_NAME not in names:
+            return 0, wanted
+        output = next(o for o in outputs if o.name == OUTPUT_NAME)
         parameters = output.parameters
         if not parameters:
-            return 0
+            return 0, wanted
         _refuse_shared_memory(parameters, f"output {output.name!r}")
         if "classification" not in parameters:
-            return 0
+            return 0, wanted
         return _whole_number(parameters["classification"], "the classification parameter", 1,
-                             "a positive integer (the number of classes to return)")
+                             "a positive integer (the number of classes to return)"), wanted
 
     @staticmethod
     def _deadline(request: kserve_pb.ModelInferRequest, context: grpc.ServicerContext) -> float | None:
@@ -333,8 +348,8 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
         return array.reshape(shape)
 
     @staticmethod
-    def _response(request: kserve_pb.ModelInferRequest, answer: Answer, class_count: int
-                  ) -> kserve_pb.ModelInferResponse:
+    def _response(request: kserve_pb.ModelInferRequest, answer: Answer, class_count: int,
+                  wanted: tuple[str, ...] = (OUTPUT_NAME,)) -> kserve_pb.ModelInferResponse:
         probabilities = answer.probabilities
         if class_count:
             strings = classification_strings(probabilities, class_count, answer.labels)
@@ -344,8 +359,13 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
         else:
             output = InferOutput(name=OUTPUT_NAME, datatype="FP32", shape=probabilities.shape)
             data = np.ascontiguousarray(probabilities, dtype=np.float32).tobytes()
+        tensors = {OUTPUT_NAME: (output, data)}
+        if answer.ood_scores is not None:
+            tensors[OOD_OUTPUT_NAME] = _ood_tensor(answer)
+        sent = [tensors[name] for name in wanted if name in tensors]
         return kserve_pb.ModelInferResponse(model_name=answer.model, model_version=str(answer.version),
-                                            id=request.id, outputs=[output], raw_output_contents=[data])
+                                            id=request.id, outputs=[o for o, _ in sent],
+                                            raw_output_contents=[d for _, d in sent])
 
     # --- model repository ------------------------------------------------------------------
 
@@ -410,6 +430,10 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
             dynamic_batching=kserve_pb.ModelDynamicBatching(
                 preferred_batch_size=[settings.max_batch_size],
                 max_queue_delay_microseconds=round(settings.batch_timeout_ms * 1000)))
+        ood = OodSpec.for_manifest(manifest)  # how to read the ood_score output (issue 23)
+        config.parameters["ood_method"].string_value = ood.method
+        if ood.threshold is not None:
+            config.parameters["ood_threshold"].string_value = repr(ood.threshold)
         return kserve_pb.ModelConfigResponse(config=config)
 
     @rpc("ModelStatistics", lambda r: r.name)
@@ -432,6 +456,17 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
         if not snapshots:  # also refuses unknown models (NOT_FOUND) and models with no active version
             snapshots = [StatsSnapshot.empty(name, self.registry.resolve(name, version))]
         return kserve_pb.ModelStatisticsResponse(model_stats=[_statistics(s) for s in snapshots])
+
+
+def _ood_tensor(answer: Answer) -> tuple[InferOutput, bytes]:
+    """The `ood_score` output, with the method and threshold that say how to read it."""
+    scores = np.ascontiguousarray(answer.ood_scores, dtype=np.float32)
+    ood = answer.ood or OodSpec("max_softmax", None, None)
+    output = InferOutput(name=OOD_OUTPUT_NAME, datatype="FP32", shape=scores.shape)
+    output.parameters["ood_method"].string_param = ood.method
+    if ood.threshold is not None:
+        output.parameters["ood_threshold"].double_param = ood.threshold
+    return output, scores.tobytes()
 
 
 def _duration(value: Duration) -> kserve_pb.StatisticDuration:
