@@ -14,11 +14,12 @@ from headswap.client.errors import (AbortedError, AlreadyExistsError, CancelledE
                                     InvalidArgumentError, NotFoundError, OutOfRangeError, PermissionDeniedError,
                                     ResourceExhaustedError, UnauthenticatedError, UnavailableError,
                                     UnimplementedError, UnknownError)
-from headswap.client.results import Classifications, Job, JobEvent, JobState, ModelInfo, Prediction, Submission
+from headswap.client.results import (Classifications, ImagePredictions, Job, JobEvent, JobState, ModelInfo,
+                                     Prediction, Submission)
 
 __all__ = [
     "DEFAULT_TARGET", "FINETUNE_OPTIONS", "Client", "Connection", "FineTuneOptions",
-    "Classifications", "Job", "JobEvent", "JobState", "ModelInfo", "Prediction", "Submission",
+    "Classifications", "ImagePredictions", "Job", "JobEvent", "JobState", "ModelInfo", "Prediction", "Submission",
     "ClientError", "AbortedError", "AlreadyExistsError", "CancelledError", "DataLossError", "DeadlineExceededError",
     "FailedPreconditionError", "InternalError", "InvalidArgumentError", "NotFoundError", "OutOfRangeError",
     "PermissionDeniedError", "ResourceExhaustedError", "UnauthenticatedError", "UnavailableError",

@@ -15,8 +15,8 @@ import grpc
 from headswap.client.connection import Connection, channel
 from headswap.client.errors import UnavailableError, from_rpc_error
 from headswap.client.images import Example, ImageLike, encode, examples_of, is_single_image
-from headswap.client.results import (Classifications, Job, JobEvent, JobState, ModelInfo, Prediction,
-                                     Submission)
+from headswap.client.results import (Classifications, ImagePredictions, Job, JobEvent, JobState, ModelInfo,
+                                     Prediction, Submission)
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
 
@@ -153,8 +153,8 @@ class Client:
                  top_k: int = 5, *, timeout: float | None = None) -> Classifications:
         """Classify images (encoded bytes, file paths, PIL images or uint8 arrays; one or a list).
 
-        Returns one list of `Prediction` per image, best first; `.model` and `.version` on the result
-        say which model answered (`model=None`: the server's default; `version=0`: the active one).
+        Returns one list of `Prediction` per image, best first, with the image's `ood_score` and
+        `in_distribution` (`ImagePredictions`); `.model` and `.version` on the result say which model answered (`model=None`: the server's default; `version=0`: the active one).
         """
         batch = [images] if is_single_image(images) else list(images)  # type: ignore[arg-type]
         if not batch:
@@ -166,8 +166,8 @@ class Client:
         request = pb.ClassifyRequest(images=[encode(image) for image in batch], top_k=top_k, model=model or "",
                                      version=version)
         response = self._call(self._inference.Classify, request, timeout)
-        return Classifications([[Prediction(p.label, p.index, p.score) for p in result.predictions]
-                                for result in response.results], response.model, response.version)
+        return Classifications([ImagePredictions.from_message(result) for result in response.results],
+                               response.model, response.version)
 
     # --- models -----------------------------------------------------------------------------
 

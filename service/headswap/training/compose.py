@@ -185,6 +185,8 @@ def head_only(model: onnx.ModelProto, output: str = PROBABILITIES) -> onnx.Model
     head = onnx.ModelProto()
     head.CopyFrom(model)
     graph = head.graph
+    kernel = next(t for t in graph.initializer if t.name == f"{PREFIX}/dense0/kernel")
+    size = int(kernel.dims[0])
     prune_to(graph, output)
     start = [n for n in graph.node if n.name.startswith((PREFIX, ood_scores.PREFIX)) or output in n.output]
     names = {t for n in start for t in n.input}
@@ -195,7 +197,6 @@ def head_only(model: onnx.ModelProto, output: str = PROBABILITIES) -> onnx.Model
     graph.initializer.extend(initializers)
     del graph.value_info[:]
     del graph.input[:]
-    size = int(numpy_helper.to_array(next(t for t in initializers if t.name == f"{PREFIX}/dense0/kernel")).shape[0])
     graph.input.append(helper.make_tensor_value_info(EMBEDDING, onnx.TensorProto.FLOAT, ["batch", size]))
     return head
 
