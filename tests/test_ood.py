@@ -149,7 +149,12 @@ def test_manifest_threshold_and_graph_score_equal_numpy(trained, faces):
     graph_score, embedding = session.run(["ood_score", "embedding"], {"image": pixels})
     weights = {t.name: t for t in onnx.load(str(path)).graph.initializer}
 
-    precision = numpy_helper.to_array(weights["headswap_ood/precision"]).astype(np.float64)
+    if "headswap_ood/precision" in weights:
+        precision = numpy_helper.to_array(weights["headswap_ood/precision"]).astype(np.float64)
+    else:  # fewer training images than half the dimensions: (I - X'W) / b, stored as its factors
+        basis_t, factor, inverse_b = (numpy_helper.to_array(weights[f"headswap_ood/{name}"]).astype(np.float64)
+                                      for name in ("basis_t", "weights", "inverse_b"))
+        precision = (np.eye(len(basis_t)) - basis_t @ factor) * inverse_b
     means = numpy_helper.to_array(weights["headswap_ood/means_t"]).T.astype(np.float64)
     z = embedding.astype(np.float64) / np.linalg.norm(embedding.astype(np.float64), axis=1, keepdims=True)
     reference = np.array([min((v - m) @ precision @ (v - m) for m in means) for v in z])
@@ -239,3 +244,27 @@ def test_evaluation_has_calibration_ood_figures_and_the_comparison(trained):
         assert heading in text, text
     row = next(line for line in text.splitlines() if line.strip().startswith("active (v1)"))
     assert f"{comparison['active']['accuracy']:.4f}" in row
+
+
+@pytest.mark.parametrize("count", [40, 500])
+def test_shrunk_precision_is_sklearns_ledoit_wolf(count):
+    """The Mahalanobis++ precision matrix (Woodbury with fewer images than dimensions, a direct
+    inverse otherwise) equals scikit-learn's LedoitWolf on real data: digits' 64 pixels."""
+    from sklearn.covariance import LedoitWolf
+    from sklearn.datasets import load_digits
+
+    from headswap.training import ood
+
+    digits = load_digits()
+    x, y = digits.data[:count], digits.target[:count]
+    means = np.stack([x[y == c].mean(axis=0) for c in range(10)])
+    centred = x - means[y]
+    expected = LedoitWolf(assume_centered=True).fit(centred).precision_
+    np.testing.assert_allclose(ood.shrunk_precision(centred), expected, rtol=1e-6,
+                               atol=1e-9 * np.abs(expected).max())
+    few = centred[:20] - centred[:20].mean(axis=0)  # 20 rows, 64 dimensions: the low-rank form
+    factors = ood.precision_factors(few)
+    low_rank = (np.eye(64) - factors["basis_t"] @ factors["weights"]) * factors["inverse_b"]
+    full = LedoitWolf(assume_centered=True).fit(few).precision_
+    np.testing.assert_allclose(low_rank, full, rtol=1e-6, atol=1e-9 * np.abs(full).max())
+    assert "precision" in ood.precision_factors(centred)  # as many rows as dimensions or more: the matrix

@@ -179,7 +179,11 @@ class ModelRuntime:
         h, w, c = self.input_shape
         zeros = np.zeros((1, h, w, c), dtype=np.float32)
         for lane in range(self.lane_count):
-            self.infer(zeros, lane)
+            outputs = self.infer(zeros, lane)
+            if isinstance(outputs, tuple) and outputs[1].shape != (1,):
+                raise CorruptModel(f"{self.name} version {self.version}: its out-of-distribution output "
+                                   f"{self.ood.output!r} has shape {list(outputs[1].shape)} for one image; "
+                                   "expected one score per image")
         if self.lone_session is not None:  # not timed: a first run pays for lazy initialisation
             self._run(self.lone_session, zeros)
         self.ready.set()

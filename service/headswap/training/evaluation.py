@@ -88,6 +88,10 @@ def compare_with_active(registry: Registry, name: str, labels: list[str], base_m
         if list(manifest.get("labels") or []) != list(labels):
             return {"available": False, "active_version": active,
                     "reason": f"version {active} has other classes ({len(manifest.get('labels') or [])})"}
+        if manifest.get("preprocessing") != base_manifest.get("preprocessing") or \
+                (manifest.get("input") or {}) != (base_manifest.get("input") or {}):
+            return {"available": False, "active_version": active,
+                    "reason": f"version {active} takes its images another way (input size or preprocessing)"}
         if not len(y_val):
             return {"available": False, "active_version": active, "reason": "no validation images"}
         active_probabilities, rows = _active_probabilities(path, manifest, base_manifest, x_val, pixels,

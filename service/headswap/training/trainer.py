@@ -509,6 +509,7 @@ def run(job: TrainingJob, report: Reporter) -> Result:
     # job whose score goes into the composed graph; phase 2 changes the embedding and precision tiers
     # run elsewhere than ONNX Runtime, so those keep max-softmax, thresholded on the same split.
     in_graph = not spec.unfreeze_top_layers and spec.precision == "fp32"
+    started = time.monotonic()
     ood_fit, ood_manifest = evaluation.fit_ood(head if in_graph else None, x_train, y_train, x_val, y_val,
                                                val_probabilities, len(labels))
     metrics["ood"] = ood_manifest
@@ -516,6 +517,7 @@ def run(job: TrainingJob, report: Reporter) -> Result:
         registry, spec.name, labels, base_manifest, x_val, y_val, val_probabilities,
         lambda positions: np.concatenate(list(pixel_batches(dataset, positions, pre, max_pixels, EXTRACT_BATCH,
                                                             threads))), val_pos)
+    timings["evaluation_seconds"] = time.monotonic() - started
     metrics.update(num_train=int(len(train_pos)), num_val=int(len(val_pos)),
                    train_accuracy=round(history.get("fine_tune", history["head"])["accuracy"][-1], 6),
                    epochs_run=len(history["head"]["accuracy"]), embedding_cache_hits=int(cache_hits),
