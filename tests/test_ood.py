@@ -123,10 +123,15 @@ def test_classify_scores_foreign_images_higher_over_both_apis(trained, faces):
     assert [o.name for o in only.get_response().outputs] == ["ood_score"]
     config = client.get_model_config(MODEL).config
     assert config.parameters["ood_method"].string_value == "mahalanobis++"
-    for outputs in (["ood_score", "ood_score"], ["ood_score", "probabilities", "logits"]):
+    for outputs, text in ((["ood_score", "ood_score"], "requested twice"),
+                          (["ood_score", "probabilities", "logits"], "3 were requested"),
+                          (["probabilities", "logits"], "unknown requested output 'logits'")):
         with pytest.raises(InferenceServerException) as err:
             client.infer(MODEL, [tensor], outputs=[tc.InferRequestedOutput(name) for name in outputs])
-        assert "StatusCode.INVALID_ARGUMENT" in str(err.value.status())
+        assert "StatusCode.INVALID_ARGUMENT" in str(err.value.status()) and text in err.value.message()
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(MODEL, [tensor], outputs=[tc.InferRequestedOutput("ood_score", class_count=2)])
+    assert "StatusCode.INVALID_ARGUMENT" in str(err.value.status()) and "one score per image" in err.value.message()
 
 
 def test_manifest_threshold_and_graph_score_equal_numpy(trained, faces):

@@ -286,7 +286,7 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
         if not outputs:
             return 0, (OUTPUT_NAME, OOD_OUTPUT_NAME)
         names = [output.name for output in outputs]
-        if len(outputs) > 2 or len(set(names)) != len(names):
+        if len(outputs) > 2:
             raise InvalidInput(f"the model has two outputs, {OUTPUT_NAME!r} and {OOD_OUTPUT_NAME!r}; "
                                f"{len(outputs)} were requested")
         for output in outputs:
@@ -295,6 +295,11 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
                                    f"{OUTPUT_NAME!r} and {OOD_OUTPUT_NAME!r}")
             if output.name == OOD_OUTPUT_NAME and output.parameters:
                 _refuse_shared_memory(output.parameters, f"output {output.name!r}")
+                if "classification" in output.parameters:
+                    raise InvalidInput(f"the classification parameter applies to {OUTPUT_NAME!r}, not to "
+                                       f"{OOD_OUTPUT_NAME!r} (one score per image)")
+        if len(set(names)) != len(names):
+            raise InvalidInput(f"output {shown_name(names[0])} was requested twice")
         wanted = tuple(names)
         if OUTPUT_NAME not in names:
             return 0, wanted
