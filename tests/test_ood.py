@@ -273,3 +273,39 @@ def test_shrunk_precision_is_sklearns_ledoit_wolf(count):
     full = LedoitWolf(assume_centered=True).fit(few).precision_
     np.testing.assert_allclose(low_rank, full, rtol=1e-6, atol=1e-9 * np.abs(full).max())
     assert "precision" in ood.precision_factors(centred)  # as many rows as dimensions or more: the matrix
+
+
+def test_python_client_and_cli_show_the_score(trained, faces):
+    """The Python client's results carry ood_score/in_distribution and the model's method and
+    threshold; `headswap classify` prints the verdict (and --json the fields)."""
+    from headswap import Client
+
+    server, _, _ = trained
+    examples = faces["test"][:2] + faces["textures"][:2]
+    with Client(server.target, timeout=120) as client:
+        answer = client.classify([image for image, _ in examples], model=MODEL, top_k=1)
+        info = client.model(MODEL)
+    served = _classify(server, examples)
+    for predictions, result in zip(answer, served.results):
+        assert predictions.ood_score == pytest.approx(result.ood_score, rel=1e-6)
+        assert predictions.in_distribution is result.in_distribution
+        assert predictions[0].label == result.predictions[0].label
+    assert info.ood_method == "mahalanobis++" and info.ood_threshold == pytest.approx(served_threshold(info), rel=1e-6)
+
+    # the most typical held-out face (in: most are) and the most foreign texture (out: most are)
+    typical = min(zip(_classify(server, faces["test"]).results, faces["test"]), key=lambda p: p[0].ood_score)[1]
+    foreign = max(zip(_classify(server, faces["textures"]).results, faces["textures"]),
+                  key=lambda p: p[0].ood_score)[1]
+    texture = _write(foreign[0], server.log_path.parent / "texture.png")
+    face = _write(typical[0], server.log_path.parent / "face.png")
+    verdicts = [r.in_distribution for r in _classify(server, [foreign, typical]).results]
+    assert verdicts == [False, True]  # the CLI must show both
+    text = run_cli("classify", "--target", server.target, "--model", MODEL, str(texture), str(face)).stdout
+    assert "OUT OF DISTRIBUTION" in text.split(str(face))[0] and "in distribution" in text.split(str(face))[1]
+    lines = [json.loads(line) for line in run_cli("classify", "--target", server.target, "--model", MODEL, "--json",
+                                                  str(texture), str(face)).stdout.splitlines()]
+    assert [line["in_distribution"] for line in lines] == [False, True] and lines[0]["ood_score"] > lines[1]["ood_score"]
+
+
+def served_threshold(info) -> float:
+    return float(info.manifest["ood"]["threshold"])
