@@ -16,7 +16,7 @@ from headswap.client.connection import Connection, channel
 from headswap.client.errors import UnavailableError, from_rpc_error
 from headswap.client.images import Example, ImageLike, encode, examples_of, is_single_image
 from headswap.client.results import (Classifications, ImagePredictions, Job, JobEvent, JobState, ModelInfo,
-                                     Prediction, Submission)
+                                     Submission)
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
 
