@@ -7,6 +7,7 @@ kinds the model never saw (scikit-learn's digits, scikit-image's textures).
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -309,3 +310,29 @@ def test_python_client_and_cli_show_the_score(trained, faces):
 
 def served_threshold(info) -> float:
     return float(info.manifest["ood"]["threshold"])
+
+
+def test_comparison_runs_a_whole_active_version_that_was_not_composed(trained, faces):
+    """When the active version is not the head composed on the same base (a phase-2 or older
+    export), the comparison runs that whole version on the validation images."""
+    server, registry_dir, jobs = trained
+    registry = Registry(registry_dir)
+    path, manifest = registry.verified_model_path(MODEL, 1)
+    older = {k: v for k, v in manifest.items() if k not in ("ood", "export", "sha256", "created", "version", "name")}
+    registry.publish("faces-exported", path, older, activate=True)
+    stub = pb_grpc.TrainingStub(server.channel())
+    requests = itertools.chain(stream(pb.FineTuneConfig(name="faces-exported", epochs=5, seed=3), faces["train"]),
+                               stream(None, faces["test"], validation=True))  # validation: the held-out images
+    job = stub.FineTune(requests, timeout=120)
+    assert watch(server, job.job_id)[-1].state == pb.JOB_STATE_SUCCEEDED
+    metrics = json.loads(stub.GetJob(pb.GetJobRequest(job_id=job.job_id), timeout=30).metrics_json)
+    comparison = metrics["comparison"]
+    assert comparison["available"] is True and comparison["active_version"] == 1
+    assert comparison["how"] == "the whole version on the validation images"
+    assert comparison["samples"] == metrics["num_val"]
+    assert metrics["num_val"] == len(faces["test"])
+    # the active version itself, through Classify, on the same validation images
+    served = pb_grpc.InferenceStub(server.channel()).Classify(pb.ClassifyRequest(
+        images=[image for image, _ in faces["test"]], model="faces-exported", version=1, top_k=1), timeout=120)
+    accuracy = np.mean([r.predictions[0].label == label for r, (_, label) in zip(served.results, faces["test"])])
+    assert comparison["active"]["accuracy"] == pytest.approx(accuracy, abs=1.01 / len(faces["test"]))
