@@ -244,6 +244,9 @@ def test_phase2_through_cli_then_activate_and_rollback(trained, digits, tmp_path
     assert manifest["training"]["phase2"]["unfrozen_layers"] >= 5
     assert manifest["training"]["phase2"]["trainable_weights"] > 0
     assert manifest["parity"]["max_abs_diff"] <= 1e-4
+    # phase 2 changed the embedding: max-softmax, thresholded on its validation split (issue 23)
+    assert manifest["ood"]["method"] == "max_softmax" and manifest["ood"]["threshold"] is not None
+    assert "ood_score" not in manifest["outputs"] and manifest["training"]["comparison"]["active_version"] == 1
     assert registry.active_version("digits") == 1  # --no-activate
 
     models = pb_grpc.ModelsStub(trained.server.channel())

@@ -102,8 +102,9 @@ def test_model_metadata(client):
     # advertised as pixels (FP32 model input and BYTES images are accepted too): a client that follows the
     # metadata needs no normalisation, and no value it can send is invalid
     assert (image.name, image.datatype, list(image.shape)) == ("image", "UINT8", [-1, SIZE, SIZE, 3])
-    (output,) = metadata.outputs
+    output, ood = metadata.outputs
     assert (output.name, output.datatype, list(output.shape)) == ("probabilities", "FP32", [-1, CLASSES])
+    assert (ood.name, ood.datatype, list(ood.shape)) == ("ood_score", "FP32", [-1])  # issue 23
     assert client.get_model_metadata(BUILTIN_NAME, "1").name == BUILTIN_NAME
     with pytest.raises(InferenceServerException) as err:
         client.get_model_metadata("no-such-model")

@@ -6,7 +6,7 @@ and turn what it returns back into their wire format. Every check a caller can f
 message it gets, lives here once.
 
 A model is a registry model (`efficientnet-lite0`); its versions are registry versions as strings,
-"" meaning the active one. Every model has one input and one output:
+"" meaning the active one. Every model has one input and two outputs:
 
 - input `image`, advertised by model metadata and config as UINT8 [-1, H, W, 3] (RGB pixels:
   every value a caller, or perf_analyzer's random data, can send is a valid image, and the caller
@@ -23,6 +23,9 @@ A model is a registry model (`efficientnet-lite0`); its versions are registry ve
 - output `probabilities`, FP32 [N, num_labels]. Requested with a `classification` parameter of k
   (tritonclient's `InferRequestedOutput(name, class_count=k)`), it is instead a BYTES [N, k] tensor
   of "score:index:label" strings, best first, as Triton's classification extension returns them.
+- output `ood_score`, FP32 [N]: how unlike the version's training images each image is (higher is
+  less alike; see docs/ood.md); its parameters `ood_method` and `ood_threshold` (absent when the
+  version has none) say how to read it. Both outputs come back when none is requested, as in Triton.
 - request parameter `timeout` (microseconds, 0 for none) tightens the transport's deadline. `timeout`
   and `classification` must be whole numbers: any other kind is refused, not ignored.
 
@@ -47,6 +50,7 @@ from headswap.api.names import known_model
 from headswap.errors import InvalidInput, NotFound, ResourceExhausted, shown_name
 from headswap.inference.classifier import Answer, Classifier, top_k_indices
 from headswap.inference.manager import ModelManager
+from headswap.inference.ood import OOD_OUTPUT, OodSpec
 from headswap.inference.stats import Duration, StatsSnapshot
 from headswap.registry.registry import NAME_PATTERN, Registry
 
@@ -55,6 +59,8 @@ EXTENSIONS = ["classification", "model_repository", "statistics"]
 PLATFORM = "onnxruntime_onnx"
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
+OOD_OUTPUT_NAME = OOD_OUTPUT
+OUTPUT_NAMES = (OUTPUT_NAME, OOD_OUTPUT_NAME)
 PIXEL_DTYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
 ACCEPTED_DATATYPES = "FP32 or UINT8 [N, H, W, 3] pixels, or BYTES [N] encoded images"
 # Not FP32, the ONNX file's own input: FP32 with NaN or infinity is refused (a finite-input rule),
@@ -135,6 +141,7 @@ class OutputTensor:
     datatype: str
     shape: list[int]
     data: np.ndarray | list[bytes]
+    parameters: Parameters = field(default_factory=dict)  # how to read it (ood_score's method, threshold)
 
     def raw(self) -> bytes:
         """Triton's raw layout (gRPC raw_output_contents, REST binary data)."""
@@ -205,24 +212,31 @@ def classification_strings(probabilities: np.ndarray, k: int, labels: list[str])
     return rows
 
 
-def requested_class_count(outputs: Sequence[RequestedOutput]) -> int:
-    """Validate the requested outputs; the classification count asked for, 0 for probabilities."""
+def requested_outputs(outputs: Sequence[RequestedOutput]) -> tuple[int, tuple[str, ...]]:
+    """Validate the requested outputs: the classification count asked for (0 for probabilities) and
+    the outputs to send, in the order asked (both when none is named)."""
     if not outputs:
-        return 0
-    if len(outputs) > 1:
-        raise InvalidInput(f"the model has one output, {OUTPUT_NAME!r}; {len(outputs)} were requested")
-    output = outputs[0]
-    if output.name != OUTPUT_NAME:
-        raise InvalidInput(f"unknown requested output {shown_name(output.name)}; the model's output is "
-                           f"{OUTPUT_NAME!r}")
-    parameters = output.parameters
-    if not parameters:
-        return 0
-    refuse_shared_memory(parameters, f"output {output.name!r}")
-    if "classification" not in parameters:
-        return 0
-    return whole_number(parameters["classification"], "the classification parameter", 1,
-                        "a positive integer (the number of classes to return)")
+        return 0, OUTPUT_NAMES
+    if len(outputs) > len(OUTPUT_NAMES):
+        raise InvalidInput(f"the model has two outputs, {OUTPUT_NAME!r} and {OOD_OUTPUT_NAME!r}; "
+                           f"{len(outputs)} were requested")
+    names = [output.name for output in outputs]
+    for output in outputs:
+        if output.name not in OUTPUT_NAMES:
+            raise InvalidInput(f"unknown requested output {shown_name(output.name)}; the model's outputs are "
+                               f"{OUTPUT_NAME!r} and {OOD_OUTPUT_NAME!r}")
+        if output.parameters:
+            refuse_shared_memory(output.parameters, f"output {output.name!r}")
+            if output.name == OOD_OUTPUT_NAME and "classification" in output.parameters:
+                raise InvalidInput(f"the classification parameter applies to {OUTPUT_NAME!r}, not to "
+                                   f"{OOD_OUTPUT_NAME!r} (one score per image)")
+    if len(set(names)) != len(names):
+        raise InvalidInput(f"output {shown_name(names[0])} was requested twice")
+    probabilities = next((o for o in outputs if o.name == OUTPUT_NAME), None)
+    if probabilities is None or "classification" not in probabilities.parameters:
+        return 0, tuple(names)
+    return whole_number(probabilities.parameters["classification"], "the classification parameter", 1,
+                        "a positive integer (the number of classes to return)"), tuple(names)
 
 
 def request_deadline(parameters: Parameters, deadline: float | None) -> float | None:
@@ -279,14 +293,33 @@ def encoded_images(tensor: InputTensor, count: int) -> list[bytes]:
     return images  # type: ignore[return-value]
 
 
-def outputs_of(answer: Answer, class_count: int) -> list[OutputTensor]:
-    """The answer as output tensors: probabilities, or the top `class_count` classes as strings."""
+def outputs_of(answer: Answer, class_count: int, wanted: Sequence[str] = OUTPUT_NAMES) -> list[OutputTensor]:
+    """The answer as the `wanted` output tensors: probabilities (or the top `class_count` classes as
+    strings) and the out-of-distribution score with how to read it."""
     probabilities = answer.probabilities
+    tensors: dict[str, OutputTensor] = {}
     if class_count:
         strings = classification_strings(probabilities, class_count, answer.labels)
         k = len(strings) // max(1, len(probabilities))
-        return [OutputTensor(OUTPUT_NAME, "BYTES", [len(probabilities), k], strings)]
-    return [OutputTensor(OUTPUT_NAME, "FP32", list(probabilities.shape), probabilities)]
+        tensors[OUTPUT_NAME] = OutputTensor(OUTPUT_NAME, "BYTES", [len(probabilities), k], strings)
+    else:
+        tensors[OUTPUT_NAME] = OutputTensor(OUTPUT_NAME, "FP32", list(probabilities.shape), probabilities)
+    if answer.ood_scores is not None:
+        scores = np.ascontiguousarray(answer.ood_scores, dtype=np.float32)
+        ood = answer.ood or OodSpec("max_softmax", None, None)
+        parameters: Parameters = {"ood_method": ood.method}
+        if ood.threshold is not None:
+            parameters["ood_threshold"] = float(ood.threshold)
+        tensors[OOD_OUTPUT_NAME] = OutputTensor(OOD_OUTPUT_NAME, "FP32", list(scores.shape), scores, parameters)
+    return [tensors[name] for name in wanted if name in tensors]
+
+
+def ood_parameters(ood: OodSpec) -> dict[str, dict[str, str]]:
+    """How to read the `ood_score` output, as Triton model-config parameters (string values)."""
+    parameters = {"ood_method": {"string_value": ood.method}}
+    if ood.threshold is not None:
+        parameters["ood_threshold"] = {"string_value": repr(ood.threshold)}
+    return parameters
 
 
 # --- the calls -------------------------------------------------------------------------------------
@@ -337,7 +370,8 @@ class InferenceProtocol:
         name, _, (height, width, classes) = self._described(requested, version_text)
         return {"name": name, "versions": [str(v) for v in self.registry.versions(name)], "platform": PLATFORM,
                 "inputs": [{"name": INPUT_NAME, "datatype": ADVERTISED_DATATYPE, "shape": [-1, height, width, 3]}],
-                "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, classes]}]}
+                "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, classes]},
+                            {"name": OOD_OUTPUT_NAME, "datatype": "FP32", "shape": [-1]}]}
 
     def model_config(self, requested: str, version_text: str) -> dict[str, Any]:
         """The model as Triton would describe it: ONNX on ONNX Runtime, NHWC UINT8 input (as the
@@ -355,7 +389,8 @@ class InferenceProtocol:
                            "dims": [height, width, 3]}],
                 "output": [{"name": OUTPUT_NAME, "data_type": "TYPE_FP32", "dims": [classes]}],
                 "dynamic_batching": {"preferred_batch_size": [settings.max_batch_size],
-                                     "max_queue_delay_microseconds": round(settings.batch_timeout_ms * 1000)}}
+                                     "max_queue_delay_microseconds": round(settings.batch_timeout_ms * 1000)},
+                "parameters": ood_parameters(OodSpec.for_manifest(manifest))}
 
     def model_statistics(self, requested: str, version_text: str) -> dict[str, Any]:
         """Cumulative counts and durations per loaded version since it was loaded (Triton's shape).
@@ -425,7 +460,7 @@ class InferenceProtocol:
         if len(request.id) > MAX_REQUEST_ID_LENGTH:
             raise InvalidInput(f"the request id has {len(request.id)} characters; at most {MAX_REQUEST_ID_LENGTH} "
                                "are accepted (it is echoed in the response)")
-        class_count = requested_class_count(request.outputs)
+        class_count, wanted = requested_outputs(request.outputs)
         deadline = request_deadline(request.parameters, deadline)
 
         if len(request.inputs) != 1:
@@ -462,7 +497,7 @@ class InferenceProtocol:
                                f"accepted: {ACCEPTED_DATATYPES}")
         with self.callers.take(caller):  # checked once the request is known to be valid
             answer = run()
-        return InferResponse(answer.model, str(answer.version), request.id, outputs_of(answer, class_count))
+        return InferResponse(answer.model, str(answer.version), request.id, outputs_of(answer, class_count, wanted))
 
 
 def _duration(value: Duration) -> dict[str, int]:

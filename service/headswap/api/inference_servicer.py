@@ -14,6 +14,7 @@ from headswap.api.status import rpc
 from headswap.errors import InvalidInput, NotFound
 from headswap.inference.classifier import Classifier, check_version
 from headswap.inference.manager import ModelManager
+from headswap.inference.ood import OodSpec
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
 from headswap.registry.registry import Registry
@@ -43,11 +44,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             answer, results = self.classifier.classify(list(request.images), request.top_k, model,
                                                        request.version, deadline_of(context), stopped(context),
                                                        routing_key(context))
+        scores = answer.ood_scores
+        accepted = answer.in_distribution
         return pb.ClassifyResponse(
             model=answer.model, version=answer.version,
             results=[pb.Classification(predictions=[pb.Prediction(label=p.label, index=p.index, score=p.score)
-                                                    for p in predictions])
-                     for predictions in results])
+                                                    for p in predictions],
+                                       ood_score=float(scores[i]) if scores is not None else 0.0,
+                                       in_distribution=bool(accepted[i]) if accepted is not None else None)
+                     for i, predictions in enumerate(results)])
 
 
 class ModelsServicer(pb_grpc.ModelsServicer):
@@ -66,12 +71,13 @@ class ModelsServicer(pb_grpc.ModelsServicer):
         version = self.registry.resolve(name, version)
         manifest = self.registry.manifest(name, version)
         size = manifest.get("input", {})
+        ood = OodSpec.for_manifest(manifest)
         return pb.ModelInfo(
             name=name, version=version, active_version=active, versions=versions,
             source=str(manifest.get("source", "")), num_labels=len(manifest.get("labels") or []),
             input_height=int(size.get("height", 0)), input_width=int(size.get("width", 0)),
             ready=self.manager.is_ready(name, version), created=str(manifest.get("created", "")),
-            manifest_json=json.dumps(manifest))
+            manifest_json=json.dumps(manifest), ood_method=ood.method, ood_threshold=ood.threshold)
 
     @rpc("ListModels")
     def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:

@@ -22,7 +22,7 @@ from google.protobuf import json_format
 
 from headswap.api.auth import caller_key, routing_key
 from headswap.api.inference_protocol import (InferenceProtocol, InferRequest, InferResponse, InputTensor,
-                                             RequestedOutput)
+                                             OutputTensor, RequestedOutput)
 from headswap.api.inference_servicer import deadline_of, stopped
 from headswap.api.status import rpc
 from headswap.errors import InvalidInput
@@ -72,8 +72,18 @@ def infer_request(request: kserve_pb.ModelInferRequest) -> InferRequest:
 def infer_response(response: InferResponse) -> kserve_pb.ModelInferResponse:
     return kserve_pb.ModelInferResponse(
         model_name=response.model, model_version=response.version, id=response.id,
-        outputs=[InferOutput(name=o.name, datatype=o.datatype, shape=o.shape) for o in response.outputs],
-        raw_output_contents=[o.raw() for o in response.outputs])
+        outputs=[infer_output(o) for o in response.outputs], raw_output_contents=[o.raw() for o in response.outputs])
+
+
+def infer_output(output: OutputTensor) -> InferOutput:
+    """An output's description; its parameters (ood_score's method and threshold) as typed values."""
+    tensor = InferOutput(name=output.name, datatype=output.datatype, shape=output.shape)
+    for key, value in output.parameters.items():
+        if isinstance(value, str):
+            tensor.parameters[key].string_param = value
+        else:
+            tensor.parameters[key].double_param = float(value)
+    return tensor
 
 
 class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):

@@ -232,9 +232,11 @@ def infer_body(response: InferResponse, binary_all: bool, binary_names: set[str]
     outputs, blobs = [], []
     for output in response.outputs:
         entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype, "shape": output.shape}
+        if output.parameters:
+            entry["parameters"] = dict(output.parameters)
         if binary_all or output.name in binary_names:
             blob = output.raw()
-            entry["parameters"] = {"binary_data_size": len(blob)}
+            entry.setdefault("parameters", {})["binary_data_size"] = len(blob)
             blobs.append(blob)
         elif output.datatype == "BYTES":
             entry["data"] = [item.decode(errors="replace") for item in output.data]  # type: ignore[union-attr]

@@ -108,12 +108,17 @@ def classify(target: Connection, model: str, top_k: int, as_json: bool, images: 
     with connect(target) as client:
         answer = client.classify(list(images), model=name, version=version, top_k=top_k)
     for path, predictions in zip(images, answer):
+        ood_score = getattr(predictions, "ood_score", 0.0)
+        in_distribution = getattr(predictions, "in_distribution", None)
         if as_json:
             click.echo(json.dumps({"image": str(path), "model": answer.model, "version": answer.version,
                                    "predictions": [{"label": p.label, "index": p.index, "score": round(p.score, 6)}
-                                                   for p in predictions]}))
+                                                   for p in predictions],
+                                   "ood_score": round(ood_score, 6), "in_distribution": in_distribution}))
         else:
-            click.echo(f"{path}  ({answer.model} v{answer.version})")
+            verdict = {True: "in distribution", False: "OUT OF DISTRIBUTION: unlike the model's training images",
+                       None: "no threshold for this model"}[in_distribution]
+            click.echo(f"{path}  ({answer.model} v{answer.version})  ood score {ood_score:.4g}: {verdict}")
             for p in predictions:
                 click.echo(f"  {p.score:7.4f}  {p.label}  [{p.index}]")
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import click
 
+from headswap.cli.evaluation_tables import evaluation_lines
+
 from headswap.cli.options import connect, target_option
 from headswap.client import Connection, Job, JobEvent, JobState
 from headswap.client.images import Example, scan_folder
@@ -240,13 +242,11 @@ def _describe(job: Job) -> None:
     if event is not None and event.phase:
         detail = f"epoch {event.epoch}/{event.total_epochs} " if event.total_epochs else ""
         click.echo(f"last      {event.phase} {detail}{event.message}")
-    if metrics:
-        click.echo(f"val acc   {metrics.get('val_accuracy', 0):.4f}  (train {metrics.get('num_train', 0)}, "
-                   f"validation {metrics.get('num_val', 0)} images)")
-        for label, figures in list(metrics.get("per_class", {}).items())[:50]:
-            click.echo(f"  {label[:30]:<30} precision {figures['precision']:.3f}  recall {figures['recall']:.3f}  "
-                       f"n={figures['support']}")
     click.echo(f"config    {json.dumps(job.config)}")
+    lines = evaluation_lines(metrics, job.version)
+    if lines:
+        click.echo("")
+        click.echo("\n".join(lines))
 
 
 @click.command()

@@ -14,12 +14,13 @@ from headswap.client.errors import (AbortedError, AlreadyExistsError, CancelledE
                                     InvalidArgumentError, NotFoundError, OutOfRangeError, PermissionDeniedError,
                                     ResourceExhaustedError, UnauthenticatedError, UnavailableError,
                                     UnimplementedError, UnknownError)
-from headswap.client.results import (Classifications, Job, JobEvent, JobState, ModelInfo, Prediction, RolloutStatus,
-                                     Submission)
+from headswap.client.results import (Classifications, ImagePredictions, Job, JobEvent, JobState, ModelInfo,
+                                     Prediction, RolloutStatus, Submission)
 
 __all__ = [
     "DEFAULT_TARGET", "FINETUNE_OPTIONS", "Client", "Connection", "FineTuneOptions",
-    "Classifications", "Job", "JobEvent", "JobState", "ModelInfo", "Prediction", "RolloutStatus", "Submission",
+    "Classifications", "ImagePredictions", "Job", "JobEvent", "JobState", "ModelInfo", "Prediction",
+    "RolloutStatus", "Submission",
     "ClientError", "AbortedError", "AlreadyExistsError", "CancelledError", "DataLossError", "DeadlineExceededError",
     "FailedPreconditionError", "InternalError", "InvalidArgumentError", "NotFoundError", "OutOfRangeError",
     "PermissionDeniedError", "ResourceExhaustedError", "UnauthenticatedError", "UnavailableError",

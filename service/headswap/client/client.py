@@ -15,7 +15,7 @@ import grpc
 from headswap.client.connection import Connection, channel
 from headswap.client.errors import UnavailableError, from_rpc_error
 from headswap.client.images import Example, ImageLike, encode, examples_of, is_single_image
-from headswap.client.results import (Classifications, Job, JobEvent, JobState, ModelInfo, Prediction,
+from headswap.client.results import (Classifications, ImagePredictions, Job, JobEvent, JobState, ModelInfo,
                                      RolloutStatus, Submission)
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
@@ -155,8 +155,9 @@ class Client:
                  top_k: int = 5, *, timeout: float | None = None, routing_key: str | None = None) -> Classifications:
         """Classify images (encoded bytes, file paths, PIL images or uint8 arrays; one or a list).
 
-        Returns one list of `Prediction` per image, best first; `.model` and `.version` on the result
-        say which model answered (`model=None`: the server's default; `version=0`: the active one).
+        Returns one list of `Prediction` per image, best first, with the image's `ood_score` and
+        `in_distribution` (`ImagePredictions`); `.model` and `.version` on the result say which model
+        answered (`model=None`: the server's default; `version=0`: the active one).
         `routing_key` (an end user's id): during a rollout, one key always gets the same version.
         """
         batch = [images] if is_single_image(images) else list(images)  # type: ignore[arg-type]
@@ -170,8 +171,8 @@ class Client:
                                      version=version)
         metadata = (("routing-key", routing_key),) if routing_key else None
         response = self._call(self._inference.Classify, request, timeout, metadata)
-        return Classifications([[Prediction(p.label, p.index, p.score) for p in result.predictions]
-                                for result in response.results], response.model, response.version)
+        return Classifications([ImagePredictions.from_message(result) for result in response.results],
+                               response.model, response.version)
 
     # --- models -----------------------------------------------------------------------------
 

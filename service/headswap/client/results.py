@@ -21,6 +21,23 @@ class Prediction:
     score: float
 
 
+class ImagePredictions(list[Prediction]):
+    """One image's predictions, best first, and how unlike the model's training images it is:
+    `ood_score` (higher = less like them; the model's `ood_method` says which score) and
+    `in_distribution` (under the model's threshold; None when the model has no threshold)."""
+
+    def __init__(self, predictions: list[Prediction], ood_score: float = 0.0,
+                 in_distribution: bool | None = None) -> None:
+        super().__init__(predictions)
+        self.ood_score = ood_score
+        self.in_distribution = in_distribution
+
+    @classmethod
+    def from_message(cls, result: pb.Classification) -> "ImagePredictions":
+        return cls([Prediction(p.label, p.index, p.score) for p in result.predictions], result.ood_score,
+                   result.in_distribution if result.HasField("in_distribution") else None)
+
+
 class Classifications(list[list[Prediction]]):
     """One list of predictions per image, in the order the images were given, plus which model
     and version answered (the active version when none was asked for)."""
@@ -142,13 +159,16 @@ class ModelInfo:
     ready: bool
     created: str = ""
     manifest: dict[str, Any] = field(default_factory=dict)
+    ood_method: str = ""  # the out-of-distribution score its predictions carry (e.g. "max_softmax")
+    ood_threshold: float | None = None  # None: in_distribution is not decided for this model
 
     @classmethod
     def from_message(cls, info: pb.ModelInfo) -> "ModelInfo":
         return cls(name=info.name, version=info.version, active_version=info.active_version,
                    versions=tuple(info.versions), source=info.source, num_labels=info.num_labels,
                    input_height=info.input_height, input_width=info.input_width, ready=info.ready,
-                   created=info.created, manifest=_json(info.manifest_json))
+                   created=info.created, manifest=_json(info.manifest_json), ood_method=info.ood_method,
+                   ood_threshold=info.ood_threshold if info.HasField("ood_threshold") else None)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,14 @@ class _Item:
     queued_at: float = field(default_factory=time.monotonic)
 
 
+def rows_of(outputs: np.ndarray | tuple[np.ndarray, ...], start: int, stop: int) -> np.ndarray | tuple[np.ndarray, ...]:
+    """Rows start:stop of a run's outputs: one array (probabilities), or a tuple of arrays with the
+    same first dimension (probabilities and the out-of-distribution score)."""
+    if isinstance(outputs, tuple):
+        return tuple(output[start:stop] for output in outputs)
+    return outputs[start:stop]
+
+
 # A chunk waiting longer than this runs in arrival order whatever its rank: no request starves.
 RANK_AGING_S = 2.0
 
@@ -99,7 +107,7 @@ class Batcher:
 
     def submit(self, batch: np.ndarray, deadline: float | None = None, announced: bool = True,
                rank: int = 0) -> Pending:
-        """Queue a float32 batch; the future resolves to its probabilities. `rank` is how many images
+        """Queue a float32 batch; the future resolves to its outputs (`rows_of`). `rank` is how many images
         the same request queued before this chunk: lower ranks run first, so a one-image request does
         not wait behind the later chunks of a 256-image one."""
         item = _Item(batch, deadline, rank=rank)
@@ -265,5 +273,5 @@ class Batcher:
         done_ns = infer_started_ns + infer_ns
         for item in live:
             item.future.infer_started_ns, item.future.infer_done_ns = infer_started_ns, done_ns
-            item.future.set_result(probabilities[start:start + len(item.batch)])
+            item.future.set_result(rows_of(probabilities, start, start + len(item.batch)))
             start += len(item.batch)

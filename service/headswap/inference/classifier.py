@@ -33,6 +33,7 @@ from headswap.inference.images import decode, pixel_count, to_pixels
 from headswap.inference.manager import LoadedModel, ModelManager
 from headswap.inference.batcher import Pending
 from headswap.inference.rollout import ShadowInput
+from headswap.inference.ood import OodSpec, max_softmax_score
 from headswap.inference.runtime import Prediction
 from headswap.inference.stats import RequestTiming
 
@@ -64,6 +65,13 @@ class Answer:
     version: int
     probabilities: np.ndarray  # [N, classes]
     labels: list[str]
+    ood_scores: np.ndarray | None = None  # [N], higher = less like the version's training images
+    ood: OodSpec | None = None  # how the version scores (method, threshold)
+
+    @property
+    def in_distribution(self) -> np.ndarray | None:
+        """[N] bool: under the version's threshold; None when the version has none."""
+        return None if self.ood is None or self.ood_scores is None else self.ood.in_distribution(self.ood_scores)
 
 
 class Classifier:
@@ -193,7 +201,7 @@ class Classifier:
         """Decode chunk by chunk, queue each as soon as it is ready, gather the answers in order."""
         batcher = loaded.batcher
         pending: deque[Future] = deque()
-        results: list[np.ndarray] = []
+        results: list = []  # each chunk's outputs: probabilities, or (probabilities, ood scores)
         submitted: list[Pending] = []  # for the statistics: when each chunk queued and ran
         decode_ns = 0
         queued = 0  # images of this request queued so far: later chunks yield to others' first ones
@@ -225,15 +233,21 @@ class Classifier:
             for future in pending:
                 future.cancel()
             raise
-        probabilities = results[0] if len(results) == 1 else np.concatenate(results)
         runtime = loaded.runtime
+        if isinstance(results[0], tuple):
+            probabilities = np.concatenate([r[0] for r in results]) if len(results) > 1 else results[0][0]
+            scores = np.concatenate([r[1] for r in results]) if len(results) > 1 else results[0][1]
+        else:
+            probabilities = results[0] if len(results) == 1 else np.concatenate(results)
+            scores = max_softmax_score(probabilities)
         runtime.images_counter.inc(len(probabilities))
         done_ns = time.perf_counter_ns()
         runtime.stats.succeeded(len(probabilities), RequestTiming(
             decode_ns=decode_ns, queue_ns=sum(f.infer_started_ns - f.queued_ns for f in submitted),
             infer_ns=sum(f.infer_done_ns - f.infer_started_ns for f in submitted),
             output_ns=done_ns - submitted[-1].infer_done_ns, total_ns=done_ns - started_ns))
-        return Answer(runtime.name, runtime.version, probabilities, runtime.labels)
+        return Answer(runtime.name, runtime.version, probabilities, runtime.labels, scores,
+                      getattr(runtime, "ood", None))
 
     @staticmethod
     def _wait(future: Future, deadline: float | None) -> np.ndarray:

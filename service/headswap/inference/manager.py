@@ -457,7 +457,9 @@ class ModelManager:
         low priority (`rollout.Rollouts`), not on the batcher's lanes that answer callers."""
         with self.lease(name, version) as loaded:
             runtime = loaded.runtime
-            results = [runtime.infer(chunk, runtime.lane_count - 1) for chunk in chunks]
+            outputs = [runtime.infer(chunk, runtime.lane_count - 1) for chunk in chunks]
+        # a version with an out-of-distribution score answers (probabilities, scores): compare the first
+        results = [output[0] if isinstance(output, tuple) else output for output in outputs]
         return results[0] if len(results) == 1 else np.concatenate(results)
 
     def _poll_loop(self) -> None:

@@ -15,6 +15,7 @@ from headswap import metrics
 from headswap.errors import CorruptModel
 from headswap.inference.images import Preprocessing
 from headswap.inference.measured_choice import FasterOfTwo
+from headswap.inference.ood import OodSpec
 from headswap.inference.stats import ModelStats
 
 
@@ -68,6 +69,7 @@ class ModelRuntime:
     """
 
     lone_session: ort.InferenceSession | None = None  # every thread, for requests that run alone
+    reads_ood_output = True  # whether `infer` returns the graph's ood_score output beside the probabilities
     lane_count = 1  # how many batches may run at once (`infer(batch, lane)`)
 
     def __init__(self, name: str, version: int, path: Path, manifest: dict[str, Any], threads: int,
@@ -84,6 +86,10 @@ class ModelRuntime:
         if self.probabilities_output not in outputs:
             raise CorruptModel(f"{name} version {version}: the ONNX graph has no output "
                                f"{self.probabilities_output!r} (has {sorted(outputs)})")
+        # The out-of-distribution score: a second output of the same run when the graph has one
+        # (fine-tunes since issue 23), else max-softmax from the probabilities (`Classifier`).
+        self.ood = OodSpec.from_manifest(manifest, outputs, engine_reads_output=self.reads_ood_output)
+        self._outputs = [self.probabilities_output] + ([self.ood.output] if self.ood.output else [])
         self.ready = threading.Event()
         self.images_counter = metrics.IMAGES.labels(name, str(version))
         self.stats = ModelStats(name, version)  # Triton-style statistics and latency histograms
@@ -140,11 +146,16 @@ class ModelRuntime:
     def input_shape(self) -> tuple[int, int, int]:
         return self.preprocessing.height, self.preprocessing.width, 3
 
-    def infer(self, batch: np.ndarray, lane: int = 0) -> np.ndarray:
-        """float32 NHWC model input -> probabilities [N, classes], on lane `lane`'s session."""
-        return self.lane_sessions[lane].run([self.probabilities_output], {self.input_name: batch})[0]
+    def infer(self, batch: np.ndarray, lane: int = 0) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """float32 NHWC model input -> probabilities [N, classes], on lane `lane`'s session; with an
+        in-graph out-of-distribution score, (probabilities, ood_score [N]) from the same run."""
+        return self._run(self.lane_sessions[lane], batch)
 
-    def infer_lone(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        results = session.run(self._outputs, {self.input_name: batch})
+        return results[0] if len(results) == 1 else (results[0], results[1])
+
+    def infer_lone(self, batch: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """`infer` for a batch that runs while nothing else runs, is queued or is being decoded: on
         whichever of the every-thread session and lane 0 has been faster for lone runs on this
         machine (see `headswap.inference.measured_choice`)."""
@@ -153,9 +164,9 @@ class ModelRuntime:
         option = self._lone_choice.pick()
         session = self.lone_session if option else self.session
         started = time.perf_counter_ns()
-        probabilities = session.run([self.probabilities_output], {self.input_name: batch})[0]
+        outputs = self._run(session, batch)
         self._lone_choice.record(option, (time.perf_counter_ns() - started) / len(batch))
-        return probabilities
+        return outputs
 
     def close(self) -> None:
         """Drop the sessions now (ORT's arenas with them), not when the last reference dies."""
@@ -168,9 +179,13 @@ class ModelRuntime:
         h, w, c = self.input_shape
         zeros = np.zeros((1, h, w, c), dtype=np.float32)
         for lane in range(self.lane_count):
-            self.infer(zeros, lane)
+            outputs = self.infer(zeros, lane)
+            if isinstance(outputs, tuple) and outputs[1].shape != (1,):
+                raise CorruptModel(f"{self.name} version {self.version}: its out-of-distribution output "
+                                   f"{self.ood.output!r} has shape {list(outputs[1].shape)} for one image; "
+                                   "expected one score per image")
         if self.lone_session is not None:  # not timed: a first run pays for lazy initialisation
-            self.lone_session.run([self.probabilities_output], {self.input_name: zeros})
+            self._run(self.lone_session, zeros)
         self.ready.set()
 
 

@@ -5,6 +5,7 @@ output is exactly what the head was trained on. So the new version is that graph
 `embedding` (the ImageNet classifier dropped), with the head appended as plain ONNX nodes:
 
     embedding -> [MatMul + Add + Relu  (hidden_units > 0)] -> MatMul + Add -> Softmax -> probabilities
+    embedding (or the logits) -> the fitted out-of-distribution score -> ood_score   (`ood.score_nodes`)
 
 Dropout is the identity at inference and is left out. Only the `onnx` package and numpy are
 used here: no tf2onnx, no TensorFlow, whatever the Keras backend. Parity is measured on the
@@ -22,6 +23,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from headswap.errors import FailedPrecondition
+from headswap.inference.ood import OOD_OUTPUT
+from headswap.training import ood as ood_scores
 
 INPUT_NAME = "image"
 EMBEDDING = "embedding"
@@ -98,10 +101,17 @@ def head_nodes(layers: list[DenseWeights], embedding: str = EMBEDDING,
     return nodes, initializers
 
 
-def compose(base_path: Path, layers: list[DenseWeights], output_path: Path) -> dict[str, int]:
+def logits_name(layers: list[DenseWeights]) -> str:
+    """The last Dense layer's pre-softmax output in the composed graph."""
+    return f"{PREFIX}/dense{len(layers) - 1}/add"
+
+
+def compose(base_path: Path, layers: list[DenseWeights], output_path: Path,
+            ood: ood_scores.OodScore | None = None) -> dict[str, int]:
     """Write base graph (up to `embedding`) + head as one ONNX file; returns its shape facts.
 
-    Outputs stay `probabilities` then `embedding` (servers read output 0 as the scores), with the
+    Outputs stay `probabilities` then `embedding` (servers read the probabilities by the name the
+    manifest gives), then `ood_score` [N] when an out-of-distribution score is given, with the
     same dynamic batch dimension as the base.
     """
     check_layers(layers)
@@ -124,6 +134,12 @@ def compose(base_path: Path, layers: list[DenseWeights], output_path: Path) -> d
     num_classes = int(layers[-1].bias.shape[0])
     probabilities = helper.make_tensor_value_info(PROBABILITIES, onnx.TensorProto.FLOAT, ["batch", num_classes])
     graph.output.insert(0, probabilities)
+    if ood is not None:
+        opset = max((o.version for o in base.opset_import if o.domain in ("", "ai.onnx")), default=13)
+        nodes, initializers = ood_scores.score_nodes(ood, EMBEDDING, logits_name(layers), PROBABILITIES, opset)
+        graph.node.extend(nodes)
+        graph.initializer.extend(initializers)
+        graph.output.append(helper.make_tensor_value_info(OOD_OUTPUT, onnx.TensorProto.FLOAT, ["batch"]))
     base.producer_name = "headswap"
     base.doc_string = "base ONNX graph + fine-tuned head composed by headswap (no re-conversion)"
     try:
@@ -163,13 +179,16 @@ def prune_to(graph: onnx.GraphProto, output: str) -> None:
     graph.output.extend(outputs)
 
 
-def head_only(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The embedding -> probabilities part of a composed model, as a model of its own."""
+def head_only(model: onnx.ModelProto, output: str = PROBABILITIES) -> onnx.ModelProto:
+    """The embedding -> `output` part of a composed model (the probabilities, or the
+    out-of-distribution score), as a model of its own."""
     head = onnx.ModelProto()
     head.CopyFrom(model)
     graph = head.graph
-    prune_to(graph, PROBABILITIES)
-    start = [n for n in graph.node if n.name.startswith(PREFIX)]
+    kernel = next(t for t in graph.initializer if t.name == f"{PREFIX}/dense0/kernel")
+    size = int(kernel.dims[0])
+    prune_to(graph, output)
+    start = [n for n in graph.node if n.name.startswith((PREFIX, ood_scores.PREFIX)) or output in n.output]
     names = {t for n in start for t in n.input}
     del graph.node[:]
     graph.node.extend(start)
@@ -178,7 +197,6 @@ def head_only(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.initializer.extend(initializers)
     del graph.value_info[:]
     del graph.input[:]
-    size = int(numpy_helper.to_array(next(t for t in initializers if t.name == f"{PREFIX}/dense0/kernel")).shape[0])
     graph.input.append(helper.make_tensor_value_info(EMBEDDING, onnx.TensorProto.FLOAT, ["batch", size]))
     return head
 
@@ -205,3 +223,19 @@ def check_parity(model_path: Path, embeddings: np.ndarray, expected: np.ndarray,
                                f"probabilities {diff:.3g} over {len(embeddings)} validation embeddings "
                                f"(tolerance {tolerance:g}); not publishing")
     return {"max_abs_diff": diff, "samples": int(len(embeddings))}
+
+
+def check_ood_parity(model_path: Path, embeddings: np.ndarray, expected: np.ndarray) -> float:
+    """Relative max difference of the graph's `ood_score` against the numpy score on the same
+    embeddings; refuses a graph whose score is not the one that was fitted and thresholded."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(head_only(onnx.load(str(model_path)), OOD_OUTPUT).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    got = session.run([OOD_OUTPUT], {EMBEDDING: np.ascontiguousarray(embeddings, dtype=np.float32)})[0]
+    scale = max(float(np.max(np.abs(expected))), 1e-6) if len(expected) else 1.0
+    diff = float(np.max(np.abs(got - expected))) / scale if len(expected) else 0.0
+    if got.shape != expected.shape or not np.isfinite(diff) or diff > 1e-3:
+        raise CompositionError(f"the composed graph's {OOD_OUTPUT} disagrees with the fitted score (relative "
+                               f"difference {diff:.3g}); not publishing")
+    return diff

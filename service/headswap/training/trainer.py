@@ -45,8 +45,9 @@ from headswap.errors import FailedPrecondition, InvalidInput
 from headswap.export.precision import BuiltTier, Tier
 from headswap.float32 import exact_float32
 from headswap.inference.images import Preprocessing, load_pixels
+from headswap.inference.ood import OOD_OUTPUT
 from headswap.registry.registry import Registry
-from headswap.training import compose
+from headswap.training import compose, evaluation
 from headswap.training.dataset import StoredDataset
 from headswap.training.embedding_cache import EmbeddingCache, image_key
 from headswap.training.spec import FineTuneSpec
@@ -391,7 +392,8 @@ def classification_metrics(probabilities: np.ndarray, y_true: np.ndarray, labels
         per_class[label] = {"precision": round(tp / predicted_i, 6) if predicted_i else 0.0,
                             "recall": round(tp / actual_i, 6) if actual_i else 0.0, "support": actual_i}
     return {"val_accuracy": round(float((predicted == y_true).mean()), 6) if len(y_true) else 0.0,
-            "per_class": per_class, "confusion_matrix": confusion.tolist()}
+            "per_class": per_class, "confusion_matrix": confusion.tolist(),
+            "expected_calibration_error": round(evaluation.expected_calibration_error(probabilities, y_true), 6)}
 
 
 # --- the job -------------------------------------------------------------------------------
@@ -503,6 +505,19 @@ def run(job: TrainingJob, report: Reporter) -> Result:
         timings["fine_tune_seconds"] = time.monotonic() - started
 
     metrics = classification_metrics(val_probabilities, y_val, labels)
+    # Out-of-distribution score (issue 23): fitted on the base's training embeddings for a head-only
+    # job whose score goes into the composed graph; phase 2 changes the embedding and precision tiers
+    # run elsewhere than ONNX Runtime, so those keep max-softmax, thresholded on the same split.
+    in_graph = not spec.unfreeze_top_layers and spec.precision == "fp32"
+    started = time.monotonic()
+    ood_fit, ood_manifest = evaluation.fit_ood(head if in_graph else None, x_train, y_train, x_val, y_val,
+                                               val_probabilities, len(labels))
+    metrics["ood"] = ood_manifest
+    metrics["comparison"] = evaluation.compare_with_active(
+        registry, spec.name, labels, base_manifest, x_val, y_val, val_probabilities,
+        lambda positions: np.concatenate(list(pixel_batches(dataset, positions, pre, max_pixels, EXTRACT_BATCH,
+                                                            threads))), val_pos)
+    timings["evaluation_seconds"] = time.monotonic() - started
     metrics.update(num_train=int(len(train_pos)), num_val=int(len(val_pos)),
                    train_accuracy=round(history.get("fine_tune", history["head"])["accuracy"][-1], 6),
                    epochs_run=len(history["head"]["accuracy"]), embedding_cache_hits=int(cache_hits),
@@ -533,6 +548,7 @@ def run(job: TrainingJob, report: Reporter) -> Result:
         "preprocessing": base_manifest["preprocessing"],
         "base_model": {"name": base_name, "version": base_version, "source": job.base["source"]},
         "job_id": job.job_id,
+        "ood": ood_manifest,
         "training": {"config": spec.to_dict(), **metrics, "phase2": phase2, "history": history,
                      "feature_extractor": "keras" if use_keras else "onnxruntime",
                      "timings": {k: round(v, 3) for k, v in timings.items()}},
@@ -549,7 +565,7 @@ def run(job: TrainingJob, report: Reporter) -> Result:
     else:
         report(Phase.EXPORTING, message="appending the head to the base's ONNX graph, parity check, publish")
         version = publish_composed(base_path, base_manifest, head, x_val, val_probabilities, manifest_base, registry,
-                                   spec, tier)
+                                   spec, tier, ood_fit)
         metrics["export_method"] = "composed"
     timings["export_seconds"] = time.monotonic() - started
     metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
@@ -654,8 +670,9 @@ def set_random_seed(seed: int) -> None:
 
 def publish_composed(base_path: Path, base_manifest: dict[str, Any], head: keras.Model, x_val: np.ndarray,
                      val_probabilities: np.ndarray, manifest_base: dict[str, Any], registry: Registry,
-                     spec: FineTuneSpec, tier: Tier | None = None) -> int:
-    """Head-only: base ONNX graph + head as ONNX nodes, parity on the validation embeddings, publish."""
+                     spec: FineTuneSpec, tier: Tier | None = None, ood_fit: "evaluation.OodScore | None" = None) -> int:
+    """Head-only: base ONNX graph + head as ONNX nodes (and the out-of-distribution score), parity on
+    the validation embeddings, publish."""
     import onnx
 
     from headswap.registry.store import EXPORT_PREFIX, owner_tag
@@ -664,15 +681,21 @@ def publish_composed(base_path: Path, base_manifest: dict[str, Any], head: keras
     staging = registry.staging_dir(registry.cache_dir.parent / "staging")
     with tempfile.TemporaryDirectory(prefix=f"{EXPORT_PREFIX}{owner_tag()}-", dir=staging) as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        shape = compose.compose(base_path, compose.dense_layers_of(head), onnx_path)
+        layers = compose.dense_layers_of(head)
+        shape = compose.compose(base_path, layers, onnx_path, ood_fit)
         composed = time.monotonic()
         parity = compose.check_parity(onnx_path, x_val, val_probabilities)
+        if ood_fit is not None:
+            parity["ood_relative_diff"] = compose.check_ood_parity(
+                onnx_path, x_val, ood_fit.score(x_val, evaluation.head_logits(layers, x_val)))
         manifest = {
             **manifest_base,
             "input": base_manifest["input"],
             "outputs": {"probabilities": compose.PROBABILITIES, "embedding": compose.EMBEDDING,
-                        "embedding_size": shape["embedding_size"]},
+                        "embedding_size": shape["embedding_size"],
+                        **({"ood_score": OOD_OUTPUT} if ood_fit is not None else {})},
             "parity": {"max_abs_diff": parity["max_abs_diff"], "samples": parity["samples"],
+                       "ood_relative_diff": parity.get("ood_relative_diff"),
                        "against": "keras head on the validation embeddings",
                        "base_parity": base_manifest.get("parity", {})},
             "export": {"method": "composed", "base_sha256": base_manifest["sha256"],
