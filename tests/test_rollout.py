@@ -215,7 +215,28 @@ def test_canary_split_sticky_keys_and_pinned_versions(server_factory, registry_c
     key = next(k for k, v in seen.items() if v == candidate)
     assert {client.infer(TINY, [tensor], headers={"routing-key": key}).get_response().model_version
             for _ in range(10)} == {str(candidate)}
+
+    # The routing key is bounded: a longer one is a caller's mistake (INVALID_ARGUMENT), not hashed.
+    with pytest.raises(grpc.RpcError) as refused:
+        classify(server, images, key="k" * 257, stub=stub)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "routing-key" in refused.value.details()
     client.close()
+
+    # REST (the same KServe V2 rules): split by weight, sticky with the routing-key header, bounded.
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+
+    rest = th.InferenceServerClient(url=server.http_target)
+    tensor = th.InferInput("image", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    over_rest = [rest.infer(TINY, [tensor]).get_response()["model_version"] for _ in range(300)]
+    assert set(over_rest) == {"1", str(candidate)}
+    assert {rest.infer(TINY, [tensor], headers={"routing-key": key}).get_response()["model_version"]
+            for _ in range(10)} == {str(candidate)}
+    with pytest.raises(InferenceServerException) as refused_rest:
+        rest.infer(TINY, [tensor], headers={"routing-key": "k" * 257})
+    assert refused_rest.value.status() == "400" and "routing-key" in refused_rest.value.message()
+    rest.close()
 
 
 # --- shadow -----------------------------------------------------------------------------------
