@@ -27,6 +27,10 @@ EXTRAS = {"serve": "train", "test": "train,s3,test", "perf_analyzer": "train,s3,
 # perf_analyzer's shared libraries that pip does not provide: unpacked from Debian's package
 PERF_LIBS = VENV / "lib" / "perf_analyzer"
 LIBB64 = "libb64.so.0d"
+# The `kserve` package's REST client is tested unchanged (tests/test_rest.py); kserve pins protobuf 6,
+# so it lives in a venv of its own beside .venv.
+KSERVE_VENV = ROOT / ".venv-kserve"
+KSERVE = "kserve==0.21.0"
 
 
 def inputs_digest(extras: str) -> str:
@@ -99,6 +103,18 @@ def ensure_postgresql() -> None:
     subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "postgresql"], check=True, env=env)
 
 
+def ensure_kserve_client() -> None:
+    """The venv with the kserve package that tests/test_rest.py runs its REST client in."""
+    stamp = KSERVE_VENV / ".complete"
+    if stamp.exists() and stamp.read_text() == KSERVE:
+        return
+    print(f"installing {KSERVE} into {KSERVE_VENV.name} (its REST client is tested against ours)", flush=True)
+    venv.EnvBuilder(with_pip=True, clear=True).create(KSERVE_VENV)
+    subprocess.run([str(KSERVE_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet",
+                    "--disable-pip-version-check", KSERVE], check=True)
+    stamp.write_text(KSERVE)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in EXTRAS:
         print(__doc__)
@@ -111,6 +127,7 @@ def main(argv: list[str]) -> int:
         ensure_perf_analyzer_libs()
     if command == "test":
         ensure_postgresql()
+        ensure_kserve_client()
     if command == "serve":
         args = [str(PYTHON), "-m", "headswap.cli", "serve", *rest]
     elif command == "perf_analyzer":

@@ -327,23 +327,12 @@ def test_rest_mutual_tls_names_the_caller_by_its_certificate(exported_registry, 
 
 # --- the kserve package's REST client ---------------------------------------------------------------------
 
-KSERVE = "kserve==0.21.0"
-
-
 @pytest.fixture(scope="session")
 def kserve_python() -> Path:
-    """An interpreter with the `kserve` package: its own venv, built once per machine (kserve 0.21 pins
-    protobuf 6 and grpcio-tools 1.81, so it cannot live in headswap's venv)."""
-    import os
-
-    venv = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "headswap-tests" / KSERVE.replace("==", "-")
-    python = venv / "bin" / "python"
-    if not (venv / ".complete").exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=300)
-        result = subprocess.run([str(python), "-m", "pip", "install", "-q", KSERVE], capture_output=True, text=True,
-                                timeout=1200)
-        assert result.returncode == 0, f"pip install {KSERVE} failed:\n{result.stderr[-3000:]}"
-        (venv / ".complete").touch()
+    """The interpreter of .venv-kserve, made by `python3 dev.py test` (kserve 0.21 pins protobuf 6 and
+    grpcio-tools 1.81, so it cannot live in headswap's venv)."""
+    python = Path(__file__).resolve().parents[1] / ".venv-kserve" / "bin" / "python"
+    assert python.exists(), f"{python} is missing: `python3 dev.py test` installs the kserve package there"
     return python
 
 
