@@ -25,8 +25,8 @@ Same model (the built-in EfficientNet-Lite0, exported into a temporary registry 
    binary data, one [1,224,224,3] image per request, each client thread with its own client) against
    the same load over gRPC (tritonclient.grpc), interleaved rounds on one server; REST/gRPC ratio and
    server CPU per request. --http-target/--grpc-target measure another server instead (a peer's REST
-   and gRPC ports, model efficientnet-lite0, input image, output probabilities; bench/peer_rest.sh starts
-   the shared peer harness's KServe or pytriton and runs this against it).
+   and gRPC ports, model efficientnet-lite0, input image, output probabilities), so a peer started
+   on the same ONNX file gets the same load.
 Prints ratios against the raw baseline. Timings, not assertions: tests never assert on speed.
 """
 
