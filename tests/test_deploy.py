@@ -43,7 +43,7 @@ DEPLOY_DOC = REPO / "docs" / "deploy.md"
 # (The manifests use the native preStop `sleep` action, so clusters need 1.30 or later.)
 K8S_VERSIONS = ("1.34.0", "1.37.0")
 TARGETS = ("inference", "trainer", "trainer-gpu")
-GRPC_PORT, METRICS_PORT, HEALTH_PORT = 50051, 9090, 8081
+GRPC_PORT, METRICS_PORT, HEALTH_PORT, HTTP_PORT = 50051, 9090, 8081, 8080
 # Custom resources the overlays use (cert-manager, KEDA, CloudNativePG), with the schema they are
 # checked against (tests/schemas/README.md: where each comes from, which version).
 SCHEMAS = REPO / "tests" / "schemas"
@@ -529,6 +529,8 @@ def test_probes_and_ports_agree_with_the_server(rendered, overlay):
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
             env = environment(objects, container)
             assert ports["grpc"] == int(env.get("HEADSWAP_PORT", Settings().port)) == GRPC_PORT
+            http_port = int(env.get("HEADSWAP_HTTP_PORT", Settings().http_port))
+            assert ports.get("http", -1) == http_port  # REST where the role serves inference, else none
             assert ports["metrics"] == int(env.get("HEADSWAP_METRICS_PORT", Settings().metrics_port))
             assert annotations.get("prometheus.io/scrape") == "true"
             assert int(annotations["prometheus.io/port"]) == ports["metrics"]
@@ -562,7 +564,8 @@ def test_probes_and_ports_agree_with_the_server(rendered, overlay):
                         allowed.setdefault(port["port"], []).extend(rule["from"])
         served = any(selects(s["spec"]["selector"], labels) for s in of_kind(objects, "Service"))
         # Never the health port: the kubelet alone asks it.
-        assert set(allowed) == ({GRPC_PORT, METRICS_PORT} if served else {METRICS_PORT}), deployment["metadata"]["name"]
+        assert set(allowed) == ({GRPC_PORT, HTTP_PORT, METRICS_PORT} if served else {METRICS_PORT}), \
+            deployment["metadata"]["name"]
         assert all("namespaceSelector" in peer for peers in allowed.values() for peer in peers)
         assert allowed[METRICS_PORT] == [
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
