@@ -170,6 +170,12 @@ class Settings:
         "server starts, so that the first FineTune does not wait for it; false: when the first FineTune "
         "arrives. Health for headswap.v1.Training turns SERVING once it is ready.")
 
+    # --- ranking images for labelling (issue 23) ---
+    max_rank_top: int = _setting(256, "RankForLabelling: most images one call may ask for (its `top`).")
+    max_ranking_calls: int = _setting(2, "RankForLabelling: most calls running at once (each runs its images "
+                                      "on the model's own session, beside Classify's batcher); more get "
+                                      "RESOURCE_EXHAUSTED.")
+
     def validate(self) -> "Settings":
         """Refuse impossible values at start, with a message naming the setting."""
         problems: list[str] = []
@@ -189,7 +195,8 @@ class Settings:
                      "max_watchers", "max_reflection_streams", "max_health_watchers", "max_concurrent_calls",
                      "max_connections", "max_waiting_calls_per_client", "max_request_bytes_in_flight",
                      "log_refusals_per_minute", "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections",
-                     "max_job_attempts", "max_queued_jobs_per_submitter", "max_staged_bytes"):
+                     "max_job_attempts", "max_queued_jobs_per_submitter", "max_staged_bytes", "max_rank_top",
+                     "max_ranking_calls"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag_name(name)} must be at least 1")
         for name in ("threads", "decode_workers", "memory_budget_mb", "inference_lanes"):

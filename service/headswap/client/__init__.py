@@ -14,11 +14,13 @@ from headswap.client.errors import (AbortedError, AlreadyExistsError, CancelledE
                                     InvalidArgumentError, NotFoundError, OutOfRangeError, PermissionDeniedError,
                                     ResourceExhaustedError, UnauthenticatedError, UnavailableError,
                                     UnimplementedError, UnknownError)
-from headswap.client.results import Classifications, Job, JobEvent, JobState, ModelInfo, Prediction, Submission
+from headswap.client.results import (Classifications, Job, JobEvent, JobState, ModelInfo, Prediction, RankedImage,
+                                     Ranking, Submission)
 
 __all__ = [
     "DEFAULT_TARGET", "FINETUNE_OPTIONS", "Client", "Connection", "FineTuneOptions",
-    "Classifications", "Job", "JobEvent", "JobState", "ModelInfo", "Prediction", "Submission",
+    "Classifications", "Job", "JobEvent", "JobState", "ModelInfo", "Prediction", "RankedImage", "Ranking",
+    "Submission",
     "ClientError", "AbortedError", "AlreadyExistsError", "CancelledError", "DataLossError", "DeadlineExceededError",
     "FailedPreconditionError", "InternalError", "InvalidArgumentError", "NotFoundError", "OutOfRangeError",
     "PermissionDeniedError", "ResourceExhaustedError", "UnauthenticatedError", "UnavailableError",

@@ -68,6 +68,7 @@ class ModelRuntime:
     """
 
     lone_session: ort.InferenceSession | None = None  # every thread, for requests that run alone
+    returns_embeddings = True  # `infer_with_embedding` works (an engine subclass may say no)
     lane_count = 1  # how many batches may run at once (`infer(batch, lane)`)
 
     def __init__(self, name: str, version: int, path: Path, manifest: dict[str, Any], threads: int,
@@ -84,6 +85,9 @@ class ModelRuntime:
         if self.probabilities_output not in outputs:
             raise CorruptModel(f"{name} version {version}: the ONNX graph has no output "
                                f"{self.probabilities_output!r} (has {sorted(outputs)})")
+        embedding = manifest.get("outputs", {}).get("embedding")
+        # for RankForLabelling (`infer_with_embedding`); None where the graph or the engine has none
+        self.embedding_output: str | None = embedding if self.returns_embeddings and embedding in outputs else None
         self.ready = threading.Event()
         self.images_counter = metrics.IMAGES.labels(name, str(version))
         self.stats = ModelStats(name, version)  # Triton-style statistics and latency histograms
@@ -143,6 +147,15 @@ class ModelRuntime:
     def infer(self, batch: np.ndarray, lane: int = 0) -> np.ndarray:
         """float32 NHWC model input -> probabilities [N, classes], on lane `lane`'s session."""
         return self.lane_sessions[lane].run([self.probabilities_output], {self.input_name: batch})[0]
+
+    def infer_with_embedding(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 NHWC model input -> (probabilities, embeddings), on lane 0's session, outside the
+        batcher: for bulk calls (RankForLabelling), so Classify's batches stay one output."""
+        if self.embedding_output is None:
+            raise ValueError(f"{self.name} version {self.version} has no embedding output")
+        probabilities, embeddings = self.session.run([self.probabilities_output, self.embedding_output],
+                                                     {self.input_name: batch})
+        return probabilities, embeddings
 
     def infer_lone(self, batch: np.ndarray) -> np.ndarray:
         """`infer` for a batch that runs while nothing else runs, is queued or is being decoded: on
