@@ -17,7 +17,7 @@ reaches 95% or `--max-labels`:
 - random: 20 unlabelled pool images drawn at random.
 
 What is done in-process, and why: the head of each round is trained here with the trainer's own
-code (`trainer.build_head` + `trainer.fit`, Adam 5e-3, batch 32, enough epochs for ~300 steps) on
+code (`trainer.build_head` + `trainer.fit`, its defaults, labels repeated for >= ~300 steps) on
 embeddings of the base computed once here with ONNX Runtime, and held-out accuracy is that head's
 on the held-out embeddings. A FineTune through the server per round would re-upload the labels,
 hold out a validation split from 20 labels, and refuse a round whose labels miss a class; on 2
@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -45,6 +46,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The trainer's default for head-only jobs (`--trainer-backend auto`): JAX, where it is installed.
+os.environ.setdefault("KERAS_BACKEND", "jax")
 
 THRESHOLDS = (0.90, 0.95)
 ROUND = 20
@@ -81,16 +84,17 @@ def embed(model_path: Path, manifest: dict[str, Any], images: list[bytes]) -> np
 
 
 def train_head(x: np.ndarray, y: np.ndarray, classes: int, seed: int) -> Any:
-    """The trainer's head and fit, on these labels (about 300 steps, at least 10 epochs)."""
+    """The trainer's head and fit (its defaults: Adam 5e-3, batch 32, 10 epochs), on these labels
+    repeated so that 10 epochs make at least ~300 steps: 20 labels alone would make 10 steps."""
     from headswap.training import trainer
     from headswap.training.spec import FineTuneSpec
 
     spec = FineTuneSpec(name=MODEL, seed=seed)
     trainer.set_random_seed(seed)
-    epochs = min(300, max(10, math.ceil(300 / math.ceil(len(y) / spec.batch_size))))
+    repeats = max(1, math.ceil(300 * spec.batch_size / (spec.epochs * len(y))))
     head = trainer.build_head(x.shape[1], classes, spec.dropout, spec.hidden_units)
-    trainer.fit(head, x, y, x[:1], y[:1], spec, spec.learning_rate, epochs, "training_head",
-                lambda phase, **fields: None, [str(c) for c in range(classes)])
+    trainer.fit(head, np.tile(x, (repeats, 1)), np.tile(y, repeats), x[:1], y[:1], spec, spec.learning_rate,
+                spec.epochs, "training_head", lambda phase, **fields: None, [str(c) for c in range(classes)])
     return head
 
 
@@ -133,10 +137,13 @@ def run_arm(arm: str, seed: int, pool: np.ndarray, test: np.ndarray, start: np.n
     curve: list[tuple[int, float]] = []
     rank_seconds: list[float] = []
     while True:
+        round_started = time.monotonic()
         head = train_head(emb[labelled], y[labelled], 10, seed)
         accuracy = float(np.mean(np.argmax(head.predict(emb[test], batch_size=512, verbose=0), axis=1) == y[test]))
         curve.append((len(labelled), round(accuracy, 4)))
-        print(f"  seed {seed} {arm:>6}: {len(labelled):4d} labels, held-out accuracy {accuracy:.4f}", flush=True)
+        print(f"  seed {seed} {arm:>6}: {len(labelled):4d} labels, held-out accuracy {accuracy:.4f} "
+              f"(head {time.monotonic() - round_started:.1f} s"
+              f"{f', last ranking {rank_seconds[-1]:.1f} s' if rank_seconds else ''})", flush=True)
         if accuracy >= THRESHOLDS[-1] or len(labelled) >= args.max_labels:
             break
         taken = set(labelled)
