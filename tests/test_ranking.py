@@ -134,7 +134,7 @@ def rank_server(exported_registry, tmp_path_factory, digits) -> Iterator[tuple[S
                                   for name, (token, scopes) in TOKENS.items()]))
     server = start_server(registry, work / "server", "--auth-tokens-file", str(tokens),
                           "--max-images-per-request", str(MAX_IMAGES), "--max-rank-top", str(MAX_TOP),
-                          "--max-image-pixels", str(MAX_PIXELS))
+                          "--max-image-pixels", str(MAX_PIXELS), "--max-ranking-calls", "1")
     job = pb_grpc.TrainingStub(server.channel()).FineTune(
         stream(pb.FineTuneConfig(name=MODEL, epochs=30, activate=True, seed=1), digits["train"]),
         metadata=bearer("ops"), timeout=600)
@@ -239,6 +239,37 @@ def test_bounds_are_refused_with_clear_statuses(rank_server, digits, case):
     assert caught.value.code() == code, caught.value.details()
     assert text in (caught.value.details() or "")
     assert "Traceback" not in server.log() and "crashed" not in server.log()
+
+
+def test_ranking_calls_at_once_are_bounded(rank_server, digits):
+    """--max-ranking-calls 1: of four calls started together, the ones that find the slot taken are
+    refused at once with RESOURCE_EXHAUSTED naming the setting; Classify is not held up by them."""
+    import threading
+
+    server, _ = rank_server
+    images = [image for image, _ in digits["unseen"][:MAX_IMAGES]]
+    barrier = threading.Barrier(4)
+    codes: list[tuple[grpc.StatusCode, str]] = []
+
+    def call() -> None:
+        stub = pb_grpc.InferenceStub(server.channel())
+        barrier.wait()
+        try:
+            stub.RankForLabelling(pb.RankForLabellingRequest(images=images, model=MODEL, top=4),
+                                  metadata=bearer("web"), timeout=120)
+            codes.append((grpc.StatusCode.OK, ""))
+        except grpc.RpcError as err:
+            codes.append((err.code(), err.details() or ""))
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    refused = [details for code, details in codes if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert any(code == grpc.StatusCode.OK for code, _ in codes), codes
+    assert refused and all("--max-ranking-calls" in details for details in refused), codes
+    assert {code for code, _ in codes} <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 def test_scope_classify_is_required(rank_server, digits):
