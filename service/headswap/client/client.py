@@ -171,7 +171,7 @@ class Client:
         return Classifications([[Prediction(p.label, p.index, p.score) for p in result.predictions]
                                 for result in response.results], response.model, response.version)
 
-    def rank_for_labelling(self, images: Iterable[ImageLike], model: str | None = None, top: int = 10,
+    def rank_for_labelling(self, images: ImageLike | Iterable[ImageLike], model: str | None = None, top: int = 10,
                            version: int = 0, *, uncertainty: str = "margin", batch_size: int = RANK_BATCH_IMAGES,
                            timeout: float | None = None) -> Ranking:
         """Which of these unlabelled images to label next, best first (RankForLabelling).
@@ -182,7 +182,7 @@ class Client:
         narrow the field: the batches' picks are merged by uncertainty, and near-duplicates are
         only kept apart within a batch. Files are read when their batch is sent.
         """
-        given = list(images)
+        given = [images] if is_single_image(images) else list(images)
         if not given:
             raise ValueError("no images to rank")
         if isinstance(top, bool) or not isinstance(top, int) or top < 1:
