@@ -12,7 +12,7 @@ reaches 95% or `--max-labels`:
 - ranked: each round, the head trained on the labels so far is published as a new version of a
   model in the registry of a real `headswap serve` subprocess (base ONNX graph + head, composed by
   the trainer's own `compose.py`, with the labelled images' sha256 as its training set), and the
-  whole pool goes to RankForLabelling (one call; the server marks the labelled images itself and
+  whole pool goes to RankForLabelling (one call to a `--role inference` server; it marks the labelled images itself and
   uses them as covered ground); the top 20 are labelled next.
 - random: 20 unlabelled pool images drawn at random.
 
@@ -189,7 +189,7 @@ def active_learning(args: argparse.Namespace) -> dict[str, Any]:
         emb = embed(base_path, base_manifest, images)
         proc, port = start_server(model_dir, work / "server", "--max-images-per-request", "2048",
                                   "--max-message-bytes", str(64 << 20), "--max-request-bytes-in-flight",
-                                  str(256 << 20), "--threads", "2")
+                                  str(256 << 20), "--threads", "2", "--role", "inference")
         channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])
         ctx = {"registry": registry, "base_path": base_path, "base_manifest": base_manifest, "work": work,
                "stub": pb_grpc.InferenceStub(channel)}
