@@ -12,8 +12,8 @@ reaches 95% or `--max-labels`:
 - ranked: each round, the head trained on the labels so far is published as a new version of a
   model in the registry of a real `headswap serve` subprocess (base ONNX graph + head, composed by
   the trainer's own `compose.py`, with the labelled images' sha256 as its training set), and the
-  whole pool goes to RankForLabelling (one call to a `--role inference` server; it marks the labelled images itself and
-  uses them as covered ground); the top 20 are labelled next.
+  whole pool goes to RankForLabelling (one call to a `--role inference` server; it marks the
+  labelled images itself and uses them as covered ground); the top 20 are labelled next.
 - random: 20 unlabelled pool images drawn at random.
 
 What is done in-process, and why: the head of each round is trained here with the trainer's own
