@@ -27,7 +27,7 @@ from headswap.errors import FailedPrecondition
 from headswap.inference.images import Preprocessing, load_pixels
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
-from headswap.registry.registry import Registry
+from headswap.registry.registry import RECHECK_FILE, Registry
 from headswap.training import compose
 from headswap.training.embedding_cache import EmbeddingCache, image_key
 from test_finetune import digit_png, held_out_accuracy, stream, wait_for, watch, worker_pids
@@ -356,7 +356,7 @@ def test_precision_tier_is_built_and_gated_on_the_jobs_validation_images(backend
         # the tier re-checks near ties in fp32, with a margin from the job's training images; int8 on
         # the fp32 file stored beside its own
         assert manifest["recheck"]["margin"] >= 0 and 0 <= manifest["recheck"]["heldout_share"] <= 1
-        assert ("files" in manifest) == (tier == "int8")
+        assert (RECHECK_FILE in manifest.get("files", {})) == (tier == "int8")
         return
     assert final.state == pb.JOB_STATE_FAILED, final.message
     assert tier in record.error and ("points of validation accuracy" in record.error or

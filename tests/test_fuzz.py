@@ -193,7 +193,8 @@ def test_kserve_cases_left_the_server_healthy(server):
 
 # --- malformed protobuf bodies, and FineTune streams cut off or malformed ---------------------
 
-UNARY_METHODS = ["/headswap.v1.Inference/Classify", "/headswap.v1.Models/GetModel", "/headswap.v1.Models/ListModels",
+UNARY_METHODS = ["/headswap.v1.Inference/Classify", "/headswap.v1.Inference/RankForLabelling",
+                 "/headswap.v1.Models/GetModel", "/headswap.v1.Models/ListModels",
                  "/headswap.v1.Models/ActivateModel", "/headswap.v1.Training/GetJob", "/headswap.v1.Training/CancelJob",
                  "/inference.GRPCInferenceService/ModelInfer", "/inference.GRPCInferenceService/ModelMetadata",
                  "/inference.GRPCInferenceService/ServerLive", "/grpc.health.v1.Health/Check"]

@@ -191,6 +191,12 @@ class Settings:
     rollout_shadow_queue: int = _setting(16, "Rollouts, shadow mode: most mirrored requests waiting for the "
                                          "candidate; more are dropped and counted.")
 
+    # --- ranking images for labelling (issue 23) ---
+    max_rank_top: int = _setting(256, "RankForLabelling: most images one call may ask for (its `top`).")
+    max_ranking_calls: int = _setting(2, "RankForLabelling: most calls running at once (each runs its images "
+                                      "on the model's own session, beside Classify's batcher); more get "
+                                      "RESOURCE_EXHAUSTED.")
+
     def validate(self) -> "Settings":
         """Refuse impossible values at start, with a message naming the setting."""
         problems: list[str] = []
@@ -213,7 +219,7 @@ class Settings:
                      "max_connections", "max_waiting_calls_per_client", "max_request_bytes_in_flight",
                      "log_refusals_per_minute", "max_queued_jobs", "max_work_dir_bytes", "metrics_max_connections",
                      "max_job_attempts", "max_queued_jobs_per_submitter", "max_staged_bytes",
-                     "http_max_header_bytes", "http_max_headers"):
+                     "http_max_header_bytes", "http_max_headers", "max_rank_top", "max_ranking_calls"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag_name(name)} must be at least 1")
         for name in ("threads", "decode_workers", "memory_budget_mb", "inference_lanes"):

@@ -31,6 +31,7 @@ OPEN = "open"  # no credential needed: health checks for probes and load balance
 _V1, _KSERVE = "/headswap.v1.", "/inference.GRPCInferenceService/"
 METHOD_SCOPES: dict[str, str] = {
     f"{_V1}Inference/Classify": CLASSIFY,
+    f"{_V1}Inference/RankForLabelling": CLASSIFY,
     f"{_V1}Models/ListModels": CLASSIFY,
     f"{_V1}Models/GetModel": CLASSIFY,
     f"{_V1}Models/ActivateModel": ADMIN,

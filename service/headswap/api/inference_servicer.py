@@ -13,6 +13,7 @@ from headswap.api.names import requested_model
 from headswap.api.status import rpc
 from headswap.errors import InvalidInput, NotFound
 from headswap.inference.classifier import Classifier, check_version
+from headswap.inference.labelling import LabellingRanker
 from headswap.inference.manager import ModelManager
 from headswap.inference.ood import OodSpec
 from headswap.protocol import headswap_v1_pb2 as pb
@@ -36,6 +37,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, classifier: Classifier, callers: SlotsPerKey) -> None:
         self.classifier = classifier
         self.callers = callers  # --max-inference-calls-per-caller, shared with KServe's ModelInfer
+        self.ranker = LabellingRanker(classifier)
 
     @rpc("Classify", lambda r: r.model)
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
@@ -53,6 +55,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                        ood_score=float(scores[i]) if scores is not None else 0.0,
                                        in_distribution=bool(accepted[i]) if accepted is not None else None)
                      for i, predictions in enumerate(results)])
+
+    @rpc("RankForLabelling", lambda r: r.model)
+    def RankForLabelling(self, request: pb.RankForLabellingRequest,
+                         context: grpc.ServicerContext) -> pb.RankForLabellingResponse:
+        model = requested_model(request.model, self.classifier.default_model)
+        with self.callers.take(caller_key(context)):
+            advice = self.ranker.rank(list(request.images), request.top, model, request.version,
+                                      request.uncertainty, deadline_of(context), stopped(context))
+        return pb.RankForLabellingResponse(
+            model=advice.model, version=advice.version, uncertainty=advice.uncertainty,
+            training_set_known=advice.training_set_known, training_set_size=advice.training_set_size,
+            near_duplicates=advice.near_duplicates,
+            images=[pb.RankedImage(index=i.index, rank=i.rank, uncertainty=i.uncertainty, predicted_label=i.label,
+                                   predicted_score=i.score, already_labelled=i.already_labelled)
+                    for i in advice.images])
 
 
 class ModelsServicer(pb_grpc.ModelsServicer):

@@ -125,6 +125,52 @@ def classify(target: Connection, model: str, top_k: int, as_json: bool, images: 
 
 @main.command()
 @target_option
+@click.option("--model", required=True, help="NAME or NAME:VERSION of the model to rank for.")
+@click.option("--top", default=20, show_default=True, type=click.IntRange(min=1), help="How many images to recommend.")
+@click.option("--uncertainty", type=click.Choice(["margin", "entropy"]), default="margin", show_default=True)
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Images per call (more are ranked as a tournament, see Client.rank_for_labelling).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line per image.")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def rank(target: Connection, model: str, top: int, uncertainty: str, batch_size: int, as_json: bool,
+         folder: Path) -> None:
+    """Which images under FOLDER to label next: the model's most uncertain, never near-duplicates."""
+    from headswap.client.images import IMAGE_EXTENSIONS
+
+    name, version = _model_ref(model)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise click.ClickException(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    with connect(target) as client:
+        ranking = client.rank_for_labelling(files, model=name, version=version, top=top, uncertainty=uncertainty,
+                                            batch_size=batch_size)
+    for image in [*ranking, *ranking.already_labelled]:
+        if as_json:
+            click.echo(json.dumps({"image": str(files[image.index]), "rank": image.rank,
+                                   "uncertainty": round(image.uncertainty, 6), "predicted_label": image.label,
+                                   "predicted_score": round(image.score, 6),
+                                   "already_labelled": image.already_labelled}))
+    if as_json:
+        return
+    click.echo(f"{ranking.model} v{ranking.version}: {len(ranking)} of {len(files)} images to label next "
+               f"(uncertainty: {ranking.uncertainty})")
+    click.echo(f"{'rank':>4}  {'uncertainty':>11}  {'predicted':<24} image")
+    for image in ranking:
+        predicted = f"{image.label[:16]} ({image.score:.2f})"
+        click.echo(f"{image.rank:>4}  {image.uncertainty:>11.3f}  {predicted:<24} {files[image.index]}")
+    if not ranking.training_set_known:
+        click.echo(f"{ranking.model} v{ranking.version} records no training set (a zero-shot model, or a version "
+                   "published before training sets were recorded): no image can be marked as already labelled")
+    elif ranking.already_labelled:
+        click.echo(f"already labelled (in the model's training set), not recommended: {len(ranking.already_labelled)}")
+        for image in ranking.already_labelled:
+            click.echo(f"         {files[image.index]}")
+    if ranking.near_duplicates:
+        click.echo(f"left out as near-duplicates of a recommended or labelled image: {ranking.near_duplicates}")
+
+
+@main.command()
+@target_option
 @click.option("--service", default="", help="Service or model name to check ('' = the whole server).")
 @click.option("--timeout", default=3.0, show_default=True, help="Seconds to wait for an answer.")
 @click.option("--local", is_flag=True,

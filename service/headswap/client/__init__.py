@@ -15,12 +15,12 @@ from headswap.client.errors import (AbortedError, AlreadyExistsError, CancelledE
                                     ResourceExhaustedError, UnauthenticatedError, UnavailableError,
                                     UnimplementedError, UnknownError)
 from headswap.client.results import (Classifications, ImagePredictions, Job, JobEvent, JobState, ModelInfo,
-                                     Prediction, RolloutStatus, Submission)
+                                     Prediction, RankedImage, Ranking, RolloutStatus, Submission)
 
 __all__ = [
     "DEFAULT_TARGET", "FINETUNE_OPTIONS", "Client", "Connection", "FineTuneOptions",
     "Classifications", "ImagePredictions", "Job", "JobEvent", "JobState", "ModelInfo", "Prediction",
-    "RolloutStatus", "Submission",
+    "RankedImage", "Ranking", "RolloutStatus", "Submission",
     "ClientError", "AbortedError", "AlreadyExistsError", "CancelledError", "DataLossError", "DeadlineExceededError",
     "FailedPreconditionError", "InternalError", "InvalidArgumentError", "NotFoundError", "OutOfRangeError",
     "PermissionDeniedError", "ResourceExhaustedError", "UnauthenticatedError", "UnavailableError",

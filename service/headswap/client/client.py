@@ -16,7 +16,7 @@ from headswap.client.connection import Connection, channel
 from headswap.client.errors import UnavailableError, from_rpc_error
 from headswap.client.images import Example, ImageLike, encode, examples_of, is_single_image
 from headswap.client.results import (Classifications, ImagePredictions, Job, JobEvent, JobState, ModelInfo,
-                                     RolloutStatus, Submission)
+                                     RankedImage, Ranking, RolloutStatus, Submission)
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
 
@@ -24,6 +24,8 @@ from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
 # per-message limit is far above; smaller batches keep the upload's memory flat on both sides).
 BATCH_IMAGES = 64
 BATCH_BYTES = 8 * 1024 * 1024
+# rank_for_labelling sends at most this many images a call (the server's default limit is 256).
+RANK_BATCH_IMAGES = 128
 
 
 class FineTuneOptions(TypedDict, total=False):
@@ -173,6 +175,54 @@ class Client:
         response = self._call(self._inference.Classify, request, timeout, metadata)
         return Classifications([ImagePredictions.from_message(result) for result in response.results],
                                response.model, response.version)
+
+    def rank_for_labelling(self, images: ImageLike | Iterable[ImageLike], model: str | None = None, top: int = 10,
+                           version: int = 0, *, uncertainty: str = "margin", batch_size: int = RANK_BATCH_IMAGES,
+                           timeout: float | None = None) -> Ranking:
+        """Which of these unlabelled images to label next, best first (RankForLabelling).
+
+        Up to `batch_size` images go in one call. More are ranked as a tournament: each batch's
+        best `top` go on to a next round, until the finalists fit in one call, whose answer is
+        the ranking (so it never holds near-duplicates). When `top` >= `batch_size` no round can
+        narrow the field: the batches' picks are merged by uncertainty, and near-duplicates are
+        only kept apart within a batch. Files are read when their batch is sent.
+        """
+        given = [images] if is_single_image(images) else list(images)
+        if not given:
+            raise ValueError("no images to rank")
+        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+            raise ValueError(f"top must be a positive integer, got {top!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        already: dict[int, RankedImage] = {}
+        duplicates = 0
+        field = list(range(len(given)))  # indices (into `given`) still in the running
+        while True:
+            picks: list[RankedImage] = []
+            for start in range(0, len(field), batch_size):
+                part = field[start:start + batch_size]
+                response = self._call(self._inference.RankForLabelling, pb.RankForLabellingRequest(
+                    images=[encode(given[i]) for i in part], model=model or "", version=version,
+                    top=min(top, len(part)), uncertainty=uncertainty), timeout)
+                for item in response.images:
+                    ranked = RankedImage(part[item.index], item.rank, item.uncertainty, item.predicted_label,
+                                         item.predicted_score, item.already_labelled)
+                    if item.already_labelled:
+                        already[ranked.index] = ranked
+                    else:
+                        picks.append(ranked)
+                duplicates += response.near_duplicates
+                model, version = response.model, response.version  # every round on the same version
+            single = len(field) <= batch_size
+            if single or len(picks) >= len(field):  # one call ranked them all, or no round can narrow them
+                if not single:
+                    picks.sort(key=lambda image: (-image.uncertainty, image.index))
+                picks = [RankedImage(p.index, rank, p.uncertainty, p.label, p.score)
+                         for rank, p in enumerate(picks[:top], start=1)]
+                return Ranking(picks, sorted(already.values(), key=lambda image: image.index), response.model,
+                               response.version, response.uncertainty, response.training_set_known,
+                               response.training_set_size, duplicates)
+            field = sorted(p.index for p in picks)
 
     # --- models -----------------------------------------------------------------------------
 

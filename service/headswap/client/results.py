@@ -48,6 +48,33 @@ class Classifications(list[list[Prediction]]):
         self.version = version
 
 
+@dataclass(frozen=True)
+class RankedImage:
+    """One image of a `rank_for_labelling` call: its index among the images given, its rank (1 = label
+    it first; 0 = not recommended: already labelled), how undecided the model is (0..1) and its answer."""
+
+    index: int
+    rank: int
+    uncertainty: float
+    label: str
+    score: float
+    already_labelled: bool = False
+
+
+class Ranking(list[RankedImage]):
+    """The images to label next, best first; `already_labelled`: the given images the model was
+    trained on (same sha256), never recommended. `training_set_known` is False when the model records
+    no training set (zero-shot, or a version published before training sets were recorded)."""
+
+    def __init__(self, ranked: list[RankedImage], already_labelled: list[RankedImage], model: str, version: int,
+                 uncertainty: str, training_set_known: bool, training_set_size: int, near_duplicates: int) -> None:
+        super().__init__(ranked)
+        self.already_labelled = already_labelled
+        self.model, self.version, self.uncertainty = model, version, uncertainty
+        self.training_set_known, self.training_set_size = training_set_known, training_set_size
+        self.near_duplicates = near_duplicates
+
+
 class JobState(enum.IntEnum):
     """A fine-tune job's state (the values of headswap.v1.JobState)."""
 

@@ -187,13 +187,14 @@ def check_parity(fn_or_model: Backbone, onnx_path: str | Path, input_size: tuple
 
 def export_keras_model(model_or_fn: Backbone, input_size: tuple[int, int], manifest_base: dict[str, Any],
                        registry: Registry, name: str, activate: bool = True, opset: int = DEFAULT_OPSET,
-                       tier: Tier | None = None) -> int:
+                       tier: Tier | None = None, files: dict[str, Path] | None = None) -> int:
     """Convert, check parity on sample images and publish one version; returns its number.
 
     `manifest_base` carries at least `labels` and `preprocessing` (the exporter adds `input`,
     `outputs`, `parity`); the fine-tune trainer passes backbone + new head as one model.
     `tier` turns the checked fp32 file into a precision tier (`headswap.export.precision`): it
-    returns the file to publish and the manifest fields to add, or refuses.
+    returns the file to publish and the manifest fields to add, or refuses. `files`: other files
+    the version carries (a fine-tune's training set, `headswap.registry.training_set`).
     """
     check_model_name(name)
     labels = list(manifest_base.get("labels") or [])
@@ -223,10 +224,11 @@ def export_keras_model(model_or_fn: Backbone, input_size: tuple[int, int], manif
                        "parity_seconds": round(time.monotonic() - converted, 2),
                        "tensorflow": tf.__version__, "keras": keras.__version__, "onnx": onnx.__version__},
         }
-        extra_files: dict[str, Path] = {}
+        extra_files: dict[str, Path] = dict(files or {})
         if tier is not None:
             built = tier(onnx_path, manifest)
-            onnx_path, extra_files = built.path, built.extra_files
+            onnx_path = built.path
+            extra_files.update(built.extra_files)
             manifest.update(built.fields)
         version = registry.publish(name, onnx_path, manifest, activate=activate, extra_files=extra_files)
     log.info("exported %s version %d: convert %.1f s, parity max abs diff %.2e over %d samples",

@@ -21,13 +21,14 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from headswap.admission import Slots
 from headswap.config import Settings
-from headswap.errors import Cancelled, DeadlineExceeded, InvalidInput, ResourceExhausted
+from headswap.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidInput, ResourceExhausted
 from headswap.inference.decoding import DecodeSlots
 from headswap.inference.images import decode, pixel_count, to_pixels
 from headswap.inference.manager import LoadedModel, ModelManager
@@ -72,6 +73,15 @@ class Answer:
     def in_distribution(self) -> np.ndarray | None:
         """[N] bool: under the version's threshold; None when the version has none."""
         return None if self.ood is None or self.ood_scores is None else self.ood.in_distribution(self.ood_scores)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """`Classifier.embed_encoded`'s answer: the probabilities, the embeddings, the version's other files."""
+
+    answer: Answer
+    embeddings: np.ndarray  # [N, D]
+    files: dict[str, Path]  # `Registry.verified_extra_files` (a fine-tune's training set)
 
 
 class Classifier:
@@ -130,11 +140,24 @@ class Classifier:
                       deadline: float | None = None, should_stop: ShouldStop | None = None,
                       routing_key: str | None = None) -> Answer:
         """Encoded images (JPEG, PNG, WebP, BMP) -> probabilities, decoded as the manifest says."""
+        return self._run(model, version, self._encoded_chunks(images), deadline, should_stop, routing_key)
+
+    def embed_encoded(self, images: list[bytes], model: str = "", version: int = 0, deadline: float | None = None,
+                      should_stop: ShouldStop | None = None) -> "Embedded":
+        """Encoded images -> probabilities and embeddings, decoded and bounded as `infer_encoded`, run
+        chunk by chunk in this thread on the version's own session: a bulk call (RankForLabelling)
+        that leaves Classify's batcher and its one-output batches alone."""
+        return self._run(model, version, self._encoded_chunks(images), deadline, should_stop,
+                         run_loaded=self._run_embedding)
+
+    def _encoded_chunks(self, images: list[bytes]) -> Chunks:
+        """The request's bounds, checked now; then its images decoded chunk by chunk, as the model takes them."""
         s = self.settings
         if not images:
             raise InvalidInput("no images in the request: send at least one encoded image")
         if len(images) > s.max_images_per_request:
             raise ResourceExhausted(f"{len(images)} images in one request; the limit is {s.max_images_per_request}")
+
         def chunks(loaded: LoadedModel, check: Callable[[], None]) -> Iterator[np.ndarray]:
             # Headers only: the whole request is bounded before a single pixel is decoded.
             opened: list = [decode(data, s.max_image_pixels, i) for i, data in enumerate(images)]
@@ -153,10 +176,11 @@ class Classifier:
                     opened[i] = None  # let the decoded source go now
                 yield loaded.runtime.preprocessing.normalize(np.stack(rows))
 
-        return self._run(model, version, chunks, deadline, should_stop, routing_key)
+        return chunks
 
     def _run(self, model: str, version: int, chunks: Chunks, deadline: float | None,
-             should_stop: ShouldStop | None, routing_key: str | None = None) -> Answer:
+             should_stop: ShouldStop | None, routing_key: str | None = None,
+             run_loaded: Callable[..., Any] | None = None) -> Any:
         name = model or self.default_model
         check_version(version)
 
@@ -166,6 +190,8 @@ class Classifier:
             if should_stop is not None and should_stop():
                 raise Cancelled("the call was cancelled; its work was stopped")
 
+        if run_loaded is not None:  # a bulk call (RankForLabelling): the version asked for, or the stable one
+            return self._run_version(name, version, chunks, check, deadline, run_loaded)
         rollouts = self.manager.rollouts
         route = rollouts.route(name, version, routing_key)
         if route.rollout is None:
@@ -186,11 +212,11 @@ class Classifier:
         return answer
 
     def _run_version(self, name: str, version: int, chunks: Chunks, check: Callable[[], None],
-                     deadline: float | None) -> Answer:
+                     deadline: float | None, run_loaded: Callable[..., Any] | None = None) -> Any:
         with self._calls.take(), self.manager.lease(name, version) as loaded:
             started_ns = time.perf_counter_ns()
             try:
-                return self._run_loaded(loaded, chunks(loaded, check), check, deadline, started_ns)
+                return (run_loaded or self._run_loaded)(loaded, chunks(loaded, check), check, deadline, started_ns)
             except BaseException:
                 loaded.runtime.stats.failed(time.perf_counter_ns() - started_ns)
                 raise
@@ -248,6 +274,25 @@ class Classifier:
             output_ns=done_ns - submitted[-1].infer_done_ns, total_ns=done_ns - started_ns))
         return Answer(runtime.name, runtime.version, probabilities, runtime.labels, scores,
                       getattr(runtime, "ood", None))
+
+    @staticmethod
+    def _run_embedding(loaded: LoadedModel, chunks: Iterator[np.ndarray], check: Callable[[], None],
+                       deadline: float | None, started_ns: int) -> "Embedded":
+        """`embed_encoded`'s inference: each chunk through the runtime's two outputs, in this thread."""
+        runtime = loaded.runtime
+        if runtime.embedding_output is None:
+            reason = ("it is a bf16/int8 tier, whose engine gives no embeddings; ask for an fp32 version"
+                      if not runtime.returns_embeddings else "its ONNX graph has no embedding output")
+            raise FailedPrecondition(f"{runtime.name} version {runtime.version} cannot rank images: {reason}")
+        probabilities, embeddings = [], []
+        for chunk in chunks:
+            check()
+            p, e = runtime.infer_with_embedding(chunk)
+            probabilities.append(p)
+            embeddings.append(e.reshape(len(e), -1))
+        runtime.images_counter.inc(sum(len(p) for p in probabilities))
+        return Embedded(Answer(runtime.name, runtime.version, np.concatenate(probabilities), runtime.labels),
+                        np.concatenate(embeddings), dict(runtime.files))
 
     @staticmethod
     def _wait(future: Future, deadline: float | None) -> np.ndarray:

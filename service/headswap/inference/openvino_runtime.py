@@ -84,6 +84,7 @@ class OpenVinoRuntime(ModelRuntime):
     _fp32_halves: tuple[Any, ...] = ()  # two 1-thread fp32 sessions, for batches answered in fp32
     _helper: ThreadPoolExecutor | None = None  # runs the second half
     reads_ood_output = False  # `infer` returns probabilities only: the score is max-softmax
+    returns_embeddings = False  # RankForLabelling asks the fp32 version instead
 
     def _open(self, path: Path, threads: int, lanes: int) -> list[str]:
         """One compiled model and one lane: OpenVINO's stream runs every thread on each batch."""

@@ -70,6 +70,7 @@ class ModelRuntime:
 
     lone_session: ort.InferenceSession | None = None  # every thread, for requests that run alone
     reads_ood_output = True  # whether `infer` returns the graph's ood_score output beside the probabilities
+    returns_embeddings = True  # `infer_with_embedding` works (an engine subclass may say no)
     lane_count = 1  # how many batches may run at once (`infer(batch, lane)`)
 
     def __init__(self, name: str, version: int, path: Path, manifest: dict[str, Any], threads: int,
@@ -90,6 +91,9 @@ class ModelRuntime:
         # (fine-tunes since issue 23), else max-softmax from the probabilities (`Classifier`).
         self.ood = OodSpec.from_manifest(manifest, outputs, engine_reads_output=self.reads_ood_output)
         self._outputs = [self.probabilities_output] + ([self.ood.output] if self.ood.output else [])
+        embedding = manifest.get("outputs", {}).get("embedding")
+        # for RankForLabelling (`infer_with_embedding`); None where the graph or the engine has none
+        self.embedding_output: str | None = embedding if self.returns_embeddings and embedding in outputs else None
         self.ready = threading.Event()
         self.images_counter = metrics.IMAGES.labels(name, str(version))
         self.stats = ModelStats(name, version)  # Triton-style statistics and latency histograms
@@ -154,6 +158,15 @@ class ModelRuntime:
     def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         results = session.run(self._outputs, {self.input_name: batch})
         return results[0] if len(results) == 1 else (results[0], results[1])
+
+    def infer_with_embedding(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 NHWC model input -> (probabilities, embeddings), on lane 0's session, outside the
+        batcher: for bulk calls (RankForLabelling), so Classify's batches stay one output."""
+        if self.embedding_output is None:
+            raise ValueError(f"{self.name} version {self.version} has no embedding output")
+        probabilities, embeddings = self.session.run([self.probabilities_output, self.embedding_output],
+                                                     {self.input_name: batch})
+        return probabilities, embeddings
 
     def infer_lone(self, batch: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """`infer` for a batch that runs while nothing else runs, is queued or is being decoded: on

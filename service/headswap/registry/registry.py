@@ -5,6 +5,7 @@ Layout, as TF Serving watches a base path:
     <root>/<model>/<version>/model.onnx
     <root>/<model>/<version>/model.fp32.onnx only in an int8 version: the fp32 file its near ties
                                              are re-checked on (`headswap.export.precision`)
+    <root>/<model>/<version>/training_sha256.bin  a fine-tune's training images (sha256), for ranking
     <root>/<model>/<version>/manifest.json   written last: a version without it does not exist
     <root>/<model>/active.json               {"version": N, "history": [older actives...],
                                               "rollout": {candidate, mode, percent, rules...} while one
@@ -32,10 +33,13 @@ from headswap.config import Settings, env_name
 from headswap.errors import CorruptModel, FailedPrecondition, InvalidInput, NotFound, shown_name
 from headswap.registry.bounded import BoundedStore
 from headswap.registry.store import MANIFEST, open_store
+from headswap.registry.training_set import TRAINING_SET_FILE
 
 MODEL_FILE = "model.onnx"
 RECHECK_FILE = "model.fp32.onnx"  # an int8 version's fp32 file, for its re-check of near ties
-EXTRA_FILES = (RECHECK_FILE,)  # the only other files a version may carry (manifest `files`: name -> sha256)
+# The only other files a version may carry (manifest `files`: name -> sha256); TRAINING_SET_FILE is
+# a fine-tune's training images (`headswap.registry.training_set`).
+EXTRA_FILES = (RECHECK_FILE, TRAINING_SET_FILE)
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}\Z")
 ACTIVE_FILE = "active.json"
 ROLLOUT = "rollout"  # active.json: the running rollout (headswap.inference.rollout), absent when none runs

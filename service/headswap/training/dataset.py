@@ -11,7 +11,8 @@ Layout of a job's data (written into a staging directory, renamed into place whe
 
     images.bin   the encoded images, back to back
     index.npz    offsets, lengths, label ids, is_validation, upload_index (position in the
-                 upload, for messages), labels (class names, sorted), conflicting_duplicates
+                 upload, for messages), labels (class names, sorted), conflicting_duplicates,
+                 sha256 (of each stored image: the version's training set, for RankForLabelling)
 
 A full work directory (ENOSPC, a quota: EDQUOT, a file size limit: EFBIG) is the caller's
 RESOURCE_EXHAUSTED naming the directory and the space left (`out_of_space`), not an internal error.
@@ -129,13 +130,21 @@ class StoredDataset:
     is_validation: np.ndarray
     upload_index: np.ndarray
     conflicting_duplicates: int = 0
+    sha256: np.ndarray | None = None  # [N] 32-byte digests; None in an index written before they were kept
 
     @classmethod
     def load(cls, directory: Path) -> "StoredDataset":
         with np.load(directory / INDEX_FILE) as index:
             conflicts = int(index["conflicting_duplicates"]) if "conflicting_duplicates" in index else 0
+            digests = index["sha256"] if "sha256" in index else None
             return cls(directory, [str(x) for x in index["labels"]], index["offsets"], index["lengths"],
-                       index["label_ids"], index["is_validation"], index["upload_index"], conflicts)
+                       index["label_ids"], index["is_validation"], index["upload_index"], conflicts, digests)
+
+    def digests(self) -> np.ndarray:
+        """sha256 of every stored image (recorded at upload; read from images.bin for older jobs)."""
+        if self.sha256 is not None and len(self.sha256) == len(self):
+            return self.sha256
+        return np.array([hashlib.sha256(self.read([i])[0]).digest() for i in range(len(self))], dtype="S32")
 
     def __len__(self) -> int:
         return int(len(self.offsets))
@@ -177,6 +186,7 @@ class DatasetWriter:
         self.labels: list[str] = []
         self.validation: list[bool] = []
         self.upload_index: list[int] = []
+        self.digests: list[bytes] = []  # sha256 of each stored image, in stored order
         # sha256 of each stored image -> (upload index, label) of its first copy; 32 bytes a key.
         self._first_copy: dict[bytes, tuple[int, str]] = {}
         self.conflicts: dict[bytes, tuple[int, str, int, str]] = {}
@@ -211,7 +221,7 @@ class DatasetWriter:
             except HeadswapError as err:
                 self.invalid.append((index, str(err)))
                 continue
-            self._note_copy(example.image, index, label)
+            self.digests.append(self._note_copy(example.image, index, label))
             self._images.write(example.image)
             self.offsets.append(self._offset)
             self.lengths.append(len(example.image))
@@ -220,13 +230,15 @@ class DatasetWriter:
             self.validation.append(bool(example.validation))
             self.upload_index.append(index)
 
-    def _note_copy(self, image: bytes, index: int, label: str) -> None:
+    def _note_copy(self, image: bytes, index: int, label: str) -> bytes:
         """Remember identical bytes under another label: reported, because they teach the model
-        two answers for one picture (a labelling mistake, or someone poisoning the set)."""
+        two answers for one picture (a labelling mistake, or someone poisoning the set). Returns
+        the image's sha256."""
         digest = hashlib.sha256(image).digest()
         first_index, first_label = self._first_copy.setdefault(digest, (index, label))
         if first_label != label and digest not in self.conflicts:
             self.conflicts[digest] = (first_index, first_label, index, label)
+        return digest
 
     def finish(self, spec: FineTuneSpec) -> Upload:
         """Check the set as a whole, split it, write the index. Raises InvalidInput when unusable."""
@@ -263,7 +275,8 @@ class DatasetWriter:
                  offsets=np.asarray(self.offsets, dtype=np.int64), lengths=np.asarray(self.lengths, dtype=np.int64),
                  label_ids=np.asarray([label_id[label] for label in self.labels], dtype=np.int32),
                  is_validation=validation, upload_index=np.asarray(self.upload_index, dtype=np.int64),
-                 conflicting_duplicates=np.int64(len(self.conflicts)))
+                 conflicting_duplicates=np.int64(len(self.conflicts)),
+                 sha256=np.asarray(self.digests, dtype="S32"))
         val_counts = Counter(label for label, v in zip(self.labels, validation) if v)
         train_counts = Counter(label for label, v in zip(self.labels, validation) if not v)
         return Upload(labels=classes, num_images=len(self.labels), train_counts=dict(train_counts),

@@ -47,6 +47,7 @@ from headswap.float32 import exact_float32
 from headswap.inference.images import Preprocessing, load_pixels
 from headswap.inference.ood import OOD_OUTPUT
 from headswap.registry.registry import Registry
+from headswap.registry import training_set
 from headswap.training import compose, evaluation
 from headswap.training.dataset import StoredDataset
 from headswap.training.embedding_cache import EmbeddingCache, image_key
@@ -540,6 +541,10 @@ def run(job: TrainingJob, report: Reporter) -> Result:
 
     tier = precision_tier(spec, tier_samples)
     started = time.monotonic()
+    # Every image the user labelled (training and validation), so RankForLabelling marks them.
+    training_set_path = job.directory / training_set.TRAINING_SET_FILE
+    labelled = training_set.write(training_set_path, dataset.digests())
+    training_files = {training_set.TRAINING_SET_FILE: training_set_path}
     manifest_base = {
         "kind": "fine-tune",
         "source": built.source if built is not None else base_manifest.get("source", job.base["source"]),
@@ -549,6 +554,7 @@ def run(job: TrainingJob, report: Reporter) -> Result:
         "base_model": {"name": base_name, "version": base_version, "source": job.base["source"]},
         "job_id": job.job_id,
         "ood": ood_manifest,
+        "training_set": {"file": training_set.TRAINING_SET_FILE, "images": labelled},
         "training": {"config": spec.to_dict(), **metrics, "phase2": phase2, "history": history,
                      "feature_extractor": "keras" if use_keras else "onnxruntime",
                      "timings": {k: round(v, 3) for k, v in timings.items()}},
@@ -560,12 +566,13 @@ def run(job: TrainingJob, report: Reporter) -> Result:
     registry.before_publish = getattr(report, "begin_publish", None)
     if spec.unfreeze_top_layers:
         report(Phase.EXPORTING, message="tf2onnx conversion, parity check, publish")
-        version = export_phase2(features_model, head, input_size, manifest_base, registry, spec, tier)
+        version = export_phase2(features_model, head, input_size, manifest_base, registry, spec, tier,
+                                training_files)
         metrics["export_method"] = "tf2onnx"
     else:
         report(Phase.EXPORTING, message="appending the head to the base's ONNX graph, parity check, publish")
         version = publish_composed(base_path, base_manifest, head, x_val, val_probabilities, manifest_base, registry,
-                                   spec, tier, ood_fit)
+                                   spec, tier, ood_fit, training_files)
         metrics["export_method"] = "composed"
     timings["export_seconds"] = time.monotonic() - started
     metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
@@ -670,9 +677,10 @@ def set_random_seed(seed: int) -> None:
 
 def publish_composed(base_path: Path, base_manifest: dict[str, Any], head: keras.Model, x_val: np.ndarray,
                      val_probabilities: np.ndarray, manifest_base: dict[str, Any], registry: Registry,
-                     spec: FineTuneSpec, tier: Tier | None = None, ood_fit: "evaluation.OodScore | None" = None) -> int:
+                     spec: FineTuneSpec, tier: Tier | None = None, ood_fit: "evaluation.OodScore | None" = None,
+                     files: dict[str, Path] | None = None) -> int:
     """Head-only: base ONNX graph + head as ONNX nodes (and the out-of-distribution score), parity on
-    the validation embeddings, publish."""
+    the validation embeddings, publish. `files`: other files the version carries (its training set)."""
     import onnx
 
     from headswap.registry.store import EXPORT_PREFIX, owner_tag
@@ -704,10 +712,11 @@ def publish_composed(base_path: Path, base_manifest: dict[str, Any], head: keras
                        "keras": keras.__version__, "keras_backend": keras.backend.backend(),
                        "onnx": onnx.__version__},
         }
-        extra_files: dict[str, Path] = {}
+        extra_files: dict[str, Path] = dict(files or {})
         if tier is not None:
             built = tier(onnx_path, manifest)
-            onnx_path, extra_files = built.path, built.extra_files
+            onnx_path = built.path
+            extra_files.update(built.extra_files)
             manifest.update(built.fields)
         return registry.publish(spec.name, onnx_path, manifest, activate=False, extra_files=extra_files)
 
@@ -732,7 +741,8 @@ def precision_tier(spec: FineTuneSpec,
 
 
 def export_phase2(features_model: keras.Model, head: keras.Model, input_size: tuple[int, int],
-                  manifest_base: dict[str, Any], registry: Registry, spec: FineTuneSpec, tier: Tier | None) -> int:
+                  manifest_base: dict[str, Any], registry: Registry, spec: FineTuneSpec, tier: Tier | None,
+                  files: dict[str, Path] | None = None) -> int:
     """Phase 2 changed the backbone: backbone + head through tf2onnx, parity against TensorFlow."""
     from headswap.export import onnx_export
 
@@ -741,7 +751,7 @@ def export_phase2(features_model: keras.Model, head: keras.Model, input_size: tu
         return {"embedding": embedding, "probabilities": head(embedding, training=False)}
 
     return onnx_export.export_keras_model(classifier, input_size, manifest_base, registry, spec.name, activate=False,
-                                          tier=tier)
+                                          tier=tier, files=files)
 
 
 def _embedding(backbone: Any, images: Any) -> Any:
