@@ -13,7 +13,9 @@ Sections (`--sections`, comma-separated):
   all; the served default's figure comes from the server's own `ood_score`. Then the cost:
   Classify throughput at 16 clients of the model with the score in its graph against the same head
   without it, interleaved rounds, median ratio.
-- `active_learning`: reserved for the labelling ranking (another part of issue 23).
+- `active_learning`: RankForLabelling against random picks on scikit-learn's digits, from 20 labels
+  in rounds of 20: labels needed for 90% and 95% held-out accuracy, median over `--seeds`
+  (bench/active_learning.py says exactly what runs where).
 Timings, not assertions: tests never assert on speed.
 """
 
@@ -269,17 +271,32 @@ def bench_ood(args: argparse.Namespace, work: Path) -> None:
         proc.wait(timeout=60)
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace, Path], None]] = {"ood": bench_ood}
-PLANNED = ("active_learning",)
+def bench_active_learning(args: argparse.Namespace, work: Path) -> None:
+    import json
+
+    from active_learning import active_learning, print_report
+
+    result = active_learning(args)
+    print_report(result, args.seeds)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace, Path], None]] = {"ood": bench_ood,
+                                                                   "active_learning": bench_active_learning}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="ood", help=f"comma-separated: {', '.join((*SECTIONS, *PLANNED))}")
+    parser.add_argument("--sections", default="ood", help=f"comma-separated: {', '.join(SECTIONS)}")
     parser.add_argument("--model-dir", type=Path, help="registry holding efficientnet-lite0 (default: export one)")
     parser.add_argument("--seconds", type=float, default=8.0, help="per throughput measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the cost measurement")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seeds", type=int, default=5, help="active_learning: seeds (median reported)")
+    parser.add_argument("--pool-size", type=int, default=0, help="active_learning: pool images (0 = all)")
+    parser.add_argument("--max-labels", type=int, default=1000, help="active_learning: stop an arm here")
+    parser.add_argument("--json", type=Path, help="active_learning: also write its result here")
     args = parser.parse_args()
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     for section in sections:

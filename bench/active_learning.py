@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Active learning on scikit-learn's digits: RankForLabelling's picks against random picks (issue 23).
+The `active_learning` section of bench/bench_quality.py (run it there, or on its own here):
 
-    .venv/bin/python bench/bench_active_learning.py [--seeds 5] [--pool-size 0] [--max-labels 1000]
-                                                    [--model-dir REGISTRY] [--json FILE]
+    .venv/bin/python bench/bench_quality.py --sections active_learning [--seeds 5] [--pool-size 0]
+                                             [--max-labels 1000] [--model-dir REGISTRY] [--json FILE]
 
 Data: the 1,797 digits rendered as 64x64 ink-on-paper PNGs (as the tests do), split per seed
 into a held-out 30% (stratified) and a pool (the rest, or `--pool-size` of it). Both arms start
@@ -227,6 +228,15 @@ def active_learning(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def print_report(result: dict[str, Any], seeds: int) -> None:
+    print(f"\nactive learning, digits, {seeds} seed(s), rounds of {ROUND} from {ROUND} labels "
+          f"({result['seconds']} s); {result['what_was_done']}")
+    print(f"{'held-out accuracy':<18} {'ranked':>8} {'random':>8} {'ratio':>6}  (median labels needed; target <= 0.6)")
+    for threshold in THRESHOLDS:
+        row = result[f"labels_to_{threshold:.2f}"]
+        print(f"{threshold:<18.0%} {row['ranked'] or '-':>8} {row['random'] or '-':>8} {row['ratio'] or '-':>6}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5, help="seeds (median reported); 1 for a quick run")
@@ -236,12 +246,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
     result = active_learning(args)
-    print(f"\nactive learning, digits, {args.seeds} seed(s), rounds of {ROUND} from {ROUND} labels "
-          f"({result['seconds']} s); {result['what_was_done']}")
-    print(f"{'held-out accuracy':<18} {'ranked':>8} {'random':>8} {'ratio':>6}  (median labels needed; target <= 0.6)")
-    for threshold in THRESHOLDS:
-        row = result[f"labels_to_{threshold:.2f}"]
-        print(f"{threshold:<18.0%} {row['ranked'] or '-':>8} {row['random'] or '-':>8} {row['ratio'] or '-':>6}")
+    print_report(result, args.seeds)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
