@@ -190,6 +190,10 @@ class Settings:
                                               "the candidate's top-1 matches the stable version's to be promoted.")
     rollout_shadow_queue: int = _setting(16, "Rollouts, shadow mode: most mirrored requests waiting for the "
                                          "candidate; more are dropped and counted.")
+    rollout_shadow_cpu_share: float = _setting(
+        0.1, "Rollouts, shadow mode: most share (0..1] of one core's time the candidate's shadow runs may take; "
+        "the shadow thread rests in between, its queue fills and further mirrors are dropped and counted, so "
+        "that stable answers keep the CPU and memory bandwidth they need.")
 
     # --- ranking images for labelling (issue 23) ---
     max_rank_top: int = _setting(256, "RankForLabelling: most images one call may ask for (its `top`).")
@@ -256,6 +260,8 @@ class Settings:
             problems.append("--rollout-min-requests and --rollout-shadow-queue must be at least 1")
         if not 0 <= self.rollout_error_margin <= 1 or not 0 <= self.rollout_agreement_floor <= 1:
             problems.append("--rollout-error-margin and --rollout-agreement-floor must be between 0 and 1")
+        if not 0 < self.rollout_shadow_cpu_share <= 1:
+            problems.append("--rollout-shadow-cpu-share must be above 0 and at most 1")
         if self.rollout_p99_factor < 1:
             problems.append("--rollout-p99-factor must be at least 1")
         if self.poll_interval_s <= 0:
