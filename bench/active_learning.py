@@ -209,8 +209,8 @@ def active_learning(args: argparse.Namespace) -> dict[str, Any]:
             proc.terminate()
             proc.wait(60)
     result: dict[str, Any] = {
-        "what_was_done": ("ranking: RankForLabelling on a real headswap server, margin uncertainty x k-center "
-                          "greedy, the whole pool in one call, labelled images marked by the server from the "
+        "what_was_done": ("ranking: RankForLabelling on a real headswap server, margin uncertainty x typicality "
+                          "x k-center greedy, the whole pool in one call, labelled images marked by the server from the "
                           "version's training set; heads: trained in this process with the trainer's own "
                           "build_head/fit on base embeddings and published as composed versions (no FineTune "
                           "upload per round); accuracy: that head on the held-out split"),

@@ -65,6 +65,27 @@ def test_far_apart_images_rank_by_uncertainty():
         assert result.duplicates == 0
 
 
+def test_typical_images_come_before_outliers():
+    """Equally uncertain and equally far from what is labelled: an image from a dense group of
+    similar images is picked before a lone outlier (one label there teaches about many images)."""
+    rng = np.random.default_rng(2)
+    labelled_centre = np.zeros(16)
+    labelled_centre[0] = 1.0
+    group = np.zeros(16)
+    group[1] = 1.0
+    outlier = np.zeros(16)
+    outlier[2] = 1.0
+    embeddings = np.stack([labelled_centre, outlier, *[group + rng.normal(scale=0.05, size=16) for _ in range(12)]])
+    p = np.tile([0.5, 0.5], (len(embeddings), 1))  # every image equally uncertain
+    labelled = np.zeros(len(embeddings), dtype=bool)
+    labelled[0] = True
+    typical = ranking.typicality(ranking.normalized(embeddings))
+    assert typical[2:].min() > typical[1]  # the group is denser than the outlier
+    order = ranking.rank(p, embeddings, top=2, labelled=labelled).order
+    assert order[0] >= 2 and 1 in order  # a group image first; the outlier still covers new ground second
+    assert ranking.typicality(ranking.normalized(np.eye(12, 32))).tolist() == [1.0] * 12  # all alike: no weighting
+
+
 def test_near_duplicates_are_never_both_in_the_top():
     """Five clusters of near-identical images, the most uncertain images all in one cluster:
     uncertainty alone would return that cluster; the ranking takes one image per cluster first,
