@@ -33,8 +33,6 @@ None when not reached within --max-labels) and the ratio ranked / random (target
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import math
 import os
@@ -54,17 +52,6 @@ THRESHOLDS = (0.90, 0.95)
 ROUND = 20
 MODEL = "al-digits"
 BASE = "efficientnet-lite0"
-
-
-def digit_png(image: np.ndarray) -> bytes:
-    """An 8x8 digit as dark ink on white paper, 64x64 RGB PNG (as tests/test_finetune.py draws them)."""
-    from PIL import Image, ImageOps
-
-    ink = Image.fromarray((image / 16.0 * 255).astype(np.uint8)).resize((48, 48), Image.Resampling.BICUBIC)
-    page = ImageOps.invert(ImageOps.expand(ink, 8, 0)).convert("RGB")
-    buffer = io.BytesIO()
-    page.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def embed(model_path: Path, manifest: dict[str, Any], images: list[bytes]) -> np.ndarray:
@@ -174,6 +161,7 @@ def active_learning(args: argparse.Namespace) -> dict[str, Any]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    from bench_finetune import digit_png  # the digits as the fine-tune bench and tests draw them
     from common import prepare_registry, start_server
     from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
     from headswap.registry.registry import Registry
