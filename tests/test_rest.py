@@ -14,7 +14,6 @@ import re
 import shutil
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 from conftest import BUILTIN_NAME, start_server
 from headswap.inference.images import Preprocessing, load_pixels
 from test_security import TOKENS, pki, served_certificate, wait_secure_ready  # noqa: F401 (pki: a fixture)
-from test_triton_tools import load_dev
+from test_triton_tools import run_perf_analyzer
 
 SIZE = 224
 EGYPTIAN_CAT, ESPRESSO = 285, 967
@@ -194,21 +193,9 @@ def test_metrics_are_labelled_by_protocol(shared_server, http_client, pixels):
 def test_perf_analyzer_over_http(shared_server, tmp_path):
     """`perf_analyzer -i http`, shortened for CI as the gRPC test is: it reads the model config
     and statistics over REST and sends binary UINT8 data."""
-    dev = load_dev()
-    dev.ensure_perf_analyzer_libs()
-    binary = Path(sys.prefix) / "bin" / "perf_analyzer"
     report = tmp_path / "report.csv"
-    command = [str(binary), "-i", "http", "-u", shared_server.http_target, "-m", BUILTIN_NAME,
-               "--shape", f"image:{SIZE},{SIZE},3", "--concurrency-range", "1:4:3",
-               "--measurement-interval", "1000", "--stability-percentage", "100", "--max-trials", "10",
-               "-f", str(report)]
-    for _attempt in range(3):
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                                env=dev.perf_analyzer_env(Path(sys.executable)))
-        output = result.stdout + result.stderr
-        if "Failed to obtain stable measurement" not in output:
-            break
-    assert result.returncode == 0, output
+    returncode, output = run_perf_analyzer("http", shared_server.http_target, report)
+    assert returncode == 0, output
     assert "error" not in output.lower() and output.count("Server: ") == 2, output
     with report.open() as handle:
         rows = list(csv.DictReader(handle))

@@ -43,6 +43,26 @@ def load_dev():
     return module
 
 
+def run_perf_analyzer(protocol: str, target: str, report: Path) -> tuple[int, str]:
+    """perf_analyzer against `target`, shortened for CI (concurrency 1 and 4, 1 s windows, a loose
+    stability bound), retried while a busy shared machine defeats even that; (exit status, output)."""
+    dev = load_dev()
+    dev.ensure_perf_analyzer_libs()
+    binary = Path(sys.prefix) / "bin" / "perf_analyzer"
+    assert binary.exists(), f"{binary} is missing: the tritonclient wheel ships it"
+    command = [str(binary), "-i", protocol, "-u", target, "-m", BUILTIN_NAME,
+               "--shape", f"image:{SIZE},{SIZE},3", "--concurrency-range", "1:4:3",
+               "--measurement-interval", "1000", "--stability-percentage", "100", "--max-trials", "10",
+               "-f", str(report)]
+    for _attempt in range(3):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                env=dev.perf_analyzer_env(Path(sys.executable)))
+        output = result.stdout + result.stderr
+        if "Failed to obtain stable measurement" not in output:
+            break
+    return result.returncode, output
+
+
 @pytest.fixture(scope="module")
 def photo_input(exported_registry, photos) -> np.ndarray:
     """The chelsea photo as the model's FP32 input [224, 224, 3], preprocessed as the manifest says."""
@@ -210,23 +230,10 @@ def test_perf_analyzer_measures_headswap(shared_server, client, tmp_path):
     --concurrency-range 1:16`, unchanged but for the address and shortened for CI: concurrency 1
     and 4, 1 s windows and a loose stability bound (the CI machine is shared). Its input is
     perf_analyzer's default random data, in the datatype ModelMetadata advertises (UINT8 pixels)."""
-    dev = load_dev()
-    dev.ensure_perf_analyzer_libs()
-    binary = Path(sys.prefix) / "bin" / "perf_analyzer"
-    assert binary.exists(), f"{binary} is missing: the tritonclient wheel ships it"
     report = tmp_path / "report.csv"
-    command = [str(binary), "-i", "grpc", "-u", shared_server.target, "-m", BUILTIN_NAME,
-               "--shape", f"image:{SIZE},{SIZE},3", "--concurrency-range", "1:4:3",
-               "--measurement-interval", "1000", "--stability-percentage", "100", "--max-trials", "10",
-               "-f", str(report)]
     before = model_stats(client)
-    for _attempt in range(3):  # a busy shared CI machine can defeat even a loose stability bound
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                                env=dev.perf_analyzer_env(Path(sys.executable)))
-        output = result.stdout + result.stderr
-        if "Failed to obtain stable measurement" not in output:
-            break
-    assert result.returncode == 0, output
+    returncode, output = run_perf_analyzer("grpc", shared_server.target, report)
+    assert returncode == 0, output
     assert "failed to get model config" not in output and "error" not in output.lower(), output
     # perf_analyzer read ModelStatistics and printed the server-side split
     assert output.count("Server: ") == 2 and "compute infer" in output, output
