@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import os
 import re
 import shutil
 import ssl
@@ -17,6 +18,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +190,49 @@ def test_metrics_are_labelled_by_protocol(shared_server, http_client, pixels):
     assert re.search(r'headswap_requests_total\{code="OK",method="ServerLive",model="",protocol="http",version=""\} '
                      r'[1-9]', text)  # the open health endpoints are counted too
     assert "Traceback" not in shared_server.log()
+
+
+def batch_threads(pid: int) -> list[int]:
+    """The server's threads that run under Linux's SCHED_BATCH."""
+    threads = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if os.sched_getscheduler(int(task.name)) == os.SCHED_BATCH:
+                threads.append(int(task.name))
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
+    return threads
+
+
+def test_rest_request_threads_yield_to_inference(server_factory, registry_copy, pixels):
+    """REST inference requests run in threads under SCHED_BATCH (they wait for a scheduling point
+    rather than preempt an inference lane); gRPC's handler threads and every other thread keep the
+    default policy. The answers are the same."""
+    server = server_factory(registry_copy)
+    pid = server.proc.pid
+    expected = grpc_probabilities(server, pixels)
+    for _ in range(3):
+        grpc_probabilities(server, pixels)
+    assert batch_threads(pid) == [], "gRPC calls leave every thread at the default policy"
+
+    def infer(_: int) -> np.ndarray:
+        client = tc_http.InferenceServerClient(url=server.http_target)
+        try:
+            tensor = tc_http.InferInput("image", list(pixels.shape), "UINT8")
+            tensor.set_data_from_numpy(pixels)
+            return client.infer(BUILTIN_NAME, [tensor]).as_numpy("probabilities")
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        for probabilities in pool.map(infer, range(16)):
+            np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    batch = batch_threads(pid)
+    total = len(list(Path(f"/proc/{pid}/task").iterdir()))
+    assert 1 <= len(batch) < total, (batch, total)
+    assert pid not in batch  # the main thread keeps the default policy
+    np.testing.assert_allclose(grpc_probabilities(server, pixels), expected, atol=1e-5)
+    assert "Traceback" not in server.log()
 
 
 def test_perf_analyzer_over_http(shared_server, tmp_path):
