@@ -4,6 +4,7 @@ a lone request on every thread with the other lanes held back."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,7 +12,8 @@ import pytest
 
 from conftest import BUILTIN_NAME
 from headswap.config import Settings
-from headswap.inference.batcher import Batcher
+from headswap import metrics
+from headswap.inference.batcher import Batcher, batch_sizes
 from headswap.protocol import headswap_v1_pb2 as pb
 from headswap.protocol import headswap_v1_pb2_grpc as pb_grpc
 
@@ -57,6 +59,64 @@ def test_queued_batches_run_side_by_side_and_a_lone_one_holds_every_lane():
     lanes_used = sorted(name for name, _ in calls[1:])
     assert lanes_used == ["lane0", "lane1"], calls  # the queue was shared between the idle lanes
     assert sorted(tag for _, tags in calls[1:] for tag in tags) == [1.0, 2.0, 3.0]
+
+
+def test_lanes_take_the_batch_size_that_measures_cheapest_per_image():
+    """A lane whose images cost least in batches of 2 (as on a machine whose cache favours small
+    batches): with a long queue, the lanes settle on batches of 2, while still trying 1, 4 and 8 now
+    and then; every image is answered with its own row."""
+    per_image_s = {1: 0.004, 2: 0.001, 4: 0.003, 8: 0.003}
+    sizes: list[int] = []
+
+    def lane(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        threading.Event().wait(per_image_s.get(len(batch), 0.003) * len(batch))
+        return np.repeat(batch, 2, axis=1)
+
+    assert batch_sizes(8) == [8, 4, 2, 1] and batch_sizes(6) == [6, 4, 2, 1] and batch_sizes(1) == [1]
+    batcher = Batcher([lane, lane], "batch-size-test", max_batch=8, timeout_s=0.0, max_queue=2000)
+    try:
+        futures = [batcher.submit(one_image(tag), announced=False) for tag in range(1200)]
+        for tag, future in enumerate(futures):
+            assert future.result(60).tolist() == [[tag, tag]]
+    finally:
+        batcher.close()
+    late = sizes[len(sizes) // 2:]
+    assert late.count(2) >= 0.8 * len(late), sizes
+    assert {1, 4, 8} <= set(late), "the other sizes are still probed"
+    assert metrics.BATCH_CAP.labels("batch-size-test")._value.get() in (1, 2, 4, 8)
+
+
+@pytest.mark.parametrize("cpu_timed", [True, False], ids=["cpu-time", "wall-time"])
+def test_batch_sizes_are_compared_by_cpu_time_where_a_lane_runs_on_its_own_thread(cpu_timed):
+    """Batches of 2 take long (they wait, as a lane preempted on a busy machine does) but cost no CPU;
+    the other sizes cost CPU. Timed by the lane thread's CPU (one-thread ONNX Runtime lanes), 2 wins;
+    by wall time (lanes whose work runs on other threads), it loses."""
+    sizes: list[int] = []
+
+    def lane(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        if len(batch) == 2:
+            threading.Event().wait(0.004 * len(batch))
+        else:
+            end = time.thread_time() + 0.0005 * len(batch)
+            while time.thread_time() < end:
+                pass
+        return np.repeat(batch, 2, axis=1)
+
+    batcher = Batcher([lane, lane], f"cpu-timed-{cpu_timed}", max_batch=8, timeout_s=0.0, max_queue=2000,
+                      cpu_timed=cpu_timed)
+    try:
+        futures = [batcher.submit(one_image(tag), announced=False) for tag in range(1200)]
+        for tag, future in enumerate(futures):
+            assert future.result(60).tolist() == [[tag, tag]]
+    finally:
+        batcher.close()
+    late = sizes[len(sizes) // 2:]
+    if cpu_timed:
+        assert late.count(2) >= 0.8 * len(late), sizes
+    else:
+        assert late.count(2) <= 0.2 * len(late), sizes
 
 
 def test_lane_count_follows_threads_and_is_bounded():

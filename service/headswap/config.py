@@ -45,7 +45,8 @@ class Settings:
                                       "batch of 111 images at 224x224; 256 JPEGs of 64 KB).")
     max_image_pixels: int = _setting(40_000_000, "Largest decoded image (width*height) accepted.")
     max_images_per_request: int = _setting(256, "Most images in one Classify request.")
-    max_batch_size: int = _setting(8, "Dynamic batching: most images in one ONNX Runtime call.")
+    max_batch_size: int = _setting(8, "Dynamic batching: most images in one ONNX Runtime call. Lanes take "
+                                   "batches of the size (1, 2, 4 ... this) that measures cheapest per image.")
     batch_timeout_ms: float = _setting(1.0, "Dynamic batching: longest a request waits for others to join.")
     max_queue: int = _setting(512, "Dynamic batching: most queued images per model before RESOURCE_EXHAUSTED.")
     decode_workers: int = _setting(0, "Threads decoding images in parallel with inference (0 = number of CPUs).")

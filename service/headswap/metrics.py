@@ -36,6 +36,8 @@ TIER_FP32_IMAGES = Counter("headswap_tier_fp32_images_total",
 BATCH_SIZE = Histogram("headswap_batch_size", "Images per ONNX Runtime call", ["model"],
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
 QUEUE_DEPTH = Gauge("headswap_queue_depth", "Images waiting for inference", ["model"])
+BATCH_CAP = Gauge("headswap_batch_cap", "Most queued images a lane takes now: the batch size with the lowest "
+                  "measured time per image, at most --max-batch-size", ["model"])
 LOADED_MODELS = Gauge("headswap_loaded_models", "Model versions resident in this process")
 SWAPS = Counter("headswap_model_swaps_total", "Active version changes applied", ["model"])
 LOAD_FAILURES = Counter("headswap_model_load_failures_total", "Versions refused at load", ["model"])

@@ -12,6 +12,10 @@ When the model is idle (nothing queued or running, nobody else decoding), a one-
 runs in its caller's thread instead (`run_inline`), skipping the two thread hand-offs; a batch
 that runs alone uses the runtime's `infer_lone` (every thread, spinning when that measures faster)
 and holds every lane while it runs, so no other batch competes for its threads.
+
+How many queued images a lane takes at most is measured, not fixed: the lanes try the sizes
+`max_batch` ... 4, 2, 1 and keep the one with the lowest time per image (`measured_choice.Fastest`), so
+a machine whose cache favours small batches is not made to run large ones just because they queue.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 
 from headswap import metrics
 from headswap.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from headswap.inference.measured_choice import Fastest
 from headswap.inference.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -64,12 +69,26 @@ def rows_of(outputs: np.ndarray | tuple[np.ndarray, ...], start: int, stop: int)
 RANK_AGING_S = 2.0
 
 
+def batch_sizes(max_batch: int) -> list[int]:
+    """The batch sizes a lane chooses between, largest first (so until a full batch has been
+    measured, lanes batch as much as `max_batch` allows): `max_batch`, then powers of two below it."""
+    sizes, size = [], 1
+    while size < max_batch:
+        sizes.append(size)
+        size *= 2
+    return [max(1, max_batch)] + sizes[::-1]
+
+
 class Batcher:
     """Queue + one worker thread per lane in front of the lanes' inference functions."""
 
     def __init__(self, lanes: Sequence[Callable[[np.ndarray], np.ndarray]], label: str, max_batch: int,
                  timeout_s: float, max_queue: int, stats: ModelStats | None = None,
-                 infer_lone: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                 infer_lone: Callable[[np.ndarray], np.ndarray] | None = None, cpu_timed: bool = False) -> None:
+        """`cpu_timed`: each lane runs on its calling thread alone (a one-thread ONNX Runtime session),
+        so the batch sizes are compared by that thread's CPU time per image, which the preemption of
+        a busy machine does not blur (CPU time varied 0.08-0.16 between batches of one size at 16
+        clients, wall time 0.2-0.35); otherwise by wall time."""
         if not lanes:
             raise ValueError("a batcher needs at least one lane")
         self._lanes = list(lanes)
@@ -78,6 +97,11 @@ class Batcher:
         self._stats = stats
         self._label = label
         self._max_batch = max_batch
+        self._sizes = batch_sizes(max_batch)
+        self._size_choice = Fastest(len(self._sizes))  # used under _cond: the lanes share it
+        self._cpu_timed = cpu_timed
+        self._batch_cap = metrics.BATCH_CAP.labels(label)
+        self._batch_cap.set(max_batch)
         self._timeout_s = timeout_s
         self._max_queue = max_queue
         self._queue: deque[_Item] = deque()
@@ -150,7 +174,8 @@ class Batcher:
                     return None
                 self._cond.wait()
             first_at = time.monotonic()
-            while (self._queued_images < self._max_batch and self._incoming > 0 and not self._closed):
+            cap = self._cap()
+            while (self._queued_images < cap and self._incoming > 0 and not self._closed):
                 remaining = self._timeout_s - (time.monotonic() - first_at)
                 if remaining <= 0:
                     break
@@ -160,7 +185,7 @@ class Batcher:
             # Share what is queued between the idle lanes rather than run it all on this one.
             idle = max(1, len(self._lanes) - self._running)
             share = max(1, -(-self._queued_images // idle))
-            items = self._pick(min(self._max_batch, share))
+            items = self._pick(min(cap, share))
             self._queued_images -= sum(len(item.batch) for item in items)
             self._queue_depth.set(self._queued_images)
             lone = self._running == 0 and len(items) == 1 and not self._queue and self._incoming == 0
@@ -169,6 +194,20 @@ class Batcher:
             if self._queue:
                 self._cond.notify_all()  # an idle lane can take the rest
             return items, lone
+
+    def _cap(self) -> int:
+        """Under `_cond`: the most images the next lane batch takes (mostly the cheapest size so far)."""
+        if len(self._sizes) == 1:
+            return self._max_batch
+        option = self._size_choice.pick()
+        if option == self._size_choice.best():  # the gauge shows the choice, not a probe
+            self._batch_cap.set(self._sizes[option])
+        return self._sizes[option]
+
+    def _measured(self, size: int, cost_ns: int) -> None:
+        """Under `_cond`: a lane batch of `size` images cost `cost_ns`."""
+        if len(self._sizes) > 1 and size in self._sizes:
+            self._size_choice.record(self._sizes.index(size), cost_ns / size)
 
     def _pick(self, limit: int) -> list[_Item]:
         """Up to `limit` images (or one chunk, if larger): lowest rank first (a request's first chunk
@@ -199,12 +238,15 @@ class Batcher:
             items, lone = taken
             if not items:
                 continue
+            measured = None
             try:
-                self._run_batch(items, self._infer_lone if lone else self._lanes[lane])
+                measured = self._run_batch(items, self._infer_lone if lone else self._lanes[lane])
             except Exception:  # the worker must outlive any one batch, or the model stops answering
                 log.exception("batcher %s: unexpected error", self._label)
             finally:
                 with self._cond:
+                    if measured is not None and not lone:  # a lone batch ran on other threads
+                        self._measured(*measured)
                     self._running -= 1
                     self._exclusive = False
                     self._wake_lanes()
@@ -242,8 +284,9 @@ class Batcher:
                 self._wake_lanes()  # requests may have been queued meanwhile
         return future
 
-    def _run_batch(self, items: list[_Item], infer: Callable[[np.ndarray], np.ndarray]) -> None:
-        """Run one gathered batch with `infer` and hand each request its rows."""
+    def _run_batch(self, items: list[_Item], infer: Callable[[np.ndarray], np.ndarray]) -> tuple[int, int] | None:
+        """Run one gathered batch with `infer` and hand each request its rows; returns the run's images
+        and its cost in ns (CPU or wall time, see `cpu_timed`), None if nothing ran or it failed."""
         now = time.monotonic()
         live = []
         for item in items:
@@ -255,18 +298,20 @@ class Batcher:
             else:
                 live.append(item)
         if not live:
-            return
+            return None
         try:
             batch = live[0].batch if len(live) == 1 else np.concatenate([i.batch for i in live])
             self._batch_size.observe(len(batch))
             infer_started_ns = time.perf_counter_ns()
+            cpu_started_ns = time.thread_time_ns() if self._cpu_timed else 0
             probabilities = infer(batch)
             infer_ns = time.perf_counter_ns() - infer_started_ns
+            cost_ns = time.thread_time_ns() - cpu_started_ns if self._cpu_timed else infer_ns
         except Exception as err:  # hand the failure to every waiting request
             log.exception("inference failed for %s", self._label)
             for item in live:
                 item.future.set_exception(err)
-            return
+            return None
         if self._stats is not None:
             self._stats.executed(len(batch), infer_ns)
         start = 0
@@ -275,3 +320,4 @@ class Batcher:
             item.future.infer_started_ns, item.future.infer_done_ns = infer_started_ns, done_ns
             item.future.set_result(rows_of(probabilities, start, start + len(item.batch)))
             start += len(item.batch)
+        return len(batch), cost_ns

@@ -234,7 +234,7 @@ class ModelManager:
                 lanes = [functools.partial(runtime.infer, lane=lane) for lane in range(runtime.lane_count)]
                 batcher = Batcher(lanes, f"{name}:{version}", s.max_batch_size,
                                   s.batch_timeout_ms / 1000.0, s.max_queue, stats=runtime.stats,
-                                  infer_lone=runtime.infer_lone)
+                                  infer_lone=runtime.infer_lone, cpu_timed=runtime.lane_runs_on_caller)
             except BaseException as err:
                 with self._lock:
                     self._loading.pop(key, None)

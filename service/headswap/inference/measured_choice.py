@@ -1,5 +1,5 @@
-"""Choosing between two ways to run a batch by measuring both: the faster so far serves, and the
-other is tried again now and then, because which one wins depends on the machine and the traffic.
+"""Choosing between ways to run a batch by measuring them: the fastest so far serves, and the
+others are tried again now and then, because which one wins depends on the machine and the traffic.
 
 1. Whether a lone request runs on spinning threads (`ModelRuntime.infer_lone`). ONNX Runtime's
    intra-op threads can spin (wait hot) between ops. For a request that runs alone on a quiet
@@ -11,6 +11,11 @@ other is tried again now and then, because which one wins depends on the machine
    straight (`OpenVinoRuntime.infer`). On clear photos almost nothing is re-checked and the tier
    wins; when about half the images are near ties, the tier plus their re-check costs more than
    fp32 alone.
+3. How many queued images a lane takes at most (`Batcher`, sizes 1, 2, 4 ... --max-batch-size).
+   A bigger batch is not always cheaper per image: on the 2-core development machine (EfficientNet-
+   Lite0, one thread a lane) an image cost 4.7-5.0 ms in batches of 2 and 6.2 ms in batches of 8,
+   whose activations no longer fit the core's cache; at 16 REST clients batches of 2 served 1.09x
+   the images/s of batches of 8. Many cores per lane or a wider model may favour bigger batches.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ SMOOTHING = 0.2  # weight of the newest run in the moving average of each option
 OUTLIER_CAP = 2.0
 
 
-class FasterOfTwo:
-    """Moving-average cost (ns per image) of the option that serves; the latest probe of the other.
-    `pick` mostly returns the cheaper one.
+class Fastest:
+    """Moving-average cost (ns per image) of the option that serves; the latest probe of each other.
+    `pick` mostly returns the cheapest one.
 
     A probe replaces the other option's cost instead of nudging it: that cost is old (it was last
     measured a probe period ago), and the traffic may have changed meanwhile. Averaged, after
@@ -36,33 +41,43 @@ class FasterOfTwo:
     fifth of the way); replaced, one probe switches back. A probe that stalled only delays the next
     switch; a lucky one is averaged away by the runs that follow.
 
-    `rare_factor`: how much less often a clear loser (CLEAR_LOSS) is probed. The lone-run spinning
-    choice keeps RARE_FACTOR, because a contended spinning run cost 3-5x; a tier's probe costs at
-    most its re-checks, so it probes every PROBE_EVERY runs to follow its traffic.
+    With more than two options the probes take turns among the others. `rare_factor`: how much less
+    often a clear loser (CLEAR_LOSS) is probed. The lone-run spinning choice keeps RARE_FACTOR,
+    because a contended spinning run cost 3-5x; a tier's probe costs at most its re-checks, so it
+    probes every PROBE_EVERY runs to follow its traffic.
 
-    Used from one thread at a time (a batcher thread, or under the runtime's lock); a race with the
-    warm-up only blurs one sample.
+    Used from one thread at a time (a batcher thread or under a lock); a race with the warm-up only
+    blurs one sample.
     """
 
-    def __init__(self, rare_factor: int = RARE_FACTOR) -> None:
-        self.cost: list[float | None] = [None, None]
+    def __init__(self, options: int = 2, rare_factor: int = RARE_FACTOR) -> None:
+        if options < 1:
+            raise ValueError("a choice needs at least one option")
+        self.cost: list[float | None] = [None] * options
         self.rare_factor = rare_factor
         self._runs = 0
+        self._probed_at = [0] * options  # the run each option was last picked as a probe
 
     def best(self) -> int | None:
-        """The cheaper option so far; None until both are measured."""
-        if self.cost[0] is None or self.cost[1] is None:
+        """The cheapest option so far; None until every option is measured."""
+        if any(cost is None for cost in self.cost):
             return None
-        return 0 if self.cost[0] <= self.cost[1] else 1
+        return min(range(len(self.cost)), key=lambda option: (self.cost[option], option))
 
     def pick(self) -> int:
         self._runs += 1
         best = self.best()
         if best is None:
-            return 0 if self.cost[0] is None else 1  # measure each once first
-        rare = self.cost[1 - best] > CLEAR_LOSS * self.cost[best]
-        every = PROBE_EVERY * (self.rare_factor if rare else 1)
-        return 1 - best if self._runs % every == 0 else best
+            return self.cost.index(None)  # measure each once first
+        others = [option for option in range(len(self.cost)) if option != best]
+        if not others or self._runs % PROBE_EVERY:
+            return best
+        other = others[(self._runs // PROBE_EVERY) % len(others)]
+        rare = self.cost[other] > CLEAR_LOSS * self.cost[best]
+        if rare and self._runs - self._probed_at[other] < PROBE_EVERY * self.rare_factor:
+            return best
+        self._probed_at[other] = self._runs
+        return other
 
     def record(self, option: int, ns_per_image: float) -> None:
         cost = self.cost[option]

@@ -20,7 +20,7 @@ import numpy as np
 
 from headswap import metrics
 from headswap.errors import CorruptModel, shown_name
-from headswap.inference.measured_choice import FasterOfTwo
+from headswap.inference.measured_choice import Fastest
 from headswap.inference.runtime import ModelRuntime
 from headswap.registry.registry import RECHECK_FILE
 
@@ -123,7 +123,7 @@ class OpenVinoRuntime(ModelRuntime):
         if fp32_path is None:
             raise CorruptModel(f"{self.name} version {self.version}: its manifest asks for a re-check in fp32, but "
                                f"the version has no fp32 file ({RECHECK_FILE}) to re-check on")
-        self._recheck_choice = FasterOfTwo(rare_factor=1)  # 0: the tier + re-check of near ties; 1: fp32
+        self._recheck_choice = Fastest(rare_factor=1)  # 0: the tier + re-check of near ties; 1: fp32
         self.fp32_counters = {reason: metrics.TIER_FP32_IMAGES.labels(self.name, str(self.version), reason)
                               for reason in ("near tie", "whole batch")}
         try:

@@ -14,7 +14,7 @@ import onnxruntime as ort
 from headswap import metrics
 from headswap.errors import CorruptModel
 from headswap.inference.images import Preprocessing
-from headswap.inference.measured_choice import FasterOfTwo
+from headswap.inference.measured_choice import Fastest
 from headswap.inference.ood import OodSpec
 from headswap.inference.stats import ModelStats
 
@@ -72,6 +72,7 @@ class ModelRuntime:
     reads_ood_output = True  # whether `infer` returns the graph's ood_score output beside the probabilities
     returns_embeddings = True  # `infer_with_embedding` works (an engine subclass may say no)
     lane_count = 1  # how many batches may run at once (`infer(batch, lane)`)
+    lane_runs_on_caller = False  # each lane is a one-thread session: it runs on the thread that calls it
 
     def __init__(self, name: str, version: int, path: Path, manifest: dict[str, Any], threads: int,
                  spinning: str = "adaptive", lanes: int = 1, files: dict[str, Path] | None = None) -> None:
@@ -119,8 +120,9 @@ class ModelRuntime:
         except Exception as err:  # onnxruntime raises its own exception types for bad files
             raise CorruptModel(f"{name} version {version}: ONNX Runtime cannot load {path.name}: {err}") from err
         self.lane_count = lanes
+        self.lane_runs_on_caller = threads // lanes <= 1
         self.session = self.lane_sessions[0]
-        self._lone_choice = FasterOfTwo()  # lone runs: lone_session, or lane 0 when that measures faster
+        self._lone_choice = Fastest()  # lone runs: lone_session, or lane 0 when that measures faster
         self.input_name = self.session.get_inputs()[0].name
         return [o.name for o in self.session.get_outputs()]
 
