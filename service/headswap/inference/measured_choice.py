@@ -11,11 +11,12 @@ others are tried again now and then, because which one wins depends on the machi
    straight (`OpenVinoRuntime.infer`). On clear photos almost nothing is re-checked and the tier
    wins; when about half the images are near ties, the tier plus their re-check costs more than
    fp32 alone.
-3. How many queued images a lane takes at most (`Batcher`, sizes 1, 2, 4 ... --max-batch-size).
+3. How many queued images a lane takes at most (`Batcher`: --max-batch-size, then 4, 2, 1).
    A bigger batch is not always cheaper per image: on the 2-core development machine (EfficientNet-
-   Lite0, one thread a lane) an image cost 4.7-5.0 ms in batches of 2 and 6.2 ms in batches of 8,
-   whose activations no longer fit the core's cache; at 16 REST clients batches of 2 served 1.09x
-   the images/s of batches of 8. Many cores per lane or a wider model may favour bigger batches.
+   Lite0, one thread a lane) an image cost 4.7-5.0 ms of raw ONNX Runtime in batches of 2 and 6.2
+   ms in batches of 8, whose activations no longer fit the core's cache; at 16 REST clients,
+   choosing by measurement served 1.07x the images/s of always taking up to 8. Many threads per
+   lane or a wider model may favour bigger batches, which is why it is measured, not fixed.
 """
 
 from __future__ import annotations
