@@ -268,7 +268,7 @@ def _yield_to_inference() -> None:
     Under load the inference lanes keep every core busy. A request thread woken by a finished batch
     or a new request would preempt a lane in the middle of its batch; under SCHED_BATCH it waits for
     the next scheduling point instead (a few ms at most), and on an idle core it runs at once, so a
-    lone caller waits no longer. Measured on 2 cores, 16 REST clients: 1.07x the images/s with the
+    lone caller waits no longer. Measured on 2 cores, 16 REST clients: 1.03-1.07x the images/s, the
     same p99; 1 and 4 clients unchanged (docs/performance.md). gRPC's handler threads measured no
     gain (1.01x), so they keep the default policy. Where there is no SCHED_BATCH this does nothing."""
     if getattr(_worker_state, "batch", False):
