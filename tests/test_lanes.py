@@ -61,6 +61,20 @@ def test_queued_batches_run_side_by_side_and_a_lone_one_holds_every_lane():
     assert sorted(tag for _, tags in calls[1:] for tag in tags) == [1.0, 2.0, 3.0]
 
 
+def late_batch_sizes(lane, sizes: list[int], label: str, **options) -> list[int]:
+    """1200 one-image requests through two copies of `lane` (which appends each batch's size to
+    `sizes` and answers each row doubled): every image gets its own row back; returns the sizes of
+    the later half of the batches, once the choice has settled."""
+    batcher = Batcher([lane, lane], label, max_batch=8, timeout_s=0.0, max_queue=2000, **options)
+    try:
+        futures = [batcher.submit(one_image(tag), announced=False) for tag in range(1200)]
+        for tag, future in enumerate(futures):
+            assert future.result(60).tolist() == [[tag, tag]]
+    finally:
+        batcher.close()
+    return sizes[len(sizes) // 2:]
+
+
 def test_lanes_take_the_batch_size_that_measures_cheapest_per_image():
     """A lane whose images cost least in batches of 2 (as on a machine whose cache favours small
     batches): with a long queue, the lanes settle on batches of 2, while still trying 1, 4 and 8 now
@@ -74,14 +88,7 @@ def test_lanes_take_the_batch_size_that_measures_cheapest_per_image():
         return np.repeat(batch, 2, axis=1)
 
     assert batch_sizes(8) == [8, 4, 2, 1] and batch_sizes(6) == [6, 4, 2, 1] and batch_sizes(1) == [1]
-    batcher = Batcher([lane, lane], "batch-size-test", max_batch=8, timeout_s=0.0, max_queue=2000)
-    try:
-        futures = [batcher.submit(one_image(tag), announced=False) for tag in range(1200)]
-        for tag, future in enumerate(futures):
-            assert future.result(60).tolist() == [[tag, tag]]
-    finally:
-        batcher.close()
-    late = sizes[len(sizes) // 2:]
+    late = late_batch_sizes(lane, sizes, "batch-size-test")
     assert late.count(2) >= 0.8 * len(late), sizes
     assert {1, 4, 8} <= set(late), "the other sizes are still probed"
     assert metrics.BATCH_CAP.labels("batch-size-test")._value.get() in (1, 2, 4, 8)
@@ -104,15 +111,7 @@ def test_batch_sizes_are_compared_by_cpu_time_where_a_lane_runs_on_its_own_threa
                 pass
         return np.repeat(batch, 2, axis=1)
 
-    batcher = Batcher([lane, lane], f"cpu-timed-{cpu_timed}", max_batch=8, timeout_s=0.0, max_queue=2000,
-                      cpu_timed=cpu_timed)
-    try:
-        futures = [batcher.submit(one_image(tag), announced=False) for tag in range(1200)]
-        for tag, future in enumerate(futures):
-            assert future.result(60).tolist() == [[tag, tag]]
-    finally:
-        batcher.close()
-    late = sizes[len(sizes) // 2:]
+    late = late_batch_sizes(lane, sizes, f"cpu-timed-{cpu_timed}", cpu_timed=cpu_timed)
     if cpu_timed:
         assert late.count(2) >= 0.8 * len(late), sizes
     else:

@@ -197,8 +197,6 @@ class Batcher:
 
     def _cap(self) -> int:
         """Under `_cond`: the most images the next lane batch takes (mostly the cheapest size so far)."""
-        if len(self._sizes) == 1:
-            return self._max_batch
         option = self._size_choice.pick()
         if option == self._size_choice.best():  # the gauge shows the choice, not a probe
             self._batch_cap.set(self._sizes[option])
@@ -206,7 +204,7 @@ class Batcher:
 
     def _measured(self, size: int, cost_ns: int) -> None:
         """Under `_cond`: a lane batch of `size` images cost `cost_ns`."""
-        if len(self._sizes) > 1 and size in self._sizes:
+        if size in self._sizes:
             self._size_choice.record(self._sizes.index(size), cost_ns / size)
 
     def _pick(self, limit: int) -> list[_Item]:
